@@ -1,0 +1,97 @@
+"""The driver interface every protocol implements, and the Reading it produces.
+
+A driver owns one connection to one device. The agent's device supervisor calls
+``connect`` (with its own retry loop around it), then either ``read`` every interval
+(poll mode) or ``subscribe`` once and ``check`` every interval (subscribe mode), and
+``close`` when it stops or the connection fails. ``write`` is called only by the
+safety gate (see ARCHITECTURE.md, invariant 1).
+
+Every method raises only the project's own errors (:mod:`edge_agent.errors`):
+``ConnectError``, ``ReadError`` or ``WriteError``, with the library error chained.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, NamedTuple
+
+from edge_agent.config import DeviceConfig
+
+GOOD = "good"
+UNCERTAIN = "uncertain"
+BAD = "bad"
+STALE = "stale"
+QUALITIES = (GOOD, UNCERTAIN, BAD, STALE)
+
+Value = float | int | bool | str | None
+
+
+class Reading(NamedTuple):
+    """One sample of one point.
+
+    A plain tuple on purpose: drivers make hundreds of thousands a second and the twin
+    hands them to SQLite's ``executemany`` without copying.
+    """
+
+    point: str
+    value: Value
+    quality: str
+    ts: float  # source timestamp, unix seconds (device time when the protocol has one)
+
+
+ReadingSink = Callable[[Sequence[Reading]], None]
+
+
+class Driver(ABC):
+    """One connection to one device. Use as ``async with driver: ...``."""
+
+    protocol: ClassVar[str]
+    supports_subscribe: ClassVar[bool] = False
+
+    def __init__(self, device: DeviceConfig, data_dir: Path) -> None:
+        self.device = device
+        self.data_dir = data_dir
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Open the connection; raise ConnectError when the device cannot be reached."""
+
+    @abstractmethod
+    async def read(self) -> list[Reading]:
+        """Read every configured point once; raise ReadError when the device fails.
+
+        A point the device answers for with an error (bad node, exception response) comes
+        back with quality "bad" rather than failing the whole read.
+        """
+
+    @abstractmethod
+    async def write(self, point: str, value: Any) -> None:
+        """Write one point, encoded exactly as ``read`` decodes it; raise WriteError."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close the connection; never raises."""
+
+    async def subscribe(self, sink: ReadingSink) -> None:
+        """Start pushing readings to ``sink`` (called on the event loop) as the device reports changes."""
+        raise NotImplementedError(f"{self.protocol} does not support subscriptions")
+
+    async def check(self) -> None:
+        """In subscribe mode, called every interval: raise ReadError if the link is dead."""
+
+    async def __aenter__(self) -> Driver:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+
+def now() -> float:
+    """Wall-clock time in unix seconds, used when a protocol has no source timestamp."""
+    return time.time()
