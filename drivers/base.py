@@ -81,7 +81,11 @@ class Driver(ABC):
         raise NotImplementedError(f"{self.protocol} does not support subscriptions")
 
     async def check(self) -> None:
-        """In subscribe mode, called every interval: raise ReadError if the link is dead."""
+        """In subscribe mode, called every interval: raise ReadError if the link is dead.
+
+        The default trusts the protocol's own keep-alive and does nothing.
+        """
+        return None
 
     async def __aenter__(self) -> Driver:
         await self.connect()

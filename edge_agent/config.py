@@ -17,6 +17,7 @@ import socket
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,7 @@ class OpcUaDevice(DeviceConfig):
     security: str = "None"
     username: str | None = None
     password: str | None = None
-    points: tuple[OpcUaPoint, ...] = ()  # type: ignore[assignment]
+    points: tuple[OpcUaPoint, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,7 +135,7 @@ class ModbusDevice(DeviceConfig):
     unit_id: int = 1
     max_registers: int = 125
     max_gap: int = 0
-    points: tuple[ModbusPoint, ...] = ()  # type: ignore[assignment]
+    points: tuple[ModbusPoint, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -447,7 +448,7 @@ def _check_overlaps(device: ModbusDevice, t: _Table) -> None:
         by_table.setdefault(point.register, []).append((point.address, point.address + point.width, index))
     for register, spans in by_table.items():
         spans.sort()
-        for (start_a, end_a, index_a), (start_b, _end_b, index_b) in zip(spans, spans[1:], strict=False):
+        for (start_a, end_a, index_a), (start_b, _end_b, index_b) in pairwise(spans):
             if start_b < end_a:
                 a, b = device.points[index_a], device.points[index_b]
                 t.problems.append(

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Set up a development environment and run the demo or the tests.
+#
+#   ./dev.sh demo [--duration SECONDS]   set up, then run the simulated plant with the agent
+#   ./dev.sh test [PYTEST ARGS]          set up (incl. mosquitto), then lint, type-check and run every test
+#   ./dev.sh setup                       only set up .venv
+#
+# Works on a fresh Debian/Ubuntu machine with Python 3.11+; installs the few system
+# packages it needs (python3-venv, mosquitto) with apt when they are missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=.venv
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+apt_install() {
+    echo "dev.sh: installing $* with apt" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+find_python() {
+    for candidate in python3.13 python3.12 python3.11 python3; do
+        if command -v "$candidate" >/dev/null 2>&1 &&
+            "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            echo "$candidate"
+            return
+        fi
+    done
+    echo "dev.sh: Python 3.11 or newer is required (found: $(python3 --version 2>&1 || echo none))" >&2
+    exit 1
+}
+
+setup() {
+    local py
+    py=$(find_python)
+    if [ ! -x "$VENV/bin/python" ]; then
+        if ! "$py" -m venv "$VENV" >/dev/null 2>&1; then
+            rm -rf "$VENV"
+            local ver
+            ver=$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+            apt_install "python${ver}-venv" || apt_install python3-venv
+            "$py" -m venv "$VENV"
+        fi
+    fi
+    # Reinstall only when the project metadata changed since the last install.
+    if [ ! -f "$VENV/.installed" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
+        "$VENV/bin/python" -m pip install -q --upgrade pip
+        "$VENV/bin/python" -m pip install -q -e ".[dev]"
+        touch "$VENV/.installed"
+    fi
+}
+
+need_mosquitto() {
+    if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+        apt_install mosquitto mosquitto-clients
+    fi
+}
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    setup)
+        setup
+        ;;
+    demo)
+        setup
+        exec "$VENV/bin/edge-agent" demo "$@"
+        ;;
+    test)
+        setup
+        need_mosquitto
+        "$VENV/bin/ruff" check .
+        "$VENV/bin/mypy"
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    *)
+        echo "usage: ./dev.sh demo [--duration SECONDS] | test [PYTEST ARGS] | setup" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,176 @@
+"""The supervisor: one task per device, the twin writer, and housekeeping; owns shutdown.
+
+Data path: drivers -> ``Agent.submit`` (an in-memory list of chunks, bounded) -> the
+writer task, which every ``twin.flush_interval`` (or sooner, when ``twin.flush_max``
+readings are waiting) stores everything pending in one SQLite transaction off the event
+loop. The agent also keeps the latest Reading of every point in memory for the parts that
+need current values fast (models, the safety gate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from drivers.base import Driver, Reading
+from edge_agent.config import AgentConfig, DeviceConfig
+from edge_agent.device import DeviceRunner
+from edge_agent.errors import TwinError
+from edge_agent.twin import Chunk, Twin
+
+log = logging.getLogger(__name__)
+
+DriverFactory = Callable[[DeviceConfig, Path], Driver]
+
+
+class Agent:
+    """Runs the gateway for one validated config until ``stop`` is set."""
+
+    def __init__(self, config: AgentConfig, *, driver_factory: DriverFactory | None = None) -> None:
+        self.config = config
+        self.started = time.time()
+        self.twin: Twin | None = None
+        self.latest: dict[str, Reading] = {}
+        self.runners: dict[str, DeviceRunner] = {}
+        self.stored = 0  # history rows written since start
+        self.flushes = 0
+        self.flush_errors = 0
+        self._driver_factory = driver_factory
+        self._pending: list[Chunk] = []
+        self._pending_count = 0
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._flush_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ data path
+
+    def submit(self, readings: Sequence[Reading]) -> None:
+        """Accept readings from a device (called on the event loop); stored at the next flush."""
+        if not readings:
+            return
+        self._pending.append((time.time(), readings))
+        latest = self.latest
+        for r in readings:
+            latest[r[0]] = r
+        self._pending_count += len(readings)
+        if self._pending_count >= self.config.twin.flush_max:
+            self._wake.set()
+
+    def last_value(self, point: str) -> Reading | None:
+        return self.latest.get(point)
+
+    async def flush(self) -> int:
+        """Store every pending reading in one transaction, off the event loop."""
+        async with self._flush_lock:
+            if not self._pending or self.twin is None:
+                return 0
+            chunks, self._pending, self._pending_count = self._pending, [], 0
+            try:
+                stored = await asyncio.to_thread(self.twin.write_batch, chunks)
+            except TwinError as exc:
+                # Keep the readings and try again at the next flush; a full disk or a locked
+                # file must not lose data that is still in memory.
+                self.flush_errors += 1
+                log.error("%s; %d readings kept in memory for the next attempt", exc,
+                          sum(len(c[1]) for c in chunks))
+                self._pending[:0] = chunks
+                self._pending_count += sum(len(c[1]) for c in chunks)
+                return 0
+            self.stored += stored
+            self.flushes += 1
+            return stored
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open the twin and start every task; returns once they are running."""
+        config = self.config
+        self.twin = await asyncio.to_thread(Twin.open, config.twin_path)
+        await asyncio.to_thread(self.twin.sync_points, config)
+        for row in await asyncio.to_thread(self.twin.current):
+            if row["ts"] is not None:
+                self.latest[row["name"]] = Reading(row["name"], row["value"], row["quality"], row["ts"])
+        for device in config.devices:
+            runner = DeviceRunner(device, config.agent.data_dir, self.submit, self.last_value,
+                                  driver_factory=self._driver_factory)
+            self.runners[device.name] = runner
+            self._spawn(runner.run(), f"device:{device.name}")
+        self._spawn(self._writer(), "twin-writer")
+        self._spawn(self._housekeeping(), "housekeeping")
+        if not config.devices:
+            log.warning("no devices configured: the agent runs but mirrors nothing")
+        log.info("agent %s (site %s) started: %d devices, %d points, twin %s", config.agent.id,
+                 config.agent.site, len(config.devices), sum(len(d.points) for d in config.devices),
+                 config.twin_path)
+
+    async def stop(self) -> None:
+        """Stop polling, flush what is pending, close the twin."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        # Runners closed their drivers on cancellation; store what they delivered.
+        await self.flush()
+        if self.twin is not None:
+            await asyncio.to_thread(self.twin.close)
+            self.twin = None
+        log.info("agent stopped; %d history rows stored this run", self.stored)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start, wait for ``stop``, then stop cleanly."""
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    @staticmethod
+    def _task_done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("task %s died: %r", task.get_name(), task.exception(), exc_info=task.exception())
+
+    # ------------------------------------------------------------------ tasks
+
+    async def _writer(self) -> None:
+        interval = self.config.twin.flush_interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
+            await self.flush()
+
+    async def _housekeeping(self) -> None:
+        twin_cfg = self.config.twin
+        period = min([0.5, *(d.interval for d in self.config.devices)])
+        next_prune = time.monotonic() + 10.0
+        while True:
+            await asyncio.sleep(period)
+            now = time.time()
+            for runner in self.runners.values():
+                runner.watch(now)
+            if time.monotonic() >= next_prune and self.twin is not None:
+                next_prune = time.monotonic() + twin_cfg.prune_interval
+                await self._prune(now - twin_cfg.history_retention)
+
+    async def _prune(self, before: float) -> None:
+        assert self.twin is not None
+        async with self._flush_lock:
+            try:
+                removed = await asyncio.to_thread(self.twin.prune, before)
+            except TwinError as exc:
+                log.error("%s", exc)
+                return
+        if removed:
+            log.info("twin: pruned %d history rows older than retention", removed)

@@ -1,0 +1,179 @@
+"""Command line: argument parsing, exit codes and printing only; the work lives elsewhere.
+
+Exit status: 0 success, 1 runtime failure, 2 bad config or bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from edge_agent import __version__
+from edge_agent.config import AgentConfig, load, parse_duration
+from edge_agent.errors import ConfigError, EdgeAgentError
+
+log = logging.getLogger("edge_agent")
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description="Edge gateway daemon for industrial "
+                                     "digital twins: mirrors OPC UA and Modbus devices into a local SQLite twin.")
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the agent in the foreground (logs to stderr)")
+    run.add_argument("--config", required=True, help="path to the TOML config file")
+
+    check = sub.add_parser("check-config", help="validate a config file without running")
+    check.add_argument("--config", required=True, help="path to the TOML config file")
+
+    twin = sub.add_parser("twin", help="inspect the local twin database")
+    twin_sub = twin.add_subparsers(dest="twin_command", required=True, metavar="TWIN_COMMAND")
+    show = twin_sub.add_parser("show", help="every point with value, quality, timestamp and unit")
+    show.add_argument("--config", required=True, help="path to the TOML config file")
+    show.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    hist = twin_sub.add_parser("history", help="the stored samples of one point")
+    hist.add_argument("--config", required=True, help="path to the TOML config file")
+    hist.add_argument("point", metavar="POINT", help="point name, e.g. chiller1.supply_temp")
+    hist.add_argument("--since", default="10m", help='how far back, as a duration like "10m" (default 10m)')
+    hist.add_argument("--limit", type=int, default=None, help="at most this many samples")
+    hist.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+
+    demo = sub.add_parser("demo", help="run a simulated plant and the agent against it, with a live view")
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
+    demo.add_argument("--data-dir", default=None, help="where the demo twin goes (default: a temp folder)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``edge-agent`` command."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(load(args.config))
+        if args.command == "check-config":
+            return _check(args.config)
+        if args.command == "twin":
+            return _twin(args)
+        if args.command == "demo":
+            from edge_agent.demo import run_demo
+
+            return run_demo(duration=args.duration, data_dir=args.data_dir)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except EdgeAgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return EXIT_FAIL
+    return EXIT_FAIL  # pragma: no cover - argparse rejects unknown commands
+
+
+def _check(path: str) -> int:
+    config = load(path)
+    points = sum(len(d.points) for d in config.devices)
+    print(f"{path}: ok ({len(config.devices)} devices, {points} points; twin at {config.twin_path})")
+    return EXIT_OK
+
+
+def setup_logging(config: AgentConfig) -> None:
+    """Log lines to stderr (journald adds its own timestamps when run under systemd)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.agent.log_level.upper())
+    # asyncua and pymodbus log every reconnect attempt at WARNING/ERROR; our own device
+    # supervisor reports those once, so keep the libraries quiet unless debugging.
+    if config.agent.log_level != "debug":
+        for noisy in ("asyncua", "pymodbus"):
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+
+def _run(config: AgentConfig) -> int:
+    setup_logging(config)
+    return asyncio.run(_run_async(config))
+
+
+async def _run_async(config: AgentConfig) -> int:
+    from edge_agent.agent import Agent
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await Agent(config).run(stop)
+    return EXIT_OK
+
+
+def _twin(args: argparse.Namespace) -> int:
+    from edge_agent.twin import Twin
+
+    config = load(args.config)
+    twin = Twin.open(config.twin_path, readonly=True)
+    try:
+        if args.twin_command == "show":
+            rows = twin.current()
+            if args.json:
+                print(json.dumps([_public_point(r) for r in rows], indent=1))
+            else:
+                _table(["point", "value", "quality", "time", "unit"],
+                       [[r["name"], _fmt(r["value"]), r["quality"], _when(r["ts"]), r["unit"]] for r in rows])
+            return EXIT_OK
+        try:
+            since = time.time() - parse_duration(args.since)
+        except ValueError:
+            print(f'error: --since: expected a duration like "10m", got "{args.since}"', file=sys.stderr)
+            return EXIT_CONFIG
+        if args.point not in twin.point_names():
+            print(f'error: no point named "{args.point}" in {config.twin_path}', file=sys.stderr)
+            return EXIT_FAIL
+        rows = twin.history(args.point, since, limit=args.limit)
+        if args.json:
+            print(json.dumps([{"name": args.point, **r} for r in rows], indent=1))
+        else:
+            _table(["time", "value", "quality"], [[_when(r["ts"]), _fmt(r["value"]), r["quality"]] for r in rows])
+        return EXIT_OK
+    finally:
+        twin.close()
+
+
+def _public_point(row: dict[str, Any]) -> dict[str, Any]:
+    return {"name": row["name"], "value": row["value"], "quality": row["quality"], "ts": row["ts"],
+            "unit": row["unit"], "device": row["device"], "received_ts": row["received_ts"]}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f".{int(ts % 1 * 1000):03d}"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

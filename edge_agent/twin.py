@@ -1,0 +1,230 @@
+"""The local twin: one SQLite file (WAL) with every point's current value and its history.
+
+Schema (documented in docs/twin-schema.md; open it with sqlite3, sqlite-utils or Datasette):
+
+- ``points``: one row per configured point, its current value and quality.
+- ``history``: samples over time, pruned past ``twin.history_retention``.
+
+Readings arrive in batches and each batch is one transaction, never one per value. The hot
+insert path hands the driver's Reading tuples straight to ``executemany``; sqlite-utils is
+used for the schema check and for queries.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from drivers.base import Reading
+from edge_agent.config import AgentConfig
+from edge_agent.errors import TwinError
+
+log = logging.getLogger(__name__)
+
+# Each entry moves the schema one version up (PRAGMA user_version). Append, never edit:
+# a gateway in the field may be on any earlier version.
+MIGRATIONS: list[str] = [
+    # 1: current values and history
+    """
+    CREATE TABLE points (
+        name        TEXT PRIMARY KEY,
+        device      TEXT NOT NULL,
+        unit        TEXT NOT NULL DEFAULT '',
+        value,
+        quality     TEXT NOT NULL DEFAULT 'bad',
+        source_ts   REAL,
+        received_ts REAL
+    );
+    CREATE TABLE history (
+        point   TEXT NOT NULL,
+        value,
+        quality TEXT NOT NULL,
+        ts      REAL NOT NULL
+    );
+    CREATE INDEX history_point_ts ON history (point, ts);
+    """,
+]
+
+Chunk = tuple[float, Sequence[Reading]]  # (received_ts, readings)
+
+_INSERT_HISTORY = "INSERT INTO history (point, value, quality, ts) VALUES (?, ?, ?, ?)"
+# Numbered parameters let SQLite take the driver's Reading tuples (point, value, quality, ts)
+# as they are, plus the received time: no per-row reshaping in Python.
+_UPDATE_POINT = "UPDATE points SET value = ?2, quality = ?3, source_ts = ?4, received_ts = ?5 WHERE name = ?1"
+
+
+class Twin:
+    """The SQLite twin. One writer (the agent); any number of readers (CLI, tools)."""
+
+    def __init__(self, db: sqlite_utils.Database, path: Path) -> None:
+        self.db = db
+        self.path = path
+        self.conn: sqlite3.Connection = db.conn
+        self._deadband: dict[str, float] = {}
+        self._last_kept: dict[str, tuple[Any, str]] = {}
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: Path, *, readonly: bool = False) -> Twin:
+        """Open (and for the writer, create or migrate) the twin database."""
+        try:
+            if readonly:
+                if not path.exists():
+                    raise TwinError(f"{path}: no twin database yet (has the agent run with this config?)")
+                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+                conn.execute("PRAGMA busy_timeout = 5000")
+                return cls(sqlite_utils.Database(conn), path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode: a killed process loses nothing committed; only an OS crash or
+            # power cut may lose the last few batches, never corrupt the file.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            twin = cls(sqlite_utils.Database(conn), path)
+            twin._migrate()
+            return twin
+        except (sqlite3.Error, OSError) as exc:
+            raise TwinError(f"{path}: cannot open the twin database: {exc}") from exc
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise TwinError(f"{self.path}: schema version {version} is newer than this edge-agent "
+                            f"knows ({len(MIGRATIONS)}); upgrade edge-agent")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self.transaction():
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {number}")
+            log.info("twin %s migrated to schema version %d", self.path, number)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the connection (checkpointing the WAL when we are the writer)."""
+        try:
+            self.conn.close()
+        except sqlite3.Error as exc:
+            log.warning("twin %s: close failed: %s", self.path, exc)
+
+    # ------------------------------------------------------------------ writing
+
+    def sync_points(self, config: AgentConfig) -> None:
+        """Make the points table match the config: add new points, drop removed ones.
+
+        History of a removed point is kept until retention prunes it.
+        """
+        rows = [(point.name, device.name, point.unit) for device, point in config.points()]
+        self._deadband = {point.name: point.deadband for _, point in config.points() if point.deadband > 0}
+        try:
+            with self.transaction() as conn:
+                conn.executemany(
+                    "INSERT INTO points (name, device, unit) VALUES (?, ?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET device = excluded.device, unit = excluded.unit",
+                    rows)
+                names = [row[0] for row in rows]
+                conn.execute("CREATE TEMP TABLE IF NOT EXISTS keep (name TEXT PRIMARY KEY)")
+                conn.execute("DELETE FROM keep")
+                conn.executemany("INSERT INTO keep VALUES (?)", ((n,) for n in names))
+                conn.execute("DELETE FROM points WHERE name NOT IN (SELECT name FROM keep)")
+        except sqlite3.Error as exc:
+            raise TwinError(f"{self.path}: cannot update the points table: {exc}") from exc
+
+    def write_batch(self, chunks: Sequence[Chunk]) -> int:
+        """Store chunks of readings in one transaction; return how many history rows were kept.
+
+        A point that appears in several chunks is updated in order, so the last one wins.
+        """
+        updates = ((*r, received) for received, readings in chunks for r in readings)
+        history: Iterable[Reading] = chain.from_iterable(readings for _, readings in chunks)
+        if self._deadband:
+            history = [r for r in history if self._keep(r)]
+        kept = 0
+        try:
+            with self.transaction() as conn:
+                conn.executemany(_UPDATE_POINT, updates)
+                kept = conn.executemany(_INSERT_HISTORY, history).rowcount
+        except sqlite3.Error as exc:
+            raise TwinError(f"{self.path}: cannot store readings: {exc}") from exc
+        return kept
+
+    def _keep(self, reading: Reading) -> bool:
+        band = self._deadband.get(reading[0])
+        if band is None:
+            return True
+        last = self._last_kept.get(reading[0])
+        value, quality = reading[1], reading[2]
+        if (last is not None and last[1] == quality and isinstance(value, (int, float))
+                and isinstance(last[0], (int, float)) and abs(value - last[0]) <= band):
+            return False
+        self._last_kept[reading[0]] = (value, quality)
+        return True
+
+    def prune(self, before: float, *, chunk: int = 20_000) -> int:
+        """Delete history older than ``before`` (unix seconds), point by point, in small transactions."""
+        removed = 0
+        try:
+            names = [row[0] for row in self.conn.execute("SELECT DISTINCT point FROM history")]
+            for name in names:
+                while True:
+                    with self.transaction() as conn:
+                        cur = conn.execute(
+                            "DELETE FROM history WHERE rowid IN (SELECT rowid FROM history "
+                            "WHERE point = ? AND ts < ? LIMIT ?)", (name, before, chunk))
+                    removed += cur.rowcount
+                    if cur.rowcount < chunk:
+                        break
+        except sqlite3.Error as exc:
+            raise TwinError(f"{self.path}: cannot prune history: {exc}") from exc
+        return removed
+
+    # ------------------------------------------------------------------ reading
+
+    def current(self) -> list[dict[str, Any]]:
+        """Every point: name, device, value, quality, ts (source), received_ts, unit."""
+        return self._query(
+            "SELECT name, device, value, quality, source_ts AS ts, received_ts, unit "
+            "FROM points ORDER BY name")
+
+    def history(self, point: str, since: float, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """Samples of one point at or after ``since`` (unix seconds), oldest first."""
+        sql = "SELECT ts, value, quality FROM history WHERE point = ? AND ts >= ? ORDER BY ts"
+        params: list[Any] = [point, since]
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return self._query(sql, params)
+
+    def point_names(self) -> set[str]:
+        return {row["name"] for row in self._query("SELECT name FROM points")}
+
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        try:
+            return list(self.db.query(sql, list(params)))
+        except sqlite3.Error as exc:
+            raise TwinError(f"{self.path}: query failed: {exc}") from exc
+
+
+def wall_time() -> float:
+    """Unix seconds; one place to read the clock for received timestamps."""
+    return time.time()
