@@ -1,0 +1,440 @@
+"""OPC UA driver (asyncua 2.1): data-change subscriptions or batched polling, typed writes.
+
+Connecting
+    One asyncua ``Client`` per device, ``device.timeout`` per request. ``nsu=<uri>;...`` node
+    ids are resolved against the server's NamespaceArray at connect; an unknown URI is a
+    ConnectError naming the point. Node ids that do not exist are not checked at connect:
+    the server answers them with a Bad status and the point reads as quality "bad".
+
+Security
+    ``security = "Basic256Sha256,Sign"`` or ``"...,SignAndEncrypt"`` uses the agent's
+    application instance certificate (:mod:`drivers.opcua_pki`, under ``data_dir/pki``).
+    Server certificate trust: the client accepts the certificate the server presents on its
+    matching endpoint (GetEndpoints, then checked again in CreateSession) and logs its
+    SHA-1 thumbprint at INFO, so an operator can compare it with the server's. There is no
+    pinning yet; the server side, as usual in OPC UA, decides whether it trusts the agent.
+
+Subscribe mode
+    One subscription (publishing interval = ``device.interval``) with a monitored item per
+    point on its Value. asyncua 2.1 hands every notification to a handler in its own task
+    (``Subscription._deliver``), which costs more than decoding it; so the driver subclasses
+    ``Subscription`` and turns each publish response into one batch of readings, one sink call.
+    ``check`` raises ReadError when the client's watchdog saw the connection die, the server
+    reported the subscription gone, or no publish response (data or keep-alive) came in time.
+
+Writes
+    The Value attribute is written with a Variant of the node's own type (its DataType, or
+    the current value's type when the DataType is abstract like Number; read once and cached)
+    and no source or server timestamp: many PLCs reject those. A value that does not fit the
+    type (2.5 for an Int32, 70000 for a UInt16) is a WriteError before anything is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from asyncua import Client, Node, ua
+from asyncua.client.ua_client import UaClientState
+from asyncua.common.subscription import Subscription
+from asyncua.crypto import security_policies
+from asyncua.crypto.uacrypto import InvalidSignature
+
+from drivers import opcua_pki
+from drivers.base import BAD, GOOD, UNCERTAIN, Driver, Reading, ReadingSink, Value
+from edge_agent.config import OpcUaDevice, OpcUaPoint
+from edge_agent.errors import ConnectError, ReadError, WriteError
+
+logger = logging.getLogger(__name__)
+
+# What asyncua raises when the link or the server fails (asyncio.TimeoutError and
+# ConnectionError are OSErrors on Python 3.11; InvalidSignature comes from the crypto layer).
+LIBRARY_ERRORS = (OSError, ua.UaError, InvalidSignature)
+
+# StatusCode severity is its top two bits: 00 good, 01 uncertain, 10 bad, 11 reserved (= bad).
+_QUALITY = (GOOD, UNCERTAIN, BAD, BAD)
+_PLAIN = frozenset((float, int, bool, str, type(None)))
+_KEEPALIVE_PERIOD = 5.0  # seconds between keep-alives the server sends on an idle subscription
+_STALE_KEEPALIVES = 3  # missed keep-alive periods before the subscription counts as dead
+
+_INT_RANGES = {
+    ua.VariantType.SByte: (-(2**7), 2**7 - 1), ua.VariantType.Byte: (0, 2**8 - 1),
+    ua.VariantType.Int16: (-(2**15), 2**15 - 1), ua.VariantType.UInt16: (0, 2**16 - 1),
+    ua.VariantType.Int32: (-(2**31), 2**31 - 1), ua.VariantType.UInt32: (0, 2**32 - 1),
+    ua.VariantType.Int64: (-(2**63), 2**63 - 1), ua.VariantType.UInt64: (0, 2**64 - 1),
+}
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def quality(status: ua.StatusCode | None) -> str:
+    """good, uncertain or bad from an OPC UA StatusCode (a missing one means Good)."""
+    return GOOD if status is None else _QUALITY[status.value >> 30]
+
+
+def plain(value: Any) -> Value:
+    """A Reading value from whatever a Variant holds (enums, texts, times, arrays, ...)."""
+    if value.__class__ in _PLAIN:
+        return value
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, dt.datetime):
+        return value.timestamp()
+    if isinstance(value, ua.LocalizedText):
+        return value.Text
+    return str(value)
+
+
+def reading(name: str, data: ua.DataValue, clock: Any = time.time) -> Reading:
+    """One Reading from a DataValue: source time, else server time, else now."""
+    variant = data.Value
+    value = None if variant is None else variant.Value
+    if value.__class__ not in _PLAIN:
+        value = plain(value)
+    stamp = data.SourceTimestamp or data.ServerTimestamp
+    status = data.StatusCode
+    return Reading(name, value, GOOD if status is None else _QUALITY[status.value >> 30],
+                   clock() if stamp is None else stamp.timestamp())
+
+
+def resolve_node_id(text: str, namespaces: Sequence[str] | None) -> ua.NodeId:
+    """Parse ``ns=2;s=X``, ``i=85`` or ``nsu=urn:x;s=X``; KeyError for an unknown namespace URI."""
+    node_id = ua.NodeId.from_string(text)
+    if not isinstance(node_id, ua.ExpandedNodeId) or not node_id.NamespaceUri:
+        return node_id
+    if namespaces is None or node_id.NamespaceUri not in namespaces:
+        raise KeyError(node_id.NamespaceUri)
+    return ua.NodeId(node_id.Identifier, ua.Int16(namespaces.index(node_id.NamespaceUri)))
+
+
+def coerce(value: Any, kind: ua.VariantType) -> Any:
+    """``value`` as the Python value of a Variant of ``kind``; ValueError when it does not fit."""
+    if kind is ua.VariantType.Boolean:
+        if value in (0, 1) and not isinstance(value, str):
+            return bool(value)
+        raise ValueError(f"expected true/false or 0/1 for a Boolean, got {value!r}")
+    if kind in _INT_RANGES:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        low, high = _INT_RANGES[kind]
+        if not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"expected an integer from {low} to {high} for {kind.name}, got {value!r}")
+        return int(value)
+    if kind in (ua.VariantType.Float, ua.VariantType.Double):
+        if isinstance(value, str) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number for {kind.name}, got {value!r}")
+        if kind is ua.VariantType.Float and math.isfinite(value) and abs(value) > _FLOAT32_MAX:
+            raise ValueError(f"{value!r} is out of range for Float")
+        return float(value)
+    if kind is ua.VariantType.String:
+        return str(value)
+    raise ValueError(f"writing {kind.name} values is not supported")
+
+
+class PointSubscription(Subscription):
+    """A data-change subscription that turns each publish response into one batch of readings.
+
+    Client handles are indices into ``names``. Overrides ``publish_callback`` to skip
+    asyncua's one-task-per-notification dispatch; keeps the bookkeeping its base does
+    (``last_publish_at``, ``last_sequence_number``).
+    """
+
+    def __init__(self, client: Client, params: ua.CreateSubscriptionParameters,
+                 names: Sequence[str], sink: ReadingSink, device: str) -> None:
+        super().__init__(client.uaclient.session, params)
+        self.names = list(names)
+        self.sink = sink
+        self.device = device
+        self.failure: str | None = None
+        self.sink_error: BaseException | None = None
+        self.started = time.monotonic()
+
+    async def publish_callback(self, publish_result: ua.PublishResult) -> None:
+        """Called by asyncua's publish loop for every PublishResponse of this subscription."""
+        self.last_publish_at = time.monotonic()
+        message = publish_result.NotificationMessage
+        if not message.NotificationData:
+            return  # keep-alive
+        self.last_sequence_number = int(message.SequenceNumber)
+        batch: list[Reading] = []
+        for notification in message.NotificationData:
+            if isinstance(notification, ua.DataChangeNotification):
+                self._convert(notification.MonitoredItems, batch)
+            elif isinstance(notification, ua.StatusChangeNotification):
+                self._status_changed(notification.Status)
+        if batch:
+            self._deliver_batch(batch)
+
+    def _convert(self, items: Sequence[ua.MonitoredItemNotification], batch: list[Reading]) -> None:
+        # The hot path: a few attribute loads and one tuple per notification.
+        names, count, append, clock = self.names, len(self.names), batch.append, time.time
+        for item in items:
+            handle = item.ClientHandle
+            if 0 <= handle < count:
+                append(reading(names[handle], item.Value, clock))
+
+    def _status_changed(self, status: ua.StatusCode) -> None:
+        if not status.is_good():
+            self.failure = f"server reported subscription status {status.name}"
+            logger.debug("%s: %s", self.device, self.failure)
+
+    def _deliver_batch(self, batch: list[Reading]) -> None:
+        try:
+            self.sink(batch)
+        except Exception as exc:  # the sink is the agent's; asyncua would only log it
+            if self.sink_error is None:
+                logger.exception("%s: reading sink failed; check() will report it", self.device)
+            self.sink_error = exc
+
+    def silent_for(self) -> float:
+        """Seconds since the last publish response (data or keep-alive)."""
+        return time.monotonic() - (self.last_publish_at or self.started)
+
+
+class OpcUaDriver(Driver):
+    """One OPC UA server: connect, subscribe or poll its points, write typed values."""
+
+    protocol: ClassVar[str] = "opcua"
+    supports_subscribe: ClassVar[bool] = True
+    device: OpcUaDevice
+
+    def __init__(self, device: OpcUaDevice, data_dir: Path) -> None:
+        super().__init__(device, data_dir)
+        self.points: dict[str, OpcUaPoint] = {p.name: p for p in device.points}
+        self._client: Client | None = None
+        self._nodes: list[Node] = []
+        self._node_by_point: dict[str, Node] = {}
+        self._variant_types: dict[str, ua.VariantType] = {}
+        self._subscription: PointSubscription | None = None
+        self._stale_after = math.inf
+
+    # ------------------------------------------------------------------ connect / close
+
+    async def connect(self) -> None:
+        """Open the session and resolve every point's node id; ConnectError on any failure."""
+        await self.close()
+        client = self._new_client()
+        try:
+            if self.device.security != "None":
+                await self._secure(client)
+            await client.connect()
+        except LIBRARY_ERRORS as exc:  # asyncua has already closed the socket and channel
+            raise ConnectError(f"{self.device.name}: cannot connect to {self.device.endpoint}: "
+                               f"{_describe(exc)}") from exc
+        try:
+            self._nodes = await self._resolve(client)
+        except BaseException:
+            await self._disconnect(client)
+            raise
+        self._node_by_point = {p.name: n for p, n in zip(self.device.points, self._nodes, strict=True)}
+        self._client = client
+        logger.info("%s: connected to %s (%d points, security %s)", self.device.name,
+                    self.device.endpoint, len(self._nodes), self.device.security)
+
+    def _new_client(self) -> Client:
+        device = self.device
+        # The watchdog reads ServerStatus with a timeout of watchdog_intervall, so it must not
+        # be shorter than a request may take.
+        client = Client(device.endpoint, timeout=device.timeout,
+                        watchdog_intervall=max(device.interval, device.timeout))
+        # A short session timeout frees the PLC's few session slots soon after the agent dies;
+        # the watchdog's ServerStatus reads keep a live session from expiring.
+        client.session_timeout = int(max(60.0, 10 * device.interval) * 1000)
+        client.application_uri = opcua_pki.application_uri()
+        client.name = client.description = "edge-agent"
+        client.product_uri = "urn:edge-agent"
+        if device.username is not None:
+            client.set_user(device.username)
+        if device.password is not None:
+            client.set_password(device.password)
+        return client
+
+    async def _secure(self, client: Client) -> None:
+        policy_name, _, mode_name = self.device.security.partition(",")
+        policy = getattr(security_policies, f"SecurityPolicy{policy_name}")
+        mode = getattr(ua.MessageSecurityMode, mode_name)
+        try:
+            pair = await asyncio.to_thread(opcua_pki.ensure_client_certificate, self.data_dir,
+                                           client.application_uri)
+        except (OSError, ValueError) as exc:
+            raise ConnectError(f"{self.device.name}: cannot prepare the client certificate under "
+                               f"{self.data_dir / 'pki'}: {exc}") from exc
+        # server_certificate=None: take the one the server's matching endpoint presents.
+        await client.set_security(policy, pair.cert_path, pair.key_path, mode=mode)
+        server_der = client.security_policy.peer_certificate
+        logger.info("%s: accepting server certificate with SHA-1 thumbprint %s (%s); "
+                    "client certificate thumbprint %s", self.device.name,
+                    opcua_pki.thumbprint(server_der) if server_der else "none",
+                    self.device.security, pair.thumbprint)
+
+    async def _resolve(self, client: Client) -> list[Node]:
+        namespaces: list[str] | None = None
+        if any(p.node.startswith("nsu=") for p in self.device.points):
+            try:
+                namespaces = list(await client.get_namespace_array())
+            except LIBRARY_ERRORS as exc:
+                raise ConnectError(f"{self.device.name}: cannot read the server's NamespaceArray: "
+                                   f"{_describe(exc)}") from exc
+        nodes = []
+        for point in self.device.points:
+            try:
+                nodes.append(client.get_node(resolve_node_id(point.node, namespaces)))
+            except KeyError as exc:
+                raise ConnectError(
+                    f'{self.device.name}: point "{point.name}": namespace URI {exc} is not in the '
+                    f"server's NamespaceArray {namespaces}") from None
+            except ua.UaError as exc:
+                raise ConnectError(f'{self.device.name}: point "{point.name}": bad node id '
+                                   f'"{point.node}": {exc}') from exc
+        return nodes
+
+    async def close(self) -> None:
+        """Close the session and the socket; never raises."""
+        client, self._client = self._client, None
+        self._subscription = None
+        self._variant_types.clear()
+        if client is not None:
+            await self._disconnect(client)
+
+    async def _disconnect(self, client: Client) -> None:
+        try:
+            await client.disconnect()
+        except Exception as exc:  # close() must never raise; the session is gone either way
+            logger.debug("%s: error while disconnecting: %r", self.device.name, exc)
+
+    def _require(self, error: type[ReadError] | type[WriteError]) -> Client:
+        if self._client is None:
+            raise error(f"{self.device.name}: not connected")
+        return self._client
+
+    # ------------------------------------------------------------------ read / subscribe / check
+
+    async def read(self) -> list[Reading]:
+        """Read every point's Value in one Read request, keeping each StatusCode."""
+        client = self._require(ReadError)
+        try:
+            values = await client.read_attributes(self._nodes, ua.AttributeIds.Value)
+        except LIBRARY_ERRORS as exc:
+            raise ReadError(f"{self.device.name}: read from {self.device.endpoint} failed: "
+                            f"{_describe(exc)}") from exc
+        return [reading(point.name, data) for point, data in zip(self.device.points, values, strict=True)]
+
+    async def subscribe(self, sink: ReadingSink) -> None:
+        """Monitor every point's Value; each publish response becomes one ``sink`` call."""
+        client = self._require(ReadError)
+        interval_ms = self.device.interval * 1000.0
+        subscription = PointSubscription(client, self._subscription_params(interval_ms),
+                                         list(self.points), sink, self.device.name)
+        try:
+            created = await subscription.init()
+            results = await subscription.create_monitored_items(
+                [self._monitor_request(handle, node, interval_ms) for handle, node in enumerate(self._nodes)])
+        except LIBRARY_ERRORS as exc:
+            raise ReadError(f"{self.device.name}: cannot subscribe: {_describe(exc)}") from exc
+        keepalive_s = created.RevisedPublishingInterval / 1000.0 * max(created.RevisedMaxKeepAliveCount, 1)
+        self._stale_after = _STALE_KEEPALIVES * keepalive_s + self.device.timeout
+        self._subscription = subscription
+        self._report_unmonitored(results, sink)
+
+    def _subscription_params(self, interval_ms: float) -> ua.CreateSubscriptionParameters:
+        params = ua.CreateSubscriptionParameters()
+        params.RequestedPublishingInterval = interval_ms
+        keepalive = max(1, math.ceil(_KEEPALIVE_PERIOD / self.device.interval))
+        params.RequestedMaxKeepAliveCount = keepalive
+        params.RequestedLifetimeCount = 10 * keepalive  # the spec asks for >= 3x the keep-alive count
+        params.MaxNotificationsPerPublish = 0  # no limit: one response per interval
+        params.PublishingEnabled = True
+        params.Priority = 0
+        return params
+
+    @staticmethod
+    def _monitor_request(handle: int, node: Node, interval_ms: float) -> ua.MonitoredItemCreateRequest:
+        request = ua.MonitoredItemCreateRequest()
+        request.ItemToMonitor = ua.ReadValueId(NodeId=node.nodeid, AttributeId=ua.AttributeIds.Value)
+        request.MonitoringMode = ua.MonitoringMode.Reporting
+        request.RequestedParameters = ua.MonitoringParameters(
+            ClientHandle=handle, SamplingInterval=interval_ms, QueueSize=1, DiscardOldest=True)
+        return request
+
+    def _report_unmonitored(self, results: Sequence[int | ua.StatusCode], sink: ReadingSink) -> None:
+        failed = [Reading(name, None, BAD, time.time())
+                  for name, result in zip(self.points, results, strict=True)
+                  if isinstance(result, ua.StatusCode)]
+        if failed:
+            logger.warning("%s: the server refused to monitor %d point(s): %s", self.device.name,
+                           len(failed), ", ".join(
+                               f"{r.point} ({s.name})" for r, s in zip(
+                                   failed, (x for x in results if isinstance(x, ua.StatusCode)),
+                                   strict=True)))
+            sink(failed)
+
+    async def check(self) -> None:
+        """Raise ReadError when the connection, the session or the subscription is dead."""
+        client = self._require(ReadError)
+        name = self.device.name
+        if client.state is not UaClientState.CONNECTED:
+            raise ReadError(f"{name}: connection to {self.device.endpoint} lost ({client.state.value})")
+        sub = self._subscription
+        if sub is None:
+            return
+        if sub.sink_error is not None:
+            raise ReadError(f"{name}: reading sink failed: {sub.sink_error!r}") from sub.sink_error
+        if sub.failure is not None:
+            raise ReadError(f"{name}: {sub.failure}")
+        if sub.silent_for() > self._stale_after:
+            raise ReadError(f"{name}: no publish response for {sub.silent_for():.1f} s "
+                            f"(expected a keep-alive at least every {self._stale_after:.1f} s)")
+
+    # ------------------------------------------------------------------ write
+
+    async def write(self, point: str, value: Any) -> None:
+        """Write ``value`` to the point's Value as the node's own type, without timestamps."""
+        client = self._require(WriteError)
+        config = self.points.get(point)
+        if config is None or not config.writable:
+            raise WriteError(f'{self.device.name}: point "{point}" is not a writable point of this device')
+        node = self._node_by_point[point]
+        kind = await self._variant_type(point, node)
+        try:
+            data = ua.DataValue(ua.Variant(coerce(value, kind), kind))  # no Source/ServerTimestamp
+        except ValueError as exc:
+            raise WriteError(f'{self.device.name}: point "{point}": {exc}') from exc
+        try:
+            results = await client.write_values([node], [data], raise_on_partial_error=False)
+        except LIBRARY_ERRORS as exc:
+            raise WriteError(f'{self.device.name}: write to "{point}" failed: {_describe(exc)}') from exc
+        status = results[0]
+        if not status.is_good():
+            raise WriteError(f'{self.device.name}: write of {value!r} to "{point}" refused by the '
+                             f"server: {status.name}")
+        logger.debug("%s: wrote %r to %s as %s", self.device.name, value, point, kind.name)
+
+    async def _variant_type(self, point: str, node: Node) -> ua.VariantType:
+        kind = self._variant_types.get(point)
+        if kind is not None:
+            return kind
+        try:
+            kind = await node.read_data_type_as_variant_type()
+            if kind is ua.VariantType.Variant:  # abstract DataType (Number, BaseDataType): ask the value
+                current = (await node.read_data_value()).Value
+                kind = ua.VariantType.Null if current is None else current.VariantType
+        except LIBRARY_ERRORS as exc:
+            raise WriteError(f'{self.device.name}: cannot read the data type of "{point}": '
+                             f"{_describe(exc)}") from exc
+        if kind is ua.VariantType.Null:
+            raise WriteError(f'{self.device.name}: cannot tell the type of "{point}": its DataType is '
+                             "abstract and it holds no value")
+        self._variant_types[point] = kind
+        return kind
+
+
+def _describe(exc: BaseException) -> str:
+    """A short cause for log lines and error messages (some asyncua errors have empty text)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
