@@ -59,7 +59,8 @@ def _render(agent: Agent, plant: Any, started: float, out: TextIO, live: bool) -
         for name, value, unit, quality, age, device_name in rows:
             out.write(f"{name:28} {value:>12} {unit:6} {quality:9} {age:>7}  {device_name}\n")
         snap = plant.snapshot()
-        out.write(f"\nplant meters: {', '.join(f'{k}={v:.3g}' for k, v in snap.items() if isinstance(v, float))}\n")
+        meters = ", ".join(f"{k}={v:.3f} kWh" for k, v in snap.items() if k.endswith("energy"))
+        out.write(f"\nplant meters (simulated {snap.get('elapsed_s', 0):.0f} s): {meters}\n")
     out.flush()
 
 
@@ -111,7 +112,8 @@ def _summary(agent: Agent, config: config_mod.AgentConfig, started: float, out: 
               f"{history} history rows in {config.twin_path}\n")
     for runner in agent.runners.values():
         s = runner.status
-        out.write(f"  device {s.name} ({s.protocol}): {s.state}, {s.reads} polls, {s.read_errors} errors\n")
+        traffic = f"{s.updates} readings by subscription" if runner.subscribe else f"{s.reads} polls"
+        out.write(f"  device {s.name} ({s.protocol}): {s.state}, {traffic}, {s.read_errors} errors\n")
     out.write(f"inspect it:  edge-agent twin show --config {config.source}\n")
     out.flush()
 

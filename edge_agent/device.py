@@ -39,7 +39,8 @@ class DeviceStatus:
     last_ok: float = 0.0  # last successful read, data change or link check
     last_error: str = ""
     failures: int = 0  # consecutive failed attempts
-    reads: int = 0
+    reads: int = 0  # completed polls
+    updates: int = 0  # readings delivered by subscription
     read_errors: int = 0
 
 
@@ -115,6 +116,7 @@ class DeviceRunner:
 
     def _on_change(self, readings: Sequence[Reading]) -> None:
         self._ok()
+        self.status.updates += len(readings)
         self.submit(readings)
 
     def _ok(self) -> None:

@@ -1,0 +1,630 @@
+"""The durable store-and-forward outbox: every MQTT message is written here before paho sees it.
+
+One SQLite file of its own (``data_dir/outbox.db``), WAL mode. A message is a row; it is handed to
+the MQTT link in id order (:meth:`Outbox.take`) and deleted only when its PUBACK arrives
+(:meth:`Outbox.ack`). After a restart every row still present is pending again, so a message is
+delivered at least once; a repeat is always a repeat of the same seq with the same payload.
+
+Sequence numbers. ``telemetry`` and ``event`` messages each carry a ``seq`` that grows by exactly
+one per message of that kind, persisted in the ``meta`` row and assigned in the same transaction
+as the insert, so a crash can neither reuse nor skip one. The payload embeds the seq, so the
+caller hands in a *builder* (``Draft.payload`` as ``Callable[[Stamp], bytes]``) that the outbox
+calls with the seq inside the transaction.
+
+Limits and drops (:class:`OutboxLimits`). When a new message would take the outbox over
+``max_rows`` or ``max_bytes``, the oldest telemetry not in flight is dropped first. Events are
+never dropped; snapshots (``state``, ``twin``) are never dropped either, since a new one replaces
+the older pending one of the same topic. When nothing droppable is left, new telemetry is refused
+(it still consumes its seq and is counted as dropped) while events and snapshots are still
+accepted over the limit: they are small and rare, and losing an alarm or an audit record to make
+room for samples is the wrong trade. Drops are counted for ever (``dropped_messages``,
+``dropped_samples``) and collected into one unreported :class:`Gap` that the *next* telemetry
+message receives in its :class:`Stamp`, in the transaction that inserts it, so it can carry
+``{"gap": {"from_seq", "to_seq", "messages", "samples"}}``. ``from_seq``..``to_seq`` bounds the
+dropped seqs; seqs inside that range which the receiver did get were delivered before the drop.
+If a message carrying a gap is dropped in turn, its gap is folded into the next one.
+
+Durability. ``synchronous=NORMAL`` (the default): in WAL mode a commit is in the OS page cache
+when ``append`` returns, so ``kill -9`` or a crash of the agent loses nothing committed; only an
+OS crash or power cut may lose the last commits (never corrupt the file). ``FULL`` fsyncs the WAL
+on every commit and survives power loss too, at the cost of one fsync per append and ack batch.
+
+Disk. The file is created with ``auto_vacuum=INCREMENTAL`` and ``journal_size_limit``; pages freed
+by acks are reused by later appends, and :meth:`Outbox.maintain` (run after every
+``maintain_every`` bytes acked and on close) returns free pages to the OS and truncates the WAL,
+so a drained backlog does not leave a large file behind.
+
+Threads. One connection, opened with ``check_same_thread=False``; every public method takes a
+lock, so calls from the event loop (``ack`` in on_publish) and from ``asyncio.to_thread``
+(big appends) are serialised rather than interleaved. Blocking calls belong in a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal, get_args
+
+from edge_agent.errors import TwinError
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["telemetry", "event", "state", "twin"]
+Synchronous = Literal["NORMAL", "FULL"]
+KINDS: frozenset[str] = frozenset(get_args(Kind))
+SNAPSHOT_KINDS: frozenset[str] = frozenset({"state", "twin"})  # a newer one replaces the pending older one
+
+# Each entry moves the schema one version up (PRAGMA user_version). Append, never edit.
+MIGRATIONS: list[str] = [
+    # 1: messages and the one-row meta table (next seqs, drop counters, unreported gap)
+    """
+    CREATE TABLE messages (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind         TEXT NOT NULL,
+        topic        TEXT NOT NULL,
+        payload      BLOB NOT NULL,
+        qos          INTEGER NOT NULL,
+        retain       INTEGER NOT NULL,
+        created      REAL NOT NULL,
+        seq          INTEGER,
+        samples      INTEGER NOT NULL DEFAULT 0,
+        gap_from     INTEGER,
+        gap_to       INTEGER,
+        gap_messages INTEGER,
+        gap_samples  INTEGER
+    );
+    CREATE INDEX messages_kind ON messages (kind);
+    CREATE TABLE meta (
+        id                  INTEGER PRIMARY KEY CHECK (id = 1),
+        next_telemetry_seq  INTEGER NOT NULL,
+        next_event_seq      INTEGER NOT NULL,
+        dropped_messages    INTEGER NOT NULL,
+        dropped_samples     INTEGER NOT NULL,
+        gap_from            INTEGER,
+        gap_to              INTEGER,
+        gap_messages        INTEGER NOT NULL,
+        gap_samples         INTEGER NOT NULL
+    );
+    INSERT INTO meta VALUES (1, 1, 1, 0, 0, NULL, NULL, 0, 0);
+    """,
+]
+
+_META_COLUMNS = ("next_telemetry_seq, next_event_seq, dropped_messages, dropped_samples, "
+                 "gap_from, gap_to, gap_messages, gap_samples")
+_INSERT = ("INSERT INTO messages (kind, topic, payload, qos, retain, created, seq, samples, "
+           "gap_from, gap_to, gap_messages, gap_samples) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_SELECT = "SELECT id, kind, topic, payload, qos, retain, created, seq, samples FROM messages"
+
+
+@dataclass(frozen=True)
+class OutboxLimits:
+    """Bounds on what the outbox holds; past them the oldest telemetry is dropped.
+
+    ``max_rows`` counts messages of every kind, ``max_bytes`` their payload bytes (the file is
+    somewhat larger: SQLite pages, indexes, the WAL). Events and snapshots may exceed both.
+    """
+
+    max_rows: int = 1_000_000
+    max_bytes: int = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Telemetry dropped and not yet reported: seq range, how many messages and samples."""
+
+    from_seq: int
+    to_seq: int
+    messages: int
+    samples: int
+
+    def record(self) -> dict[str, dict[str, int]]:
+        """The gap record a telemetry payload carries: ``{"gap": {...}}``."""
+        return {"gap": {"from_seq": self.from_seq, "to_seq": self.to_seq,
+                        "messages": self.messages, "samples": self.samples}}
+
+    def merge(self, other: Gap | None) -> Gap:
+        if other is None:
+            return self
+        return Gap(min(self.from_seq, other.from_seq), max(self.to_seq, other.to_seq),
+                   self.messages + other.messages, self.samples + other.samples)
+
+
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """What the outbox tells a payload builder: the message's seq and, for telemetry, the gap to report."""
+
+    seq: int | None
+    gap: Gap | None = None
+
+
+Build = Callable[[Stamp], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A message to append. ``payload`` is bytes, or a builder called with the message's Stamp."""
+
+    kind: Kind
+    topic: str
+    payload: bytes | Build
+    samples: int = 0
+    qos: int = 1
+    retain: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"outbox message kind must be one of {sorted(KINDS)}, got {self.kind!r}")
+        if self.qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, got {self.qos!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """The outcome of one Draft: its row id (None when refused because the outbox is full) and seq."""
+
+    id: int | None
+    seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A stored message, as handed to the MQTT link."""
+
+    id: int
+    kind: str
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    created: float
+    seq: int | None
+    samples: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    """Depth and health of the outbox, for ``edge-agent twin outbox`` and metrics."""
+
+    depth: int
+    bytes: int
+    inflight: int
+    oldest_age_s: float | None
+    dropped_messages: int
+    dropped_samples: int
+    next_telemetry_seq: int
+    next_event_seq: int
+    pending_gap: Gap | None
+    file_bytes: int
+
+
+@dataclass(slots=True)
+class _State:
+    """The meta row plus row and byte totals; copied at the start of a transaction, kept on commit."""
+
+    next_seq: dict[str, int]
+    dropped_messages: int
+    dropped_samples: int
+    gap: Gap | None
+    rows: int
+    bytes: int
+    telemetry_rows: int
+    telemetry_bytes: int
+
+
+class Outbox:
+    """The durable outbox. Open with :meth:`open`; close with :meth:`close` (or use ``with``)."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, *, limits: OutboxLimits, max_inflight: int,
+                 maintain_every: int, clock: Callable[[], float]) -> None:
+        self.conn = conn
+        self.path = path
+        self.limits = limits
+        self.max_inflight = max_inflight
+        self.maintain_every = maintain_every
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._cursor = 0  # every row with id <= cursor still present is in flight
+        self._inflight: dict[int, tuple[str, int]] = {}  # id -> (kind, payload bytes)
+        self._freed_since_maintain = 0
+        self._dropping = False
+        self._state = self._load_state()
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: Path, *, limits: OutboxLimits | None = None, max_inflight: int = 20,
+             synchronous: Synchronous = "NORMAL", maintain_every: int = 16 * 1024 * 1024,
+             clock: Callable[[], float] = time.time) -> Outbox:
+        """Open (creating or migrating) the outbox file. ``max_inflight`` bounds unacknowledged messages."""
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be at least 1, got {max_inflight}")
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA busy_timeout = 5000")
+            if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+                # Only takes effect before the first table exists, or through VACUUM; on a new
+                # file the VACUUM is instant.
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                conn.execute("VACUUM")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.execute("PRAGMA journal_size_limit = 8388608")  # the WAL shrinks back to 8 MiB
+            _migrate(conn, path)
+            return cls(conn, path, limits=limits or OutboxLimits(), max_inflight=max_inflight,
+                       maintain_every=maintain_every, clock=clock)
+        except (sqlite3.Error, OSError) as exc:
+            raise TwinError(f"{path}: cannot open the outbox: {exc}") from exc
+
+    def _load_state(self) -> _State:
+        meta = self.conn.execute(f"SELECT {_META_COLUMNS} FROM meta").fetchone()
+        gap = Gap(meta[4], meta[5], meta[6], meta[7]) if meta[4] is not None else None
+        state = _State({"telemetry": meta[0], "event": meta[1]}, meta[2], meta[3], gap, 0, 0, 0, 0)
+        for kind, rows, size in self.conn.execute(
+                "SELECT kind, count(*), coalesce(sum(length(payload)), 0) FROM messages GROUP BY kind"):
+            state.rows += rows
+            state.bytes += size
+            if kind == "telemetry":
+                state.telemetry_rows, state.telemetry_bytes = rows, size
+        return state
+
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[_State]:
+        """BEGIN IMMEDIATE ... COMMIT on a copy of the state, kept only when the commit succeeds."""
+        with self._lock:
+            state = replace(self._state, next_seq=dict(self._state.next_seq))
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield state
+                    self._write_meta(state)
+                except BaseException:
+                    self.conn.execute("ROLLBACK")
+                    raise
+                self.conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise TwinError(f"{self.path}: cannot {what}: {exc}") from exc
+            self._state = state
+
+    def _write_meta(self, s: _State) -> None:
+        gap = s.gap
+        self.conn.execute(
+            "UPDATE meta SET next_telemetry_seq = ?, next_event_seq = ?, dropped_messages = ?, dropped_samples = ?, "
+            "gap_from = ?, gap_to = ?, gap_messages = ?, gap_samples = ?",
+            (s.next_seq["telemetry"], s.next_seq["event"], s.dropped_messages, s.dropped_samples,
+             gap.from_seq if gap else None, gap.to_seq if gap else None,
+             gap.messages if gap else 0, gap.samples if gap else 0))
+
+    def close(self) -> None:
+        """Reclaim free pages, truncate the WAL and close the connection."""
+        with self._lock:
+            try:
+                self.maintain()
+            except TwinError as exc:
+                log.warning("%s", exc)
+            self.conn.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ appending
+
+    def append(self, drafts: Iterable[Draft]) -> list[Appended]:
+        """Store messages in one transaction, in order; return each one's id and seq.
+
+        Builders run inside the transaction; if one raises, nothing of the batch is stored and no
+        seq is used. A telemetry message refused because the outbox is full of events comes back
+        with ``id=None``; its seq is used and reported in the next gap.
+        """
+        dropped_before = self._state.dropped_messages
+        with self._transaction("append to the outbox") as state:
+            now = self._clock()
+            result = [self._append_one(state, draft, now) for draft in drafts]
+        self._log_drops(dropped_before)
+        return result
+
+    def append_telemetry(self, topic: str, build: Build, samples: int) -> Appended:
+        """Shorthand for appending one telemetry message (QoS 1, not retained)."""
+        return self.append([Draft("telemetry", topic, build, samples)])[0]
+
+    def _append_one(self, state: _State, draft: Draft, now: float) -> Appended:
+        kind = draft.kind
+        seq = state.next_seq.get(kind)
+        gap = None
+        if seq is not None:
+            state.next_seq[kind] = seq + 1
+        if kind == "telemetry":
+            gap, state.gap = state.gap, None
+        payload = draft.payload(Stamp(seq, gap)) if callable(draft.payload) else draft.payload
+        payload = bytes(payload)
+        size = len(payload)
+        if kind in SNAPSHOT_KINDS:
+            self._replace_snapshot(state, kind, draft.topic)
+        if not self._make_room(state, kind, size):
+            assert seq is not None  # only telemetry is refused
+            state.gap = Gap(seq, seq, 1, draft.samples).merge(gap)
+            state.dropped_messages += 1
+            state.dropped_samples += draft.samples
+            return Appended(None, seq)
+        cur = self.conn.execute(_INSERT, (
+            kind, draft.topic, payload, draft.qos, int(draft.retain), now, seq, draft.samples,
+            gap.from_seq if gap else None, gap.to_seq if gap else None,
+            gap.messages if gap else None, gap.samples if gap else None))
+        state.rows += 1
+        state.bytes += size
+        if kind == "telemetry":
+            state.telemetry_rows += 1
+            state.telemetry_bytes += size
+        return Appended(cur.lastrowid, seq)
+
+    def _replace_snapshot(self, state: _State, kind: str, topic: str) -> None:
+        """A newer retained snapshot makes the pending (not in flight) older one of its topic useless."""
+        for (size,) in self.conn.execute(
+                "DELETE FROM messages WHERE kind = ? AND topic = ? AND id > ? RETURNING length(payload)",
+                (kind, topic, self._cursor)).fetchall():
+            state.rows -= 1
+            state.bytes -= size
+
+    def _make_room(self, state: _State, kind: str, size: int) -> bool:
+        """Drop the oldest telemetry until ``size`` more bytes and one more row fit.
+
+        False means a telemetry message does not fit even then (nothing was dropped for it).
+        Other kinds always go in, after dropping what telemetry there is to drop.
+        """
+        need_rows = state.rows + 1 - self.limits.max_rows
+        need_bytes = state.bytes + size - self.limits.max_bytes
+        if need_rows <= 0 and need_bytes <= 0:
+            return True
+        in_flight = [s for k, s in self._inflight.values() if k == "telemetry"]
+        can_rows = state.telemetry_rows - len(in_flight)
+        can_bytes = state.telemetry_bytes - sum(in_flight)
+        if kind == "telemetry" and (can_rows < need_rows or can_bytes < need_bytes):
+            return False
+        self._drop_oldest_telemetry(state, need_rows, need_bytes)
+        return True
+
+    def _drop_oldest_telemetry(self, state: _State, need_rows: int, need_bytes: int) -> None:
+        rows = freed = 0
+        last_id = None
+        after = self._cursor
+        while rows < need_rows or freed < need_bytes:
+            batch = self.conn.execute(
+                "SELECT id, length(payload) FROM messages WHERE kind = 'telemetry' AND id > ? ORDER BY id LIMIT 256",
+                (after,)).fetchall()
+            if not batch:
+                break
+            for row_id, size in batch:
+                rows, freed, last_id = rows + 1, freed + size, row_id
+                if rows >= need_rows and freed >= need_bytes:
+                    break
+            after = batch[-1][0]
+        if last_id is None:
+            return
+        gap = state.gap
+        for seq, samples, size, g_from, g_to, g_messages, g_samples in self.conn.execute(
+                "DELETE FROM messages WHERE kind = 'telemetry' AND id > ? AND id <= ? "
+                "RETURNING seq, samples, length(payload), gap_from, gap_to, gap_messages, gap_samples",
+                (self._cursor, last_id)).fetchall():
+            gap = Gap(seq, seq, 1, samples).merge(gap)
+            if g_from is not None:  # the gap this message was to report is still unreported
+                gap = gap.merge(Gap(g_from, g_to, g_messages, g_samples))
+            state.dropped_messages += 1
+            state.dropped_samples += samples
+            state.rows -= 1
+            state.bytes -= size
+            state.telemetry_rows -= 1
+            state.telemetry_bytes -= size
+        state.gap = gap
+
+    def _log_drops(self, dropped_before: int) -> None:
+        dropped = self._state.dropped_messages - dropped_before
+        if dropped and not self._dropping:
+            self._dropping = True
+            log.warning("outbox %s full (%d rows, %d bytes; limits %d rows, %d bytes): dropping the oldest "
+                        "telemetry", self.path, self._state.rows, self._state.bytes,
+                        self.limits.max_rows, self.limits.max_bytes)
+        elif dropped:
+            log.debug("outbox %s: dropped %d more telemetry messages", self.path, dropped)
+        elif self._dropping:
+            self._dropping = False
+            log.info("outbox %s: no longer dropping; %d messages (%d samples) dropped so far", self.path,
+                     self._state.dropped_messages, self._state.dropped_samples)
+
+    # ------------------------------------------------------------------ handing out and acking
+
+    def take(self, limit: int) -> list[Message]:
+        """The oldest messages not yet handed out, in id order, now counted as in flight.
+
+        Returns at most ``limit`` and never more than keeps ``max_inflight`` unacknowledged.
+        """
+        with self._lock:
+            room = min(limit, self.max_inflight - len(self._inflight))
+            if room <= 0:
+                return []
+            try:
+                rows = self.conn.execute(f"{_SELECT} WHERE id > ? ORDER BY id LIMIT ?",
+                                         (self._cursor, room)).fetchall()
+            except sqlite3.Error as exc:
+                raise TwinError(f"{self.path}: cannot read the outbox: {exc}") from exc
+            messages = [Message(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8]) for r in rows]
+            for m in messages:
+                self._inflight[m.id] = (m.kind, len(m.payload))
+            if messages:
+                self._cursor = messages[-1].id
+            return messages
+
+    def ack(self, ids: Iterable[int]) -> int:
+        """Delete delivered messages (PUBACK received); return how many rows went.
+
+        Unknown ids (already acked, or acked twice) are ignored.
+        """
+        id_list = [int(i) for i in ids]
+        if not id_list:
+            return 0
+        with self._lock:
+            with self._transaction("delete acknowledged messages") as state:
+                gone = self.conn.execute(
+                    "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) RETURNING kind, length(payload)",
+                    (json.dumps(id_list),)).fetchall()
+                for kind, size in gone:
+                    state.rows -= 1
+                    state.bytes -= size
+                    if kind == "telemetry":
+                        state.telemetry_rows -= 1
+                        state.telemetry_bytes -= size
+            for i in id_list:
+                self._inflight.pop(i, None)
+            self._freed_since_maintain += sum(size for _, size in gone)
+            if self._freed_since_maintain >= self.maintain_every:
+                self.maintain()
+        return len(gone)
+
+    def requeue(self) -> None:
+        """Forget what is in flight (the link went down): everything not acked is pending again."""
+        with self._lock:
+            self._inflight.clear()
+            self._cursor = 0
+
+    @property
+    def inflight(self) -> int:
+        """How many messages are handed out and not yet acknowledged."""
+        return len(self._inflight)
+
+    # ------------------------------------------------------------------ housekeeping and stats
+
+    def maintain(self) -> None:
+        """Give free pages back to the file system and truncate the WAL.
+
+        Pages freed by acks are reused by later appends anyway; this matters after a backlog
+        drained. The checkpoint is skipped (not waited for) while a reader holds an old snapshot.
+        """
+        with self._lock:
+            self._freed_since_maintain = 0
+            try:
+                free, total = (self.conn.execute(f"PRAGMA {p}").fetchone()[0] for p in ("freelist_count", "page_count"))
+                if free and free * 4 >= total:  # a quarter or more of the file is free
+                    self.conn.execute("PRAGMA incremental_vacuum").fetchall()
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error as exc:
+                raise TwinError(f"{self.path}: cannot reclaim outbox space: {exc}") from exc
+
+    def stats(self) -> OutboxStats:
+        """Depth, bytes, age of the oldest message, drop counters and next seqs."""
+        with self._lock:
+            try:
+                oldest = self.conn.execute("SELECT created FROM messages ORDER BY id LIMIT 1").fetchone()
+            except sqlite3.Error as exc:
+                raise TwinError(f"{self.path}: cannot read the outbox: {exc}") from exc
+            s = self._state
+            return OutboxStats(
+                depth=s.rows, bytes=s.bytes, inflight=len(self._inflight),
+                oldest_age_s=max(0.0, self._clock() - oldest[0]) if oldest else None,
+                dropped_messages=s.dropped_messages, dropped_samples=s.dropped_samples,
+                next_telemetry_seq=s.next_seq["telemetry"], next_event_seq=s.next_seq["event"],
+                pending_gap=s.gap, file_bytes=file_bytes(self.path))
+
+
+def read_stats(path: Path, *, clock: Callable[[], float] = time.time) -> OutboxStats:
+    """Stats of an outbox file another process (the agent) may be writing: opened read-only."""
+    if not path.exists():
+        raise TwinError(f"{path}: no outbox yet (has the agent run with MQTT configured?)")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            conn.execute("PRAGMA busy_timeout = 5000")
+            meta = conn.execute(f"SELECT {_META_COLUMNS} FROM meta").fetchone()
+            depth, size, oldest = conn.execute(
+                "SELECT count(*), coalesce(sum(length(payload)), 0), min(created) FROM messages").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise TwinError(f"{path}: cannot read the outbox: {exc}") from exc
+    gap = Gap(meta[4], meta[5], meta[6], meta[7]) if meta[4] is not None else None
+    return OutboxStats(depth=depth, bytes=size, inflight=0,
+                       oldest_age_s=max(0.0, clock() - oldest) if oldest is not None else None,
+                       dropped_messages=meta[2], dropped_samples=meta[3], next_telemetry_seq=meta[0],
+                       next_event_seq=meta[1], pending_gap=gap, file_bytes=file_bytes(path))
+
+
+def file_bytes(path: Path) -> int:
+    """Size of the database file plus its WAL, as the disk sees it."""
+    total = 0
+    for p in (path, path.with_name(path.name + "-wal")):
+        with suppress(FileNotFoundError):  # no WAL right after a truncating checkpoint or close
+            total += p.stat().st_size
+    return total
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise TwinError(f"{path}: outbox schema version {version} is newer than this edge-agent knows "
+                        f"({len(MIGRATIONS)}); upgrade edge-agent")
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        log.info("outbox %s migrated to schema version %d", path, number)
+
+
+class TokenBucket:
+    """Rate limit for backlog replay: ``rate`` tokens per second, at most ``burst`` saved up.
+
+    Tokens may be messages or samples. A take larger than ``burst`` is allowed once the bucket is
+    full and leaves it in debt, so big messages still pass at the average rate. Pure: the clock
+    (monotonic seconds) is injected.
+    """
+
+    def __init__(self, rate: float, burst: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if not rate > 0 or not burst > 0:
+            raise ValueError(f"token bucket needs rate > 0 and burst > 0, got rate={rate}, burst={burst}")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = burst
+        self._last = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        if now > self._last:
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = max(self._last, now)
+
+    @property
+    def tokens(self) -> float:
+        """Tokens available now (negative while in debt)."""
+        self._refill()
+        return self._tokens
+
+    def wait_time(self, n: float = 1) -> float:
+        """Seconds until :meth:`try_take` of ``n`` would succeed (0 when it would now)."""
+        self._refill()
+        missing = min(n, self.burst) - self._tokens
+        return max(0.0, missing / self.rate)
+
+    def try_take(self, n: float = 1) -> bool:
+        """Take ``n`` tokens if the bucket allows it now; False (nothing taken) otherwise."""
+        if self.wait_time(n) > 0:
+            return False
+        self._tokens -= n
+        return True
+
