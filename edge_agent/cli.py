@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from edge_agent import __version__
-from edge_agent.config import AgentConfig, load, parse_duration
+from edge_agent.config import AgentConfig, load
 from edge_agent.errors import ConfigError, EdgeAgentError
+from edge_agent.validate import parse_duration
 
 log = logging.getLogger("edge_agent")
 

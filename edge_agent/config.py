@@ -11,7 +11,6 @@ config/agent.example.toml.
 
 from __future__ import annotations
 
-import math
 import re
 import socket
 import tomllib
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import ConfigError
+from edge_agent.validate import REQUIRED as _REQUIRED
+from edge_agent.validate import Table
 
 PROTOCOLS = ("opcua", "modbus", "modbus-rtu")
 OPCUA_MODES = ("subscribe", "poll")
@@ -37,17 +38,7 @@ PARITIES = ("N", "E", "O")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _NODE_ID = re.compile(r"^(?:(?:ns=\d+|nsu=[^;]+);)?(?:i=\d+|s=.+|g=[0-9a-fA-F-]{36}|b=.+)$")
-
-
-def parse_duration(text: str) -> float:
-    """Turn "250ms", "10s", "5m", "2h" or "7d" into seconds; ValueError otherwise."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(text)
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
 # --------------------------------------------------------------------------- dataclasses
@@ -156,6 +147,37 @@ class TwinSection:
     prune_interval: float = 300.0
 
 
+MQTT_VERSIONS = ("5", "3.1.1")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MqttSection:
+    """The cloud link: a TLS MQTT broker, and the outbox that buffers for it."""
+
+    host: str
+    port: int = 8883
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password: str | None = None
+    client_id: str
+    topic_prefix: str = "edge"
+    version: str = "5"
+    keepalive: float = 30.0
+    tls_insecure: bool = False
+    publish_interval: float = 1.0
+    max_samples: int = 1000
+    max_inflight: int = 20
+    twin_interval: float = 10.0
+    outbox_max_rows: int = 100_000
+    outbox_max_bytes: int = 256 * 1024 * 1024
+    outbox_sync: str = "normal"
+    replay_rate: float = 100_000.0
+    retry_min: float = 1.0
+    retry_max: float = 60.0
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AgentConfig:
     """The whole, validated config."""
@@ -164,6 +186,7 @@ class AgentConfig:
     agent: AgentSection
     twin: TwinSection
     devices: tuple[DeviceConfig, ...] = ()
+    mqtt: MqttSection | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -179,147 +202,13 @@ class AgentConfig:
 # --------------------------------------------------------------------------- validation
 
 
-def _show(value: Any) -> str:
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return repr(value).lower() if isinstance(value, bool) else repr(value)
-
-
-class _Table:
-    """Reads one TOML table, recording problems with the key path instead of raising."""
-
-    def __init__(self, raw: Mapping[str, Any], path: str, problems: list[str]) -> None:
-        self.raw = raw
-        self.path = path
-        self.problems = problems
-        self.seen: set[str] = set()
-
-    def key(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def problem(self, key: str, text: str) -> None:
-        self.problems.append(f"{self.key(key)}: {text}")
-
-    def has(self, key: str) -> bool:
-        return key in self.raw
-
-    def get(self, key: str, default: Any, kinds: tuple[type, ...], expected: str) -> Any:
-        self.seen.add(key)
-        if key not in self.raw:
-            if default is _REQUIRED:
-                self.problem(key, f"required, expected {expected}")
-                return None
-            return default
-        value = self.raw[key]
-        if isinstance(value, bool) and bool not in kinds:
-            self.problem(key, f"expected {expected}, got {_show(value)}")
-            return None
-        if not isinstance(value, kinds):
-            self.problem(key, f"expected {expected}, got {_show(value)}")
-            return None
-        return value
-
-    def string(self, key: str, default: Any = None) -> Any:
-        value = self.get(key, default, (str,), "a string")
-        if isinstance(value, str) and key in self.raw and not value.strip():
-            self.problem(key, "expected a non-empty string")
-            return None
-        return value
-
-    def choice(self, key: str, choices: tuple[str, ...], default: Any) -> Any:
-        value = self.get(key, default, (str,), f"one of {', '.join(choices)}")
-        if value is not None and value not in choices:
-            self.problem(key, f'expected one of {", ".join(choices)}, got "{value}"')
-            return None
-        return value
-
-    def number(self, key: str, default: Any = None, *, low: float | None = None,
-               high: float | None = None, positive: bool = False) -> Any:
-        value = self.get(key, default, (int, float), "a number")
-        if value is None:
-            return None
-        value = float(value)
-        if not math.isfinite(value):
-            self.problem(key, f"expected a finite number, got {value}")
-            return None
-        if positive and value <= 0:
-            self.problem(key, f"expected a number above 0, got {value:g}")
-            return None
-        return self._bounded(key, value, low, high)
-
-    def integer(self, key: str, default: Any = None, *, low: int | None = None,
-                high: int | None = None) -> Any:
-        value = self.get(key, default, (int,), "an integer")
-        return None if value is None else self._bounded(key, value, low, high)
-
-    def _bounded(self, key: str, value: Any, low: float | None, high: float | None) -> Any:
-        if (low is not None and value < low) or (high is not None and value > high):
-            span = f"from {low:g} to {high:g}" if low is not None and high is not None else (
-                f"at least {low:g}" if low is not None else f"at most {high:g}")
-            self.problem(key, f"expected a number {span}, got {value:g}")
-            return None
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.get(key, default, (bool,), "true or false")
-        return default if value is None else bool(value)
-
-    def duration(self, key: str, default: str | None, *, positive: bool = True) -> Any:
-        self.seen.add(key)
-        if key not in self.raw:
-            if default is None:
-                return None
-            return parse_duration(default)
-        value = self.raw[key]
-        expected = 'a duration like "250ms", "10s", "5m", "2h" or "7d"'
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            self.problem(key, f"expected {expected}, got {_show(value)}")
-            return None
-        try:
-            seconds = parse_duration(value) if isinstance(value, str) else float(value)
-        except ValueError:
-            self.problem(key, f"expected {expected}, got {_show(value)}")
-            return None
-        if positive and seconds <= 0:
-            self.problem(key, f"expected a duration above 0, got {_show(value)}")
-            return None
-        return seconds
-
-    def table(self, key: str) -> _Table:
-        value = self.get(key, {}, (dict,), "a table")
-        return _Table(value or {}, self.key(key), self.problems)
-
-    def tables(self, key: str) -> list[_Table]:
-        value = self.get(key, [], (list,), "an array of tables")
-        out = []
-        for index, item in enumerate(value or []):
-            path = f"{self.key(key)}[{index}]"
-            if not isinstance(item, dict):
-                self.problems.append(f"{path}: expected a table, got {_show(item)}")
-                continue
-            out.append(_Table(item, path, self.problems))
-        return out
-
-    def finish(self, *, allow: Iterable[str] = ()) -> None:
-        """Report every key that was not read as unknown."""
-        allowed = set(allow)
-        for key in self.raw:
-            if key not in self.seen and key not in allowed:
-                self.problem(key, "unknown key")
-
-
-_REQUIRED: Any = object()
 
 # Sections that later parts of the agent own; listed here so they are not called unknown
 # until their parser lands. Kept empty on purpose: an unknown section is an error.
 _SECTION_PARSERS: dict[str, Any] = {}
 
 
-def _common_point(t: _Table) -> dict[str, Any]:
+def _common_point(t: Table) -> dict[str, Any]:
     point: dict[str, Any] = {
         "name": t.string("name", _REQUIRED),
         "unit": t.string("unit", ""),
@@ -339,7 +228,7 @@ def _common_point(t: _Table) -> dict[str, Any]:
     return point
 
 
-def _opcua_point(t: _Table) -> OpcUaPoint | None:
+def _opcua_point(t: Table) -> OpcUaPoint | None:
     point = _common_point(t)
     node = t.string("node", _REQUIRED)
     if node is not None and not _NODE_ID.match(node):
@@ -351,7 +240,7 @@ def _opcua_point(t: _Table) -> OpcUaPoint | None:
     return OpcUaPoint(node=node, **point)
 
 
-def _modbus_point(t: _Table) -> ModbusPoint | None:
+def _modbus_point(t: Table) -> ModbusPoint | None:
     point = _common_point(t)
     register = t.choice("register", REGISTERS, "holding")
     address = t.integer("address", _REQUIRED, low=0, high=65535)
@@ -382,7 +271,7 @@ def _modbus_point(t: _Table) -> ModbusPoint | None:
     return ModbusPoint(register=register, address=address, type=kind, **extra, **point)
 
 
-def _common_device(t: _Table, protocol: str) -> dict[str, Any]:
+def _common_device(t: Table, protocol: str) -> dict[str, Any]:
     device = {
         "name": t.string("name", _REQUIRED),
         "protocol": protocol,
@@ -396,7 +285,7 @@ def _common_device(t: _Table, protocol: str) -> dict[str, Any]:
     return device
 
 
-def _opcua_device(t: _Table, device: dict[str, Any]) -> OpcUaDevice | None:
+def _opcua_device(t: Table, device: dict[str, Any]) -> OpcUaDevice | None:
     endpoint = t.string("endpoint", _REQUIRED)
     if endpoint is not None and not endpoint.startswith("opc.tcp://"):
         t.problem("endpoint", f'expected an URL starting with "opc.tcp://", got "{endpoint}"')
@@ -416,7 +305,7 @@ def _opcua_device(t: _Table, device: dict[str, Any]) -> OpcUaDevice | None:
     return OpcUaDevice(endpoint=endpoint, points=tuple(points), **extra, **device)  # type: ignore[arg-type]
 
 
-def _modbus_device(t: _Table, device: dict[str, Any]) -> ModbusDevice | None:
+def _modbus_device(t: Table, device: dict[str, Any]) -> ModbusDevice | None:
     rtu = device["protocol"] == "modbus-rtu"
     extra: dict[str, Any] = {
         "unit_id": t.integer("unit_id", 1, low=0, high=255),
@@ -442,7 +331,7 @@ def _modbus_device(t: _Table, device: dict[str, Any]) -> ModbusDevice | None:
     return built
 
 
-def _check_overlaps(device: ModbusDevice, t: _Table) -> None:
+def _check_overlaps(device: ModbusDevice, t: Table) -> None:
     by_table: dict[str, list[tuple[int, int, int]]] = {}
     for index, point in enumerate(device.points):
         by_table.setdefault(point.register, []).append((point.address, point.address + point.width, index))
@@ -456,7 +345,7 @@ def _check_overlaps(device: ModbusDevice, t: _Table) -> None:
                     f'"{b.name}" overlaps "{a.name}" (registers {start_a}..{end_a - 1})')
 
 
-def _devices(root: _Table) -> list[DeviceConfig]:
+def _devices(root: Table) -> list[DeviceConfig]:
     devices: list[DeviceConfig] = []
     for t in root.tables("devices"):
         protocol = t.choice("protocol", PROTOCOLS, _REQUIRED)
@@ -474,7 +363,7 @@ def _devices(root: _Table) -> list[DeviceConfig]:
     return devices
 
 
-def _check_names(root: _Table, devices: list[DeviceConfig]) -> None:
+def _check_names(root: Table, devices: list[DeviceConfig]) -> None:
     seen_devices: dict[str, int] = {}
     seen_points: dict[str, str] = {}
     for d_index, device in enumerate(root.raw.get("devices", [])):
@@ -497,10 +386,64 @@ def _check_names(root: _Table, devices: list[DeviceConfig]) -> None:
             seen_points.setdefault(pname, where)
 
 
+def _resolve(base: Path, text: str | None) -> Path | None:
+    if text is None:
+        return None
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _mqtt(root: Table, agent_id: str | None, base: Path) -> MqttSection | None:
+    if not root.has("mqtt"):
+        root.seen.add("mqtt")
+        return None
+    t = root.table("mqtt")
+    values: dict[str, Any] = {
+        "host": t.string("host", _REQUIRED),
+        "port": t.integer("port", 8883, low=1, high=65535),
+        "ca_file": _resolve(base, t.string("ca_file", _REQUIRED)),
+        "cert_file": _resolve(base, t.string("cert_file")),
+        "key_file": _resolve(base, t.string("key_file")),
+        "username": t.string("username"),
+        "password": t.string("password"),
+        "client_id": t.string("client_id", agent_id or "edge-agent"),
+        "topic_prefix": t.string("topic_prefix", "edge"),
+        "version": t.choice("version", MQTT_VERSIONS, "5"),
+        "keepalive": t.duration("keepalive", "30s"),
+        "tls_insecure": t.boolean("tls_insecure", False),
+        "publish_interval": t.duration("publish_interval", "1s"),
+        "max_samples": t.integer("max_samples", 1000, low=1, high=100_000),
+        "max_inflight": t.integer("max_inflight", 20, low=1, high=65535),
+        "twin_interval": t.duration("twin_interval", "10s"),
+        "outbox_max_rows": t.integer("outbox_max_rows", 100_000, low=10),
+        "outbox_max_bytes": t.size("outbox_max_bytes", "256MiB"),
+        "outbox_sync": t.choice("outbox_sync", ("normal", "full"), "normal"),
+        "replay_rate": t.number("replay_rate", 100_000.0, positive=True),
+        "retry_min": t.duration("retry_min", "1s"),
+        "retry_max": t.duration("retry_max", "60s"),
+    }
+    if (values["cert_file"] is None) != (values["key_file"] is None):
+        t.problem("key_file" if values["key_file"] is None else "cert_file",
+                  "cert_file and key_file go together (mutual TLS), expected both or neither")
+    if values["password"] is not None and values["username"] is None:
+        t.problem("password", "given without username")
+    prefix = values["topic_prefix"]
+    if prefix is not None and (any(c in prefix for c in "+#") or prefix.startswith("/") or prefix.endswith("/")):
+        t.problem("topic_prefix", f'expected topic levels without wildcards or a leading/trailing "/", got "{prefix}"')
+        values["topic_prefix"] = None
+    t.finish()
+    required = ("host", "port", "ca_file", "client_id", "topic_prefix", "version", "keepalive", "publish_interval",
+                "max_samples", "max_inflight", "twin_interval", "outbox_max_rows", "outbox_max_bytes",
+                "outbox_sync", "replay_rate", "retry_min", "retry_max")
+    if any(values[key] is None for key in required):
+        return None
+    return MqttSection(**values)
+
+
 def parse(raw: Mapping[str, Any], source: Path) -> AgentConfig:
     """Validate an already-parsed TOML document; raise ConfigError listing every problem."""
     problems: list[str] = []
-    root = _Table(raw, "", problems)
+    root = Table(raw, "", problems)
     a = root.table("agent")
     agent_id = a.string("id", socket.gethostname())
     site = a.string("site", "default")
@@ -519,6 +462,10 @@ def parse(raw: Mapping[str, Any], source: Path) -> AgentConfig:
     tw.finish()
     devices = _devices(root)
     _check_names(root, devices)
+    mqtt = _mqtt(root, agent_id, source.parent)
+    for label, text in (("site", site), ("id", agent_id)):
+        if text is not None and any(c in text for c in "/+#"):
+            a.problem(label, f'expected no "/", "+" or "#" (it is an MQTT topic level), got "{text}"')
     root.finish(allow=_SECTION_PARSERS)
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
@@ -531,6 +478,7 @@ def parse(raw: Mapping[str, Any], source: Path) -> AgentConfig:
                            log_format=log_format),
         twin=TwinSection(**twin),
         devices=tuple(devices),
+        mqtt=mqtt,
         raw=raw,
     )
 

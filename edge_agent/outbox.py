@@ -21,8 +21,12 @@ room for samples is the wrong trade. Drops are counted for ever (``dropped_messa
 ``dropped_samples``) and collected into one unreported :class:`Gap` that the *next* telemetry
 message receives in its :class:`Stamp`, in the transaction that inserts it, so it can carry
 ``{"gap": {"from_seq", "to_seq", "messages", "samples"}}``. ``from_seq``..``to_seq`` bounds the
-dropped seqs; seqs inside that range which the receiver did get were delivered before the drop.
-If a message carrying a gap is dropped in turn, its gap is folded into the next one.
+dropped seqs (seqs inside it that the receiver did get were delivered, or reported by another
+record); ``messages`` and ``samples`` count what was dropped. If a message carrying a gap is
+dropped in turn, its gap is folded into the next one. So a receiver can check: every seq it never
+got lies inside some record's range, and the records' ``messages`` add up to the number of such
+seqs (more only when a message that had been sent but not acknowledged was dropped later).
+Messages in flight are never dropped.
 
 Durability. ``synchronous=NORMAL`` (the default): in WAL mode a commit is in the OS page cache
 when ``append`` returns, so ``kill -9`` or a crash of the agent loses nothing committed; only an
@@ -57,7 +61,6 @@ from edge_agent.errors import TwinError
 log = logging.getLogger(__name__)
 
 Kind = Literal["telemetry", "event", "state", "twin"]
-Synchronous = Literal["NORMAL", "FULL"]
 KINDS: frozenset[str] = frozenset(get_args(Kind))
 SNAPSHOT_KINDS: frozenset[str] = frozenset({"state", "twin"})  # a newer one replaces the pending older one
 
@@ -233,20 +236,21 @@ class Outbox:
         self._cursor = 0  # every row with id <= cursor still present is in flight
         self._inflight: dict[int, tuple[str, int]] = {}  # id -> (kind, payload bytes)
         self._freed_since_maintain = 0
-        self._dropping = False
+        self._dropping = False  # for logging: first drop at WARNING, repeats at DEBUG
+        self._over_limit = False
         self._state = self._load_state()
 
     # ------------------------------------------------------------------ opening
 
     @classmethod
     def open(cls, path: Path, *, limits: OutboxLimits | None = None, max_inflight: int = 20,
-             synchronous: Synchronous = "NORMAL", maintain_every: int = 16 * 1024 * 1024,
+             synchronous: str = "normal", maintain_every: int = 16 * 1024 * 1024,
              clock: Callable[[], float] = time.time) -> Outbox:
         """Open (creating or migrating) the outbox file. ``max_inflight`` bounds unacknowledged messages."""
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be at least 1, got {max_inflight}")
-        if synchronous not in ("NORMAL", "FULL"):
-            raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
+        if synchronous.upper() not in ("NORMAL", "FULL"):  # [mqtt] outbox_sync spells them in lower case
+            raise ValueError(f"synchronous must be normal or full, got {synchronous!r}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -257,7 +261,7 @@ class Outbox:
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 conn.execute("VACUUM")
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
             conn.execute("PRAGMA journal_size_limit = 8388608")  # the WAL shrinks back to 8 MiB
             _migrate(conn, path)
             return cls(conn, path, limits=limits or OutboxLimits(), max_inflight=max_inflight,
@@ -328,12 +332,13 @@ class Outbox:
         seq is used. A telemetry message refused because the outbox is full of events comes back
         with ``id=None``; its seq is used and reported in the next gap.
         """
-        dropped_before = self._state.dropped_messages
-        with self._transaction("append to the outbox") as state:
-            now = self._clock()
-            result = [self._append_one(state, draft, now) for draft in drafts]
-        self._log_drops(dropped_before)
-        return result
+        with self._lock:
+            dropped_before = self._state.dropped_messages
+            with self._transaction("append to the outbox") as state:
+                now = self._clock()
+                result = [self._append_one(state, draft, now) for draft in drafts]
+            self._log_drops(dropped_before)
+            return result
 
     def append_telemetry(self, topic: str, build: Build, samples: int) -> Appended:
         """Shorthand for appending one telemetry message (QoS 1, not retained)."""
@@ -441,6 +446,12 @@ class Outbox:
             self._dropping = False
             log.info("outbox %s: no longer dropping; %d messages (%d samples) dropped so far", self.path,
                      self._state.dropped_messages, self._state.dropped_samples)
+        over = self._state.rows > self.limits.max_rows or self._state.bytes > self.limits.max_bytes
+        if over and not self._over_limit:
+            log.warning("outbox %s holds %d rows, %d bytes, over its limits, with nothing left to drop: events "
+                        "and snapshots are still kept, new telemetry is refused", self.path, self._state.rows,
+                        self._state.bytes)
+        self._over_limit = over
 
     # ------------------------------------------------------------------ handing out and acking
 
@@ -514,8 +525,12 @@ class Outbox:
             self._freed_since_maintain = 0
             try:
                 free, total = (self.conn.execute(f"PRAGMA {p}").fetchone()[0] for p in ("freelist_count", "page_count"))
-                if free and free * 4 >= total:  # a quarter or more of the file is free
-                    self.conn.execute("PRAGMA incremental_vacuum").fetchall()
+                # Vacuuming moves the live pages at the end of the file into the free ones; waiting
+                # until three quarters are free keeps that copying to about a third of a drained backlog.
+                if free and free * 4 >= total * 3:
+                    # executescript steps the pragma to completion; execute() would free one page
+                    # (each step of incremental_vacuum frees one).
+                    self.conn.executescript("PRAGMA incremental_vacuum;")
                 self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             except sqlite3.Error as exc:
                 raise TwinError(f"{self.path}: cannot reclaim outbox space: {exc}") from exc

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from edge_agent import config
-from edge_agent.config import ModbusDevice, OpcUaDevice, parse_duration
+from edge_agent.config import ModbusDevice, OpcUaDevice
 from edge_agent.errors import ConfigError
+from edge_agent.validate import parse_duration
 
 HERE = Path(__file__).parent
 CASES = sorted(p for p in (HERE / "testcases" / "config").iterdir() if p.is_dir())
