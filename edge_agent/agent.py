@@ -21,6 +21,8 @@ from drivers.base import Driver, Reading
 from edge_agent.config import AgentConfig, DeviceConfig
 from edge_agent.device import DeviceRunner
 from edge_agent.errors import TwinError
+from edge_agent.outbox import Outbox, OutboxLimits
+from edge_agent.sync import Sync
 from edge_agent.twin import Chunk, Twin
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ class Agent:
         self.config = config
         self.started = time.time()
         self.twin: Twin | None = None
+        self.outbox: Outbox | None = None
+        self.sync: Sync | None = None
         self.latest: dict[str, Reading] = {}
         self.runners: dict[str, DeviceRunner] = {}
         self.stored = 0  # history rows written since start
@@ -64,6 +68,15 @@ class Agent:
     def last_value(self, point: str) -> Reading | None:
         return self.latest.get(point)
 
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Every configured point's latest value, quality, source time and unit (from memory)."""
+        rows = []
+        for _, point in self.config.points():
+            r = self.latest.get(point.name)
+            rows.append({"name": point.name, "value": r.value if r else None, "quality": r.quality if r else "bad",
+                         "ts": r.ts if r else None, "unit": point.unit})
+        return rows
+
     async def flush(self) -> int:
         """Store every pending reading in one transaction, off the event loop."""
         async with self._flush_lock:
@@ -71,7 +84,7 @@ class Agent:
                 return 0
             chunks, self._pending, self._pending_count = self._pending, [], 0
             try:
-                stored = await asyncio.to_thread(self.twin.write_batch, chunks)
+                kept = await asyncio.to_thread(self.twin.write_batch, chunks)
             except TwinError as exc:
                 # Keep the readings and try again at the next flush; a full disk or a locked
                 # file must not lose data that is still in memory.
@@ -81,9 +94,11 @@ class Agent:
                 self._pending[:0] = chunks
                 self._pending_count += sum(len(c[1]) for c in chunks)
                 return 0
-            self.stored += stored
+            self.stored += len(kept)
             self.flushes += 1
-            return stored
+            if self.sync is not None:
+                self.sync.add(kept)
+            return len(kept)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -100,6 +115,7 @@ class Agent:
                                   driver_factory=self._driver_factory)
             self.runners[device.name] = runner
             self._spawn(runner.run(), f"device:{device.name}")
+        await self._start_sync()
         self._spawn(self._writer(), "twin-writer")
         self._spawn(self._housekeeping(), "housekeeping")
         if not config.devices:
@@ -107,6 +123,18 @@ class Agent:
         log.info("agent %s (site %s) started: %d devices, %d points, twin %s", config.agent.id,
                  config.agent.site, len(config.devices), sum(len(d.points) for d in config.devices),
                  config.twin_path)
+
+    async def _start_sync(self) -> None:
+        mqtt = self.config.mqtt
+        if mqtt is None:
+            log.info("no [mqtt] section: running offline only; the twin is kept locally")
+            return
+        limits = OutboxLimits(max_rows=mqtt.outbox_max_rows, max_bytes=mqtt.outbox_max_bytes)
+        self.outbox = await asyncio.to_thread(
+            Outbox.open, self.config.agent.data_dir / "outbox.db", limits=limits, max_inflight=mqtt.max_inflight,
+            synchronous=mqtt.outbox_sync)
+        self.sync = Sync(self.config, self.outbox, self.snapshot)
+        self.sync.start()
 
     async def stop(self) -> None:
         """Stop polling, flush what is pending, close the twin."""
@@ -118,6 +146,12 @@ class Agent:
         self._tasks.clear()
         # Runners closed their drivers on cancellation; store what they delivered.
         await self.flush()
+        if self.sync is not None:
+            await self.sync.stop()
+            self.sync = None
+        if self.outbox is not None:
+            await asyncio.to_thread(self.outbox.close)
+            self.outbox = None
         if self.twin is not None:
             await asyncio.to_thread(self.twin.close)
             self.twin = None

@@ -461,20 +461,49 @@ class Outbox:
         Returns at most ``limit`` and never more than keeps ``max_inflight`` unacknowledged.
         """
         with self._lock:
+            messages = self.take_range(self._cursor, None, limit)
+            if messages:
+                self._cursor = messages[-1].id
+            return messages
+
+    def take_range(self, after: int, upto: int | None, limit: int) -> list[Message]:
+        """Like :meth:`take`, for messages with ``after < id <= upto`` (no upper bound when None).
+
+        The caller keeps its own cursors; :mod:`edge_agent.sync` uses two, one for the backlog
+        found at connect (paced) and one for live messages, so live data is not stuck behind a
+        long replay. Handed-out messages count as in flight here too, so they are never dropped.
+        """
+        with self._lock:
             room = min(limit, self.max_inflight - len(self._inflight))
             if room <= 0:
                 return []
+            where, params = "WHERE id > ?", [after]
+            if upto is not None:
+                where += " AND id <= ?"
+                params.append(upto)
             try:
-                rows = self.conn.execute(f"{_SELECT} WHERE id > ? ORDER BY id LIMIT ?",
-                                         (self._cursor, room)).fetchall()
+                rows = self.conn.execute(f"{_SELECT} {where} ORDER BY id LIMIT ?", (*params, room)).fetchall()
             except sqlite3.Error as exc:
                 raise TwinError(f"{self.path}: cannot read the outbox: {exc}") from exc
             messages = [Message(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8]) for r in rows]
             for m in messages:
                 self._inflight[m.id] = (m.kind, len(m.payload))
-            if messages:
-                self._cursor = messages[-1].id
             return messages
+
+    def release(self, ids: Iterable[int]) -> None:
+        """Hand messages back unsent: they are pending again, no longer in flight."""
+        with self._lock:
+            for i in ids:
+                self._inflight.pop(int(i), None)
+
+    def last_id(self) -> int:
+        """The id of the newest message stored (0 when empty)."""
+        with self._lock:
+            try:
+                row = self.conn.execute("SELECT max(id) FROM messages").fetchone()
+            except sqlite3.Error as exc:
+                raise TwinError(f"{self.path}: cannot read the outbox: {exc}") from exc
+            return int(row[0] or 0)
 
     def ack(self, ids: Iterable[int]) -> int:
         """Delete delivered messages (PUBACK received); return how many rows went.

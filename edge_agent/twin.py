@@ -150,23 +150,22 @@ class Twin:
         except sqlite3.Error as exc:
             raise TwinError(f"{self.path}: cannot update the points table: {exc}") from exc
 
-    def write_batch(self, chunks: Sequence[Chunk]) -> int:
-        """Store chunks of readings in one transaction; return how many history rows were kept.
+    def write_batch(self, chunks: Sequence[Chunk]) -> list[Reading]:
+        """Store chunks of readings in one transaction; return the readings history kept.
 
         A point that appears in several chunks is updated in order, so the last one wins.
         """
         updates = ((*r, received) for received, readings in chunks for r in readings)
-        history: Iterable[Reading] = chain.from_iterable(readings for _, readings in chunks)
+        history = list(chain.from_iterable(readings for _, readings in chunks))
         if self._deadband:
             history = [r for r in history if self._keep(r)]
-        kept = 0
         try:
             with self.transaction() as conn:
                 conn.executemany(_UPDATE_POINT, updates)
-                kept = conn.executemany(_INSERT_HISTORY, history).rowcount
+                conn.executemany(_INSERT_HISTORY, history)
         except sqlite3.Error as exc:
             raise TwinError(f"{self.path}: cannot store readings: {exc}") from exc
-        return kept
+        return history
 
     def _keep(self, reading: Reading) -> bool:
         band = self._deadband.get(reading[0])

@@ -1,0 +1,122 @@
+"""MQTT topics and JSON payloads (version 1). JSON Schemas for each are in docs/schemas/.
+
+Under ``{topic_prefix}/{site}/{gateway_id}/``:
+
+- ``state``      retained ``{"v":1,"gateway","state":"online"|"offline","ts"}``; "offline" is the Will.
+- ``telemetry``  ``{"v":1,"gateway","seq","points":[{"name","ts","value","quality"}...]}``, plus
+                 ``"gap":{"from_seq","to_seq","messages","samples"}`` when the outbox had to drop.
+- ``twin``       retained ``{"v":1,"gateway","ts","points":[{"name","value","quality","ts","unit"}...]}``.
+- ``events``     ``{"v":1,"gateway","seq","ts","type",...}``, one event per message.
+- ``cmd`` and ``cmd/response`` belong to remote management.
+
+Telemetry is the hot path (every sample goes through it), so its JSON is written by hand with
+point names encoded once; everything else uses :func:`json.dumps`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from drivers.base import Reading
+from edge_agent.outbox import Stamp
+
+VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Every topic of one gateway."""
+
+    base: str
+
+    @classmethod
+    def of(cls, prefix: str, site: str, gateway: str) -> Topics:
+        return cls(f"{prefix}/{site}/{gateway}")
+
+    @property
+    def state(self) -> str:
+        return f"{self.base}/state"
+
+    @property
+    def telemetry(self) -> str:
+        return f"{self.base}/telemetry"
+
+    @property
+    def twin(self) -> str:
+        return f"{self.base}/twin"
+
+    @property
+    def events(self) -> str:
+        return f"{self.base}/events"
+
+    @property
+    def cmd(self) -> str:
+        return f"{self.base}/cmd"
+
+    @property
+    def cmd_response(self) -> str:
+        return f"{self.base}/cmd/response"
+
+
+def _value(value: Any) -> str:
+    """One JSON value; NaN and infinities (not JSON) become null."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else "null"
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+class TelemetryEncoder:
+    """Builds telemetry payloads; caches each point's encoded name."""
+
+    def __init__(self, gateway: str) -> None:
+        self._head = f'{{"v":{VERSION},"gateway":{json.dumps(gateway, ensure_ascii=False)},"seq":'
+        self._names: dict[str, str] = {}
+
+    def _name(self, name: str) -> str:
+        encoded = self._names.get(name)
+        if encoded is None:
+            encoded = self._names[name] = '{"name":' + json.dumps(name, ensure_ascii=False) + ',"ts":'
+        return encoded
+
+    def encode(self, samples: Sequence[Reading], stamp: Stamp) -> bytes:
+        """The payload for one telemetry message carrying ``samples``."""
+        name, value = self._name, _value
+        parts = [f'{name(r[0])}{r[3]!r},"value":{value(r[1])},"quality":"{r[2]}"}}' for r in samples]
+        gap = "" if stamp.gap is None else ',"gap":' + json.dumps(stamp.gap.record()["gap"])
+        return f'{self._head}{stamp.seq}{gap},"points":[{",".join(parts)}]}}'.encode()
+
+
+def state(gateway: str, value: str) -> bytes:
+    """The retained ``state`` payload: "online" or "offline"."""
+    return json.dumps({"v": VERSION, "gateway": gateway, "state": value, "ts": time.time()}).encode()
+
+
+def twin_snapshot(gateway: str, points: Iterable[Mapping[str, Any]]) -> bytes:
+    """The retained ``twin`` payload: every point's current value and quality."""
+    body = {"v": VERSION, "gateway": gateway, "ts": time.time(),
+            "points": [{"name": p["name"], "value": _finite(p["value"]), "quality": p["quality"], "ts": p["ts"],
+                        "unit": p["unit"]} for p in points]}
+    return json.dumps(body, ensure_ascii=False).encode()
+
+
+def event(gateway: str, stamp: Stamp, kind: str, fields: Mapping[str, Any]) -> bytes:
+    """One ``events`` payload."""
+    body = {"v": VERSION, "gateway": gateway, "seq": stamp.seq, "ts": time.time(), "type": kind, **fields}
+    return json.dumps(body, ensure_ascii=False, default=str).encode()
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value

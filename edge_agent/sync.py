@@ -1,0 +1,232 @@
+"""Cloud sync: readings -> telemetry messages in the outbox -> the MQTT link, paced and acknowledged.
+
+Data path. The agent hands every reading the twin kept to :meth:`Sync.add`. Every
+``mqtt.publish_interval`` the batcher turns what has gathered into telemetry messages of at
+most ``mqtt.max_samples`` samples and appends them to the outbox in one transaction, online or
+not. So a reading waits in memory for at most one publish interval (and is flushed on a clean
+stop); once in the outbox it survives ``kill -9`` and is deleted only after its PUBACK.
+
+Draining. When the link comes up, everything already in the outbox is the *backlog*; it is
+replayed in order, paced by a token bucket of ``mqtt.replay_rate`` samples per second so a long
+outage does not trip the cloud's rate limits. Messages appended after the link came up are
+*live* and go out first, unpaced, also in order. The two streams interleave, so a receiver
+sees live seqs run ahead while the backlog fills in behind them: every seq arrives, and the
+backlog's own seqs arrive in order. At most ``mqtt.max_inflight`` messages are unacknowledged.
+
+The retained ``twin`` snapshot is appended on connect and on change, at most every
+``mqtt.twin_interval``; ``state`` "online" is appended on connect, and the broker publishes the
+Will ("offline") when the agent goes away, cleanly or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from drivers.base import Reading
+from edge_agent import payloads
+from edge_agent.config import AgentConfig
+from edge_agent.errors import TwinError
+from edge_agent.mqtt_link import LinkError, MqttLink, OnMessage
+from edge_agent.outbox import Draft, Message, Outbox, TokenBucket
+
+log = logging.getLogger(__name__)
+
+Snapshot = Callable[[], list[dict[str, Any]]]
+
+
+class Sync:
+    """Keeps the cloud in step with the twin through the outbox."""
+
+    def __init__(self, config: AgentConfig, outbox: Outbox, snapshot: Snapshot,
+                 on_message: OnMessage | None = None) -> None:
+        assert config.mqtt is not None
+        self.cfg = config.mqtt
+        self.gateway = config.agent.id
+        self.outbox = outbox
+        self.snapshot = snapshot
+        self.topics = payloads.Topics.of(self.cfg.topic_prefix, config.agent.site, config.agent.id)
+        self.link = MqttLink(self.cfg, will_topic=self.topics.state,
+                             will_payload=payloads.state(self.gateway, "offline"),
+                             subscriptions=(self.topics.cmd,) if on_message else (), on_message=on_message)
+        self.link.on_ack = self._on_ack
+        self.link.on_up = self._wake_up
+        self.bucket = TokenBucket(self.cfg.replay_rate, max(self.cfg.replay_rate, self.cfg.max_samples))
+        self.encoder = payloads.TelemetryEncoder(self.gateway)
+        self.published = 0
+        self.acked = 0
+        self._samples: list[Reading] = []
+        self._twin_dirty = True
+        self._twin_sent = 0.0
+        self._mids: dict[int, int] = {}  # paho mid -> outbox id
+        self._acks: list[int] = []
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------ input
+
+    def add(self, readings: Sequence[Reading]) -> None:
+        """Readings the twin kept; they become telemetry at the next publish interval."""
+        if readings:
+            self._samples.extend(readings)
+            self._twin_dirty = True
+
+    def event(self, kind: str, fields: dict[str, Any]) -> Draft:
+        """A draft ``events`` message, for :meth:`append`."""
+        return Draft(kind="event", topic=self.topics.events,
+                     payload=lambda stamp: payloads.event(self.gateway, stamp, kind, fields))
+
+    async def append(self, drafts: list[Draft]) -> None:
+        """Store messages in the outbox (off the event loop) and wake the drain."""
+        if drafts:
+            await asyncio.to_thread(self.outbox.append, drafts)
+            self._wake.set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        for coro, name in ((self.link.run(), "mqtt-link"), (self._batcher(), "mqtt-batcher"),
+                           (self._drain(), "mqtt-drain")):
+            self._tasks.append(asyncio.create_task(coro, name=name))
+
+    async def stop(self) -> None:
+        """Put what is gathered into the outbox, leave the broker (Will: offline), stop."""
+        with contextlib.suppress(TwinError):
+            await self._batch()
+        drain = [t for t in self._tasks if t.get_name() == "mqtt-drain"]
+        for task in drain:
+            task.cancel()
+        await self._settle(drain)
+        with contextlib.suppress(TwinError):
+            await self._ack_pending()
+        await self.link.close()
+        for task in self._tasks:
+            task.cancel()
+        await self._settle(self._tasks)
+        self._tasks.clear()
+
+    @staticmethod
+    async def _settle(tasks: list[asyncio.Task[None]]) -> None:
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # ------------------------------------------------------------------ batching
+
+    async def _batcher(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.publish_interval)
+            try:
+                await self._batch()
+            except TwinError as exc:
+                log.error("%s; samples kept in memory for the next attempt", exc)
+
+    async def _batch(self) -> None:
+        samples, self._samples = self._samples, []
+        drafts = self._telemetry_drafts(samples)
+        now = time.monotonic()
+        if self._twin_dirty and now - self._twin_sent >= self.cfg.twin_interval:
+            drafts.append(await self._twin_draft())
+            self._twin_sent, self._twin_dirty = now, False
+        try:
+            await self.append(drafts)
+        except TwinError:
+            self._samples[:0] = samples
+            raise
+
+    def _telemetry_drafts(self, samples: list[Reading]) -> list[Draft]:
+        size = self.cfg.max_samples
+        drafts = []
+        for start in range(0, len(samples), size):
+            chunk = samples[start:start + size]
+            drafts.append(Draft(kind="telemetry", topic=self.topics.telemetry, samples=len(chunk),
+                                payload=lambda stamp, chunk=chunk: self.encoder.encode(chunk, stamp)))  # type: ignore[misc]
+        return drafts
+
+    async def _twin_draft(self) -> Draft:
+        points = self.snapshot()
+        return Draft(kind="twin", topic=self.topics.twin, retain=True,
+                     payload=payloads.twin_snapshot(self.gateway, points))
+
+    # ------------------------------------------------------------------ draining
+
+    def _wake_up(self) -> None:
+        self._wake.set()
+
+    def _on_ack(self, mid: int) -> None:
+        outbox_id = self._mids.pop(mid, None)
+        if outbox_id is not None:
+            self._acks.append(outbox_id)
+            self.acked += 1
+            self._wake.set()
+
+    async def _ack_pending(self) -> None:
+        if self._acks:
+            ids, self._acks = self._acks, []
+            await asyncio.to_thread(self.outbox.ack, ids)
+
+    async def _drain(self) -> None:
+        while True:
+            await self.link.connected.wait()
+            try:
+                await self._drain_session()
+            except LinkError as exc:
+                log.debug("mqtt: drain interrupted: %s", exc)
+            except TwinError as exc:
+                log.error("%s; retrying", exc)
+                await asyncio.sleep(1.0)
+
+    async def _drain_session(self) -> None:
+        """One connection's worth of draining: backlog paced, live first."""
+        await self._ack_pending()
+        await asyncio.to_thread(self.outbox.requeue)
+        self._mids.clear()
+        boundary = await asyncio.to_thread(self.outbox.last_id)
+        backlog_cursor, live_cursor = 0, boundary
+        online = Draft(kind="state", topic=self.topics.state, retain=True,
+                       payload=payloads.state(self.gateway, "online"))
+        await self.append([online, await self._twin_draft()])
+        if boundary:
+            log.info("mqtt: replaying a backlog of up to %d messages at %g samples/s", boundary,
+                     self.cfg.replay_rate)
+        while self.link.connected.is_set():
+            self._wake.clear()
+            await self._ack_pending()
+            live = await asyncio.to_thread(self.outbox.take_range, live_cursor, None, self.cfg.max_inflight)
+            live_cursor = self._publish(live, live_cursor)
+            delay = 1.0
+            if backlog_cursor < boundary:
+                backlog_cursor, delay = await self._replay(backlog_cursor, boundary)
+                if backlog_cursor >= boundary:
+                    log.info("mqtt: backlog replayed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _replay(self, cursor: int, boundary: int) -> tuple[int, float]:
+        """Send backlog messages the token bucket allows; return the new cursor and how long to wait."""
+        batch = await asyncio.to_thread(self.outbox.take_range, cursor, boundary, self.cfg.max_inflight)
+        if not batch:
+            return boundary, 1.0
+        allowed = []
+        for message in batch:
+            if not self.bucket.try_take(max(1, message.samples)):
+                break
+            allowed.append(message)
+        held = batch[len(allowed):]
+        if held:  # not sent: hand them back so they count as pending, not in flight
+            await asyncio.to_thread(self.outbox.release, [m.id for m in held])
+        cursor = self._publish(allowed, cursor)
+        wait = self.bucket.wait_time(max(1, held[0].samples)) if held else 0.0
+        return cursor, max(0.0, min(wait, 1.0))
+
+    def _publish(self, messages: list[Message], cursor: int) -> int:
+        for message in messages:
+            mid = self.link.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+            self._mids[mid] = message.id
+            self.published += 1
+            cursor = message.id
+        return cursor
