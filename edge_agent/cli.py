@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     hist.add_argument("--limit", type=int, default=None, help="at most this many samples")
     hist.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
 
+    outbox = twin_sub.add_parser("outbox", help="the cloud outbox: depth, oldest age, bytes, dropped")
+    outbox.add_argument("--config", required=True, help="path to the TOML config file")
+    outbox.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+
     demo = sub.add_parser("demo", help="run a simulated plant and the agent against it, with a live view")
     demo.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
     demo.add_argument("--data-dir", default=None, help="where the demo twin goes (default: a temp folder)")
@@ -118,10 +122,36 @@ async def _run_async(config: AgentConfig) -> int:
     return EXIT_OK
 
 
+def _outbox(config: AgentConfig, as_json: bool) -> int:
+    from edge_agent.outbox import read_stats
+
+    path = config.agent.data_dir / "outbox.db"
+    if not path.exists():
+        note = "no [mqtt] section: the agent runs offline only" if config.mqtt is None else "the agent has not run yet"
+        print(f"error: no outbox at {path} ({note})", file=sys.stderr)
+        return EXIT_FAIL
+    stats = read_stats(path)
+    body = {"depth": stats.depth, "bytes": stats.bytes, "oldest_age_s": stats.oldest_age_s,
+            "dropped_messages": stats.dropped_messages, "dropped_samples": stats.dropped_samples,
+            "next_telemetry_seq": stats.next_telemetry_seq, "next_event_seq": stats.next_event_seq,
+            "file_bytes": stats.file_bytes}
+    if as_json:
+        print(json.dumps(body, indent=1))
+    else:
+        age = "-" if stats.oldest_age_s is None else f"{stats.oldest_age_s:.1f} s"
+        print(f"outbox {path}\n  depth          {stats.depth} messages\n  oldest         {age}\n"
+              f"  bytes          {stats.bytes} (file {stats.file_bytes})\n"
+              f"  dropped        {stats.dropped_messages} messages, {stats.dropped_samples} samples\n"
+              f"  next seq       telemetry {stats.next_telemetry_seq}, events {stats.next_event_seq}")
+    return EXIT_OK
+
+
 def _twin(args: argparse.Namespace) -> int:
     from edge_agent.twin import Twin
 
     config = load(args.config)
+    if args.twin_command == "outbox":
+        return _outbox(config, args.json)
     twin = Twin.open(config.twin_path, readonly=True)
     try:
         if args.twin_command == "show":

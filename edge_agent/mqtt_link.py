@@ -19,9 +19,11 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as paho
+from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -56,6 +58,28 @@ def tls_context(cfg: MqttSection) -> ssl.SSLContext:
     if cfg.tls_insecure:
         context.check_hostname = False
     return context
+
+
+def check_client_certificate(cfg: MqttSection, now: float | None = None) -> None:
+    """Raise LinkError when our own client certificate is expired or not yet valid.
+
+    Under TLS 1.3 a broker rejects a client certificate after the client's side of the handshake
+    is done, so the client often sees only "connection lost"; checking the dates ourselves gives
+    the operator the real reason and the file to replace.
+    """
+    if cfg.cert_file is None:
+        return
+    try:
+        cert = x509.load_pem_x509_certificate(cfg.cert_file.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise LinkError(f"mqtt.cert_file {cfg.cert_file}: cannot read the client certificate: {exc}") from exc
+    moment = datetime.fromtimestamp(time.time() if now is None else now, tz=UTC)
+    if cert.not_valid_after_utc < moment:
+        raise LinkError(f"mqtt.cert_file {cfg.cert_file}: our client certificate expired on "
+                        f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; the broker will refuse it; install a new one")
+    if cert.not_valid_before_utc > moment:
+        raise LinkError(f"mqtt.cert_file {cfg.cert_file}: our client certificate is not valid before "
+                        f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (check the gateway's clock)")
 
 
 def explain(exc: BaseException, cfg: MqttSection) -> str:
@@ -152,6 +176,7 @@ class MqttLink:
 
     async def _session(self) -> None:
         assert self._loop is not None
+        check_client_certificate(self.cfg)
         client = self._new_client()
         self._client = client
         self._disconnected.clear()
