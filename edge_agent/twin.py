@@ -21,8 +21,6 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 from drivers.base import Reading
 from edge_agent.config import AgentConfig
 from edge_agent.errors import TwinError
@@ -64,12 +62,25 @@ _UPDATE_POINT = "UPDATE points SET value = ?2, quality = ?3, source_ts = ?4, rec
 class Twin:
     """The SQLite twin. One writer (the agent); any number of readers (CLI, tools)."""
 
-    def __init__(self, db: sqlite_utils.Database, path: Path) -> None:
-        self.db = db
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self.conn = conn
         self.path = path
-        self.conn: sqlite3.Connection = db.conn
+        self._db: Any = None
         self._deadband: dict[str, float] = {}
         self._last_kept: dict[str, tuple[Any, str]] = {}
+
+    @property
+    def db(self) -> Any:
+        """A sqlite-utils view of the same connection, for queries and tooling.
+
+        Imported on first use: sqlite-utils imports numpy when it is installed, and the daemon
+        should not carry numpy's memory unless a model needs it.
+        """
+        if self._db is None:
+            import sqlite_utils
+
+            self._db = sqlite_utils.Database(self.conn)
+        return self._db
 
     # ------------------------------------------------------------------ opening
 
@@ -82,7 +93,7 @@ class Twin:
                     raise TwinError(f"{path}: no twin database yet (has the agent run with this config?)")
                 conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
                 conn.execute("PRAGMA busy_timeout = 5000")
-                return cls(sqlite_utils.Database(conn), path)
+                return cls(conn, path)
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA busy_timeout = 5000")
@@ -90,7 +101,7 @@ class Twin:
             # NORMAL in WAL mode: a killed process loses nothing committed; only an OS crash or
             # power cut may lose the last few batches, never corrupt the file.
             conn.execute("PRAGMA synchronous = NORMAL")
-            twin = cls(sqlite_utils.Database(conn), path)
+            twin = cls(conn, path)
             twin._migrate()
             return twin
         except (sqlite3.Error, OSError) as exc:
@@ -219,7 +230,9 @@ class Twin:
 
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
         try:
-            return list(self.db.query(sql, list(params)))
+            cursor = self.conn.execute(sql, list(params))
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor]
         except sqlite3.Error as exc:
             raise TwinError(f"{self.path}: query failed: {exc}") from exc
 
