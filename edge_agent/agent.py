@@ -48,6 +48,8 @@ class Agent:
         self._pending: list[Chunk] = []
         self._pending_count = 0
         self._wake = asyncio.Event()
+        self._room = asyncio.Event()  # set while the pending readings are under the high-water mark
+        self._room.set()
         self._tasks: list[asyncio.Task[None]] = []
         self._flush_lock = asyncio.Lock()
 
@@ -64,6 +66,12 @@ class Agent:
         self._pending_count += len(readings)
         if self._pending_count >= self.config.twin.flush_max:
             self._wake.set()
+            if self._pending_count >= 4 * self.config.twin.flush_max:
+                self._room.clear()
+
+    async def room(self) -> None:
+        """Wait while the twin is behind: pollers pause here so memory stays bounded (back-pressure)."""
+        await self._room.wait()
 
     def last_value(self, point: str) -> Reading | None:
         return self.latest.get(point)
@@ -83,6 +91,7 @@ class Agent:
             if not self._pending or self.twin is None:
                 return 0
             chunks, self._pending, self._pending_count = self._pending, [], 0
+            self._room.set()
             try:
                 kept = await asyncio.to_thread(self.twin.write_batch, chunks)
             except TwinError as exc:
@@ -112,7 +121,7 @@ class Agent:
                 self.latest[row["name"]] = Reading(row["name"], row["value"], row["quality"], row["ts"])
         for device in config.devices:
             runner = DeviceRunner(device, config.agent.data_dir, self.submit, self.last_value,
-                                  driver_factory=self._driver_factory)
+                                  driver_factory=self._driver_factory, room=self.room)
             self.runners[device.name] = runner
             self._spawn(runner.run(), f"device:{device.name}")
         await self._start_sync()

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +54,10 @@ class DeviceRunner:
     """Keeps one device mirrored into the twin for as long as the agent runs."""
 
     def __init__(self, device: DeviceConfig, data_dir: Path, submit: Submit, last_value: LastValues,
-                 *, driver_factory: Callable[[DeviceConfig, Path], Driver] | None = None) -> None:
+                 *, driver_factory: Callable[[DeviceConfig, Path], Driver] | None = None,
+                 room: Callable[[], Awaitable[None]] | None = None) -> None:
         self.device = device
+        self.room = room
         self.data_dir = data_dir
         self.submit = submit
         self.last_value = last_value
@@ -96,6 +98,8 @@ class DeviceRunner:
         interval = self.device.interval
         next_at = time.monotonic()
         while True:
+            if self.room is not None:
+                await self.room()  # the twin is behind: wait rather than pile readings up in memory
             readings = await driver.read()
             self._ok()
             self.status.reads += 1
