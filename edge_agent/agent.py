@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from drivers.base import Driver, Reading
 from edge_agent.config import AgentConfig, DeviceConfig
@@ -25,7 +25,11 @@ from edge_agent.outbox import Outbox, OutboxLimits
 from edge_agent.sync import Sync
 from edge_agent.twin import Chunk, Twin
 
+if TYPE_CHECKING:
+    from edge_agent.inference import ModelRunner
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DriverFactory = Callable[[DeviceConfig, Path], Driver]
 
@@ -41,11 +45,13 @@ class Agent:
         self.sync: Sync | None = None
         self.latest: dict[str, Reading] = {}
         self.runners: dict[str, DeviceRunner] = {}
+        self.models: dict[str, ModelRunner] = {}
         self.stored = 0  # history rows written since start
         self.flushes = 0
         self.flush_errors = 0
         self._driver_factory = driver_factory
         self._pending: list[Chunk] = []
+        self._events: list[dict[str, Any]] = []
         self._pending_count = 0
         self._wake = asyncio.Event()
         self._room = asyncio.Event()  # set while the pending readings are under the high-water mark
@@ -73,16 +79,39 @@ class Agent:
         """Wait while the twin is behind: pollers pause here so memory stays bounded (back-pressure)."""
         await self._room.wait()
 
+    def record_event(self, event: dict[str, Any]) -> None:
+        """Accept an event (anomaly, device outage, ...); stored and published at the next flush."""
+        self._events.append(event)
+        self._wake.set()
+
+    async def _store_events(self) -> None:
+        events, self._events = self._events, []
+        if not events or self.twin is None:
+            return
+        for event in events:
+            try:
+                event["id"] = await _finish_in_thread(self.twin.add_event, event)
+            except TwinError as exc:
+                log.error("%s; event kept in memory for the next attempt", exc)
+                self._events.append(event)
+                continue
+            if self.sync is not None:
+                fields = {k: v for k, v in event.items() if k != "kind"}
+                try:
+                    await self.sync.append([self.sync.event(str(event["kind"]), fields)])
+                except TwinError as exc:
+                    log.error("%s; event %s is in the twin but not queued for the cloud", exc, event["id"])
+
     def last_value(self, point: str) -> Reading | None:
         return self.latest.get(point)
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Every configured point's latest value, quality, source time and unit (from memory)."""
         rows = []
-        for _, point in self.config.points():
-            r = self.latest.get(point.name)
-            rows.append({"name": point.name, "value": r.value if r else None, "quality": r.quality if r else "bad",
-                         "ts": r.ts if r else None, "unit": point.unit})
+        for name, _, unit in self.config.all_points():
+            r = self.latest.get(name)
+            rows.append({"name": name, "value": r.value if r else None, "quality": r.quality if r else "bad",
+                         "ts": r.ts if r else None, "unit": unit})
         return rows
 
     async def flush(self) -> int:
@@ -93,7 +122,7 @@ class Agent:
             chunks, self._pending, self._pending_count = self._pending, [], 0
             self._room.set()
             try:
-                kept = await asyncio.to_thread(self.twin.write_batch, chunks)
+                kept = await _finish_in_thread(self.twin.write_batch, chunks)
             except TwinError as exc:
                 # Keep the readings and try again at the next flush; a full disk or a locked
                 # file must not lose data that is still in memory.
@@ -121,10 +150,11 @@ class Agent:
                 self.latest[row["name"]] = Reading(row["name"], row["value"], row["quality"], row["ts"])
         for device in config.devices:
             runner = DeviceRunner(device, config.agent.data_dir, self.submit, self.last_value,
-                                  driver_factory=self._driver_factory, room=self.room)
+                                  driver_factory=self._driver_factory, room=self.room, on_event=self.record_event)
             self.runners[device.name] = runner
             self._spawn(runner.run(), f"device:{device.name}")
         await self._start_sync()
+        self._start_models()
         self._spawn(self._writer(), "twin-writer")
         self._spawn(self._housekeeping(), "housekeeping")
         if not config.devices:
@@ -132,6 +162,24 @@ class Agent:
         log.info("agent %s (site %s) started: %d devices, %d points, twin %s", config.agent.id,
                  config.agent.site, len(config.devices), sum(len(d.points) for d in config.devices),
                  config.twin_path)
+
+    def _start_models(self) -> None:
+        if not self.config.models:
+            return
+        # numpy and onnxruntime are imported only when a model is configured (memory on small gateways)
+        from edge_agent.inference import ModelRunner
+
+        owner = {point.name: device.name for device, point in self.config.points()}
+        for model in self.config.models:
+            equipment = model.equipment or (owner.get(model.inputs[0]) if model.inputs else None)
+            runner = ModelRunner(model, self.last_value, self.submit, self.record_event, equipment)
+            self.models[model.name] = runner
+            self._spawn(runner.run(), f"model:{model.name}")
+
+    def anomaly_active(self, equipment: str) -> list[str]:
+        """Names of the models with an active anomaly on this equipment (device)."""
+        return [name for name, runner in self.models.items()
+                if runner.anomaly_active and runner.equipment == equipment]
 
     async def _start_sync(self) -> None:
         mqtt = self.config.mqtt
@@ -146,15 +194,13 @@ class Agent:
         self.sync.start()
 
     async def stop(self) -> None:
-        """Stop polling, flush what is pending, close the twin."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        """Stop polling, flush what is pending, leave the broker, close the outbox and the twin."""
+        self._room.set()  # a poller waiting on back-pressure must see its cancellation
+        await _cancel_all(self._tasks)
         self._tasks.clear()
         # Runners closed their drivers on cancellation; store what they delivered.
         await self.flush()
+        await self._store_events()
         if self.sync is not None:
             await self.sync.stop()
             self.sync = None
@@ -193,6 +239,7 @@ class Agent:
                 await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()
             await self.flush()
+            await self._store_events()
 
     async def _housekeeping(self) -> None:
         twin_cfg = self.config.twin
@@ -211,9 +258,42 @@ class Agent:
         assert self.twin is not None
         async with self._flush_lock:
             try:
-                removed = await asyncio.to_thread(self.twin.prune, before)
+                removed = await _finish_in_thread(self.twin.prune, before)
             except TwinError as exc:
                 log.error("%s", exc)
                 return
         if removed:
             log.info("twin: pruned %d history rows older than retention", removed)
+
+
+async def _finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run a blocking twin call in a worker thread; if cancelled, let the call finish first.
+
+    A cancelled ``to_thread`` returns at once while the thread goes on using the SQLite
+    connection; the next caller would then use it concurrently (seen: "cannot start a
+    transaction within a transaction", and a crash inside libsqlite3).
+    """
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]], grace: float = 2.0) -> None:
+    """Cancel tasks and wait for them, cancelling again any that swallowed the first request.
+
+    Python 3.11's ``asyncio.wait_for`` can lose a cancellation that races with its result
+    (bpo-42130 / gh-86296), and libraries use it inside request handling.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=grace)
+        if pending:
+            log.warning("still stopping: %s", ", ".join(t.get_name() for t in pending))
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("task %s ended with %r", task.get_name(), task.exception())

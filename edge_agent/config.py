@@ -147,6 +147,34 @@ class TwinSection:
     prune_interval: float = 300.0
 
 
+MODEL_KINDS = ("anomaly", "simulation")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelConfig:
+    """An ONNX model run on the twin's live data (see edge_agent/inference.py)."""
+
+    name: str
+    kind: str
+    file: Path
+    inputs: tuple[str, ...] = ()  # empty: taken from the file's metadata
+    outputs: tuple[str, ...] = ()  # simulation: output names; empty: from metadata
+    interval: float = 5.0
+    threshold: float | None = None  # anomaly: None means the file's metadata threshold
+    window: int = 0  # 0: [batch, n_inputs]; N: [batch, N, n_inputs] from history
+    raise_after: int = 3
+    clear_after: int = 3
+    max_input_age: float = 30.0
+    plausible: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    threads: int = 1
+    equipment: str | None = None  # device the model judges; default: the device of its first input
+
+    @property
+    def score_point(self) -> str:
+        """The derived point that keeps this model's score (with history)."""
+        return f"{self.name}.score"
+
+
 MQTT_VERSIONS = ("5", "3.1.1")
 
 
@@ -187,6 +215,7 @@ class AgentConfig:
     twin: TwinSection
     devices: tuple[DeviceConfig, ...] = ()
     mqtt: MqttSection | None = None
+    models: tuple[ModelConfig, ...] = ()
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -197,6 +226,14 @@ class AgentConfig:
         for device in self.devices:
             for point in device.points:
                 yield device, point
+
+    def all_points(self) -> Iterable[tuple[str, str, str]]:
+        """(point, owner, unit) of every point in the twin: device points, then models' derived scores."""
+        for device, point in self.points():
+            yield point.name, device.name, point.unit
+        for model in self.models:
+            if model.kind == "anomaly":
+                yield model.score_point, f"model:{model.name}", ""
 
 
 # --------------------------------------------------------------------------- validation
@@ -440,6 +477,73 @@ def _mqtt(root: Table, agent_id: str | None, base: Path) -> MqttSection | None:
     return MqttSection(**values)
 
 
+def _names(t: Table, key: str) -> tuple[str, ...] | None:
+    value = t.get(key, [], (list,), "an array of point names")
+    if value is None:
+        return None
+    if not all(isinstance(v, str) and v for v in value):
+        t.problem(key, "expected an array of point names (strings)")
+        return None
+    if len(set(value)) != len(value):
+        t.problem(key, "expected each name once")
+        return None
+    return tuple(value)
+
+
+def _plausible(t: Table) -> dict[str, tuple[float, float]] | None:
+    table = t.get("plausible", {}, (dict,), 'a table of point = [min, max]')
+    if table is None:
+        return None
+    out: dict[str, tuple[float, float]] = {}
+    for point, span in table.items():
+        if (not isinstance(span, list) or len(span) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in span)
+                or span[0] >= span[1]):
+            t.problem(f"plausible.{point}", f"expected [min, max] with min < max, got {span!r}")
+            return None
+        out[point] = (float(span[0]), float(span[1]))
+    return out
+
+
+def _models(root: Table, base: Path, points: dict[str, str]) -> list[ModelConfig]:
+    models: list[ModelConfig] = []
+    seen: set[str] = set()
+    for t in root.tables("models"):
+        name = t.string("name", _REQUIRED)
+        values: dict[str, Any] = {
+            "kind": t.choice("kind", MODEL_KINDS, _REQUIRED),
+            "file": _resolve(base, t.string("file", _REQUIRED)),
+            "inputs": _names(t, "inputs"),
+            "outputs": _names(t, "outputs"),
+            "interval": t.duration("interval", "5s"),
+            "threshold": t.number("threshold"),
+            "window": t.integer("window", 0, low=0, high=10_000),
+            "raise_after": t.integer("raise_after", 3, low=1, high=1000),
+            "clear_after": t.integer("clear_after", 3, low=1, high=1000),
+            "max_input_age": t.duration("max_input_age", "30s"),
+            "plausible": _plausible(t),
+            "threads": t.integer("threads", 1, low=1, high=64),
+            "equipment": t.string("equipment"),
+        }
+        if name is not None:
+            if name in seen:
+                t.problem("name", f'duplicate model name "{name}"')
+            elif f"{name}.score" in points:
+                t.problem("name", f'"{name}.score" would clash with a point of device "{points[name + ".score"]}"')
+            seen.add(name)
+        for key in ("inputs", "plausible"):
+            for point in values[key] or ():
+                if point not in points:
+                    t.problem(key, f'no point named "{point}" is configured')
+        if values["equipment"] is not None and values["equipment"] not in set(points.values()):
+            t.problem("equipment", f'no device named "{values["equipment"]}" is configured')
+        t.finish()
+        if name is not None and None not in (values["kind"], values["file"], values["interval"], values["window"],
+                                             values["inputs"], values["outputs"], values["plausible"]):
+            models.append(ModelConfig(name=name, **values))
+    return models
+
+
 def parse(raw: Mapping[str, Any], source: Path) -> AgentConfig:
     """Validate an already-parsed TOML document; raise ConfigError listing every problem."""
     problems: list[str] = []
@@ -463,6 +567,7 @@ def parse(raw: Mapping[str, Any], source: Path) -> AgentConfig:
     devices = _devices(root)
     _check_names(root, devices)
     mqtt = _mqtt(root, agent_id, source.parent)
+    models = _models(root, source.parent, {p.name: d.name for d in devices for p in d.points})
     for label, text in (("site", site), ("id", agent_id)):
         if text is not None and any(c in text for c in "/+#"):
             a.problem(label, f'expected no "/", "+" or "#" (it is an MQTT topic level), got "{text}"')
@@ -479,6 +584,7 @@ def parse(raw: Mapping[str, Any], source: Path) -> AgentConfig:
         twin=TwinSection(**twin),
         devices=tuple(devices),
         mqtt=mqtt,
+        models=tuple(models),
         raw=raw,
     )
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import drivers
 from drivers.base import BAD, STALE, Driver, Reading
@@ -55,9 +56,11 @@ class DeviceRunner:
 
     def __init__(self, device: DeviceConfig, data_dir: Path, submit: Submit, last_value: LastValues,
                  *, driver_factory: Callable[[DeviceConfig, Path], Driver] | None = None,
-                 room: Callable[[], Awaitable[None]] | None = None) -> None:
+                 room: Callable[[], Awaitable[None]] | None = None,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.device = device
         self.room = room
+        self.on_event = on_event
         self.data_dir = data_dir
         self.submit = submit
         self.last_value = last_value
@@ -131,6 +134,7 @@ class DeviceRunner:
         now = time.time()
         if self._down_since is not None:
             log.info("device %s: recovered after %.1f s", self.device.name, now - self._down_since)
+            self._event("up", f"{self.device.name}: recovered after {now - self._down_since:.1f} s", now)
         else:
             log.info("device %s: connected (%s)", self.device.name, self.device.protocol)
         self._down_since = None
@@ -147,11 +151,17 @@ class DeviceRunner:
             self._down_since = now
             # driver errors name the device themselves
             log.warning("%s; points marked bad, retrying with backoff up to %g s", exc, self.device.retry_max)
+            self._event("down", str(exc), now)
         else:
             log.debug("%s (still failing, %d attempts)", exc, self.status.failures)
         if self.status.state != "down":
             self.status.state, self.status.since = "down", now
         self.mark(BAD)
+
+    def _event(self, state: str, message: str, now: float) -> None:
+        if self.on_event is not None:
+            self.on_event({"ts": now, "source": self.device.name, "kind": "device", "state": state,
+                           "equipment": self.device.name, "message": message})
 
     def watch(self, now: float) -> None:
         """Called periodically: points turn stale after three intervals without contact."""

@@ -9,7 +9,8 @@ re-raised as one of these, so the rest of the agent handles a handful of types::
     │   ├── ConnectError     the device could not be reached or refused the session
     │   ├── ReadError        a read failed (timeout, exception response, bad node id)
     │   └── WriteError       a write was refused or could not be sent
-    └── TwinError            the SQLite twin could not be opened, read or written
+    ├── TwinError            the SQLite twin (or the outbox beside it) could not be used
+    └── ModelError           an ONNX model failed to load, broke its contract, or failed to run
 
 Only the CLI turns these into exit codes and messages.
 """
@@ -47,3 +48,7 @@ class WriteError(DriverError):
 
 class TwinError(EdgeAgentError):
     """The SQLite twin could not be opened, read or written."""
+
+
+class ModelError(EdgeAgentError):
+    """An ONNX model could not be loaded, does not fit its config, or failed to run."""

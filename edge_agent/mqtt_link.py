@@ -314,7 +314,9 @@ class MqttLink:
         self.connected.clear()
 
     def _drop_socket(self, sock: Any) -> None:
-        if self._loop is not None and not self._loop.is_closed():
+        # fileno() is -1 once closed: close() on MQTT 3.1.1 drops and closes the socket itself, and
+        # _session's cleanup then gets the same, closed socket from paho (remove_reader would raise).
+        if self._loop is not None and not self._loop.is_closed() and sock.fileno() >= 0:
             self._loop.remove_reader(sock)
             self._loop.remove_writer(sock)
 

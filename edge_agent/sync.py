@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 Snapshot = Callable[[], list[dict[str, Any]]]
 
+STOP_GRACE = 2.0  # seconds a clean stop waits for the outbox to be acknowledged while online
+
 
 class Sync:
     """Keeps the cloud in step with the twin through the outbox."""
@@ -94,9 +96,11 @@ class Sync:
             self._tasks.append(asyncio.create_task(coro, name=name))
 
     async def stop(self) -> None:
-        """Put what is gathered into the outbox, leave the broker (Will: offline), stop."""
+        """Put what is gathered into the outbox, deliver it while online (at most ``STOP_GRACE`` s),
+        leave the broker (Will: offline), stop. What is not acknowledged by then stays in the outbox."""
         with contextlib.suppress(TwinError):
             await self._batch()
+            await self._deliver_pending(STOP_GRACE)
         drain = [t for t in self._tasks if t.get_name() == "mqtt-drain"]
         for task in drain:
             task.cancel()
@@ -108,6 +112,18 @@ class Sync:
             task.cancel()
         await self._settle(self._tasks)
         self._tasks.clear()
+
+    async def _deliver_pending(self, grace: float) -> None:
+        """Let the drain empty the outbox for up to ``grace`` s; returns at once when offline.
+
+        Without this a clean stop cancelled the drain right after the last batch was appended, so
+        the samples of the last publish interval only reached the cloud after the next start.
+        """
+        deadline = time.monotonic() + grace
+        while self.link.connected.is_set() and time.monotonic() < deadline:
+            if await asyncio.to_thread(lambda: self.outbox.stats().depth) == 0:
+                return
+            await asyncio.sleep(0.02)
 
     @staticmethod
     async def _settle(tasks: list[asyncio.Task[None]]) -> None:
@@ -203,13 +219,21 @@ class Sync:
                 backlog_cursor, delay = await self._replay(backlog_cursor, boundary)
                 if backlog_cursor >= boundary:
                     log.info("mqtt: backlog replayed")
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that arrives
+            # while the awaited event has just been set (https://github.com/python/cpython/issues/86296),
+            # and stop() sets _wake right before cancelling this task, so the drain never ended.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
 
     async def _replay(self, cursor: int, boundary: int) -> tuple[int, float]:
         """Send backlog messages the token bucket allows; return the new cursor and how long to wait."""
         batch = await asyncio.to_thread(self.outbox.take_range, cursor, boundary, self.cfg.max_inflight)
         if not batch:
+            if self.outbox.inflight >= self.cfg.max_inflight:
+                # No room, not the end of the backlog: wait for acks (they wake the drain). Taking
+                # this for the end used to strand the rest of the backlog until the next reconnect.
+                return cursor, 1.0
             return boundary, 1.0
         allowed = []
         for message in batch:

@@ -12,6 +12,7 @@ used for the schema check and for queries.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
@@ -47,7 +48,28 @@ MIGRATIONS: list[str] = [
         quality TEXT NOT NULL,
         ts      REAL NOT NULL
     );
-    CREATE INDEX history_point_ts ON history (point, ts);
+    -- Indexed by time, not by (point, ts): new samples then land on the index's last pages
+    -- instead of dirtying one page per point every flush (measured: 10.4 vs 2.95 us per
+    -- sample at 20,000 points with 2M rows). One point's history over a window scans that
+    -- window's samples of every point, which stays fast for the windows people look at.
+    CREATE INDEX history_ts ON history (ts);
+    """,
+    # 2: events (anomalies, device outages, writes, commands), newest last
+    """
+    CREATE TABLE events (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts        REAL NOT NULL,
+        source    TEXT NOT NULL,
+        kind      TEXT NOT NULL,
+        state     TEXT NOT NULL,
+        score     REAL,
+        equipment TEXT,
+        message   TEXT NOT NULL DEFAULT '',
+        detail    TEXT,
+        acked_by  TEXT,
+        acked_ts  REAL
+    );
+    CREATE INDEX events_ts ON events (ts);
     """,
 ]
 
@@ -145,7 +167,7 @@ class Twin:
 
         History of a removed point is kept until retention prunes it.
         """
-        rows = [(point.name, device.name, point.unit) for device, point in config.points()]
+        rows = list(config.all_points())
         self._deadband = {point.name: point.deadband for _, point in config.points() if point.deadband > 0}
         try:
             with self.transaction() as conn:
@@ -164,15 +186,16 @@ class Twin:
     def write_batch(self, chunks: Sequence[Chunk]) -> list[Reading]:
         """Store chunks of readings in one transaction; return the readings history kept.
 
-        A point that appears in several chunks is updated in order, so the last one wins.
+        The points table gets one update per point per batch (the latest reading), however
+        many readings of that point the batch holds.
         """
-        updates = ((*r, received) for received, readings in chunks for r in readings)
+        latest = {r[0]: (*r, received) for received, readings in chunks for r in readings}
         history = list(chain.from_iterable(readings for _, readings in chunks))
         if self._deadband:
             history = [r for r in history if self._keep(r)]
         try:
             with self.transaction() as conn:
-                conn.executemany(_UPDATE_POINT, updates)
+                conn.executemany(_UPDATE_POINT, latest.values())
                 conn.executemany(_INSERT_HISTORY, history)
         except sqlite3.Error as exc:
             raise TwinError(f"{self.path}: cannot store readings: {exc}") from exc
@@ -190,20 +213,45 @@ class Twin:
         self._last_kept[reading[0]] = (value, quality)
         return True
 
+    def add_event(self, event: dict[str, Any]) -> int:
+        """Store one event; returns its id. Known keys become columns, the rest goes to ``detail``."""
+        columns = ("ts", "source", "kind", "state", "score", "equipment", "message")
+        extra = {k: v for k, v in event.items() if k not in columns}
+        try:
+            with self.transaction() as conn:
+                cur = conn.execute(
+                    "INSERT INTO events (ts, source, kind, state, score, equipment, message, detail) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*(event.get(c, "" if c == "message" else None) for c in columns),
+                     json.dumps(extra, default=str) if extra else None))
+        except sqlite3.Error as exc:
+            raise TwinError(f"{self.path}: cannot store an event: {exc}") from exc
+        return int(cur.lastrowid or 0)
+
+    def events(self, since: float = 0.0, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """Events at or after ``since``, oldest first."""
+        sql = ("SELECT id, ts, source, kind, state, score, equipment, message, detail, acked_by, acked_ts "
+               "FROM events WHERE ts >= ? ORDER BY id")
+        params: list[Any] = [since]
+        if limit is not None:
+            sql = f"SELECT * FROM ({sql} DESC LIMIT ?) ORDER BY id"
+            params.append(limit)
+        rows = self._query(sql, params)
+        for row in rows:
+            row["detail"] = json.loads(row["detail"]) if row["detail"] else {}
+        return rows
+
     def prune(self, before: float, *, chunk: int = 20_000) -> int:
-        """Delete history older than ``before`` (unix seconds), point by point, in small transactions."""
+        """Delete history older than ``before`` (unix seconds), in small transactions."""
         removed = 0
         try:
-            names = [row[0] for row in self.conn.execute("SELECT DISTINCT point FROM history")]
-            for name in names:
-                while True:
-                    with self.transaction() as conn:
-                        cur = conn.execute(
-                            "DELETE FROM history WHERE rowid IN (SELECT rowid FROM history "
-                            "WHERE point = ? AND ts < ? LIMIT ?)", (name, before, chunk))
-                    removed += cur.rowcount
-                    if cur.rowcount < chunk:
-                        break
+            while True:
+                with self.transaction() as conn:
+                    cur = conn.execute("DELETE FROM history WHERE rowid IN (SELECT rowid FROM history "
+                                       "WHERE ts < ? ORDER BY ts LIMIT ?)", (before, chunk))
+                removed += cur.rowcount
+                if cur.rowcount < chunk:
+                    break
         except sqlite3.Error as exc:
             raise TwinError(f"{self.path}: cannot prune history: {exc}") from exc
         return removed

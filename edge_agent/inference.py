@@ -1,0 +1,347 @@
+"""ONNX models on the twin's live data: contract checks, the data-quality gate, scoring, hot swap.
+
+A model file is self-describing through its ONNX ``metadata_props`` (see models/README.md):
+``inputs`` (JSON list of point names), ``outputs`` (JSON list, simulation models), ``threshold``
+(anomaly models), ``plausible`` (JSON object point -> [min, max]). The config may name them
+instead; when both do, they must agree.
+
+Contract. One float32 input of shape [batch, n_inputs] (or [batch, window, n_inputs] when
+``window`` is set); an anomaly model's first output is one score per row, higher meaning more
+anomalous; a simulation model's first output is [batch, n_outputs].
+
+Windowed models (``window = N``) get the last N trusted input rows, one per interval, as
+[1, N, n_inputs]; an untrusted row empties the window.
+
+Data quality gate. A model scores only when every input is good, fresh (younger than
+``max_input_age``) and inside its plausible range; otherwise the evaluation is skipped and the
+reason counted (``ModelRunner.skips``), so stale or wrong data never drives a decision.
+
+Sessions use ``intra_op_num_threads`` from the config (1 by default) with spinning off, and run
+in a worker thread so the event loop never waits on a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from drivers.base import GOOD, Reading
+from edge_agent.config import ModelConfig
+from edge_agent.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+Latest = Callable[[str], Reading | None]
+Submit = Callable[[Sequence[Reading]], None]
+OnEvent = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """An onnxruntime session whose contract matched the config."""
+
+    session: ort.InferenceSession
+    input_name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    threshold: float | None
+    plausible: dict[str, tuple[float, float]]
+    metadata: dict[str, str]
+    source: str  # file path or "update <sha256>"
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """One batched evaluation (blocking: call from a worker thread)."""
+        result: list[np.ndarray] = self.session.run(None, {self.input_name: batch})
+        return result
+
+
+def _session(cfg: ModelConfig, model: bytes | Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cfg.threads
+    options.inter_op_num_threads = 1
+    # Spinning threads burn a gateway's CPU between evaluations for a few microseconds of latency.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    data = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.NoSuchFile,
+            RuntimeError, OSError) as exc:
+        raise ModelError(f'model "{cfg.name}": cannot load {model if isinstance(model, Path) else "the update"}: '
+                         f"{str(exc).splitlines()[0]}") from exc
+
+
+def _meta_list(meta: dict[str, str], key: str, model: str) -> tuple[str, ...]:
+    if key not in meta:
+        return ()
+    try:
+        value = json.loads(meta[key])
+    except json.JSONDecodeError as exc:
+        raise ModelError(f'model "{model}": metadata "{key}" is not a JSON list: {exc}') from exc
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ModelError(f'model "{model}": metadata "{key}" must be a JSON list of names')
+    return tuple(value)
+
+
+def _names(cfg: ModelConfig, meta: dict[str, str], key: str, configured: tuple[str, ...]) -> tuple[str, ...]:
+    from_file = _meta_list(meta, key, cfg.name)
+    if configured and from_file and configured != from_file:
+        raise ModelError(f'model "{cfg.name}": config {key} {list(configured)} differ from the file\'s '
+                         f"metadata {list(from_file)}")
+    return configured or from_file
+
+
+def _dim(shape: Sequence[Any], index: int) -> int | None:
+    value = shape[index] if len(shape) > index else None
+    return value if isinstance(value, int) else None
+
+
+def check_contract(cfg: ModelConfig, session: ort.InferenceSession, source: str) -> LoadedModel:
+    """Compare the session's inputs and outputs with the config and metadata; ModelError on mismatch."""
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    inputs = _names(cfg, meta, "inputs", cfg.inputs)
+    if not inputs:
+        raise ModelError(f'model "{cfg.name}": no inputs: set inputs = [...] in the config or "inputs" in '
+                         "the file's metadata")
+    graph_inputs = session.get_inputs()
+    if len(graph_inputs) != 1:
+        raise ModelError(f'model "{cfg.name}": expected one input tensor, the file has {len(graph_inputs)}')
+    tensor = graph_inputs[0]
+    if tensor.type != "tensor(float)":
+        raise ModelError(f'model "{cfg.name}": expected a float32 input, the file\'s "{tensor.name}" is {tensor.type}')
+    rank = 3 if cfg.window else 2
+    if len(tensor.shape) != rank:
+        want = "[batch, window, n_inputs]" if cfg.window else "[batch, n_inputs]"
+        raise ModelError(f'model "{cfg.name}": expected input shape {want}, the file has {tensor.shape}')
+    width = _dim(tensor.shape, rank - 1)
+    if width is not None and width != len(inputs):
+        raise ModelError(f'model "{cfg.name}": the file takes {width} inputs, the config names {len(inputs)}')
+    if cfg.window and _dim(tensor.shape, 1) not in (None, cfg.window):
+        raise ModelError(f'model "{cfg.name}": window = {cfg.window}, the file expects {tensor.shape[1]}')
+    outputs = _names(cfg, meta, "outputs", cfg.outputs) if cfg.kind == "simulation" else ()
+    if cfg.kind == "simulation" and not outputs:
+        raise ModelError(f'model "{cfg.name}": a simulation model needs output names (config outputs or metadata)')
+    threshold = cfg.threshold
+    if cfg.kind == "anomaly" and threshold is None:
+        try:
+            threshold = float(meta["threshold"])
+        except (KeyError, ValueError):
+            raise ModelError(f'model "{cfg.name}": no threshold in the config or the file\'s metadata') from None
+    plausible = dict(_plausible(meta, cfg.name))
+    plausible.update(cfg.plausible)
+    loaded = LoadedModel(session, tensor.name, inputs, outputs, threshold, plausible, meta, source)
+    _smoke_test(cfg, loaded)
+    return loaded
+
+
+def _plausible(meta: dict[str, str], model: str) -> dict[str, tuple[float, float]]:
+    if "plausible" not in meta:
+        return {}
+    try:
+        raw = json.loads(meta["plausible"])
+        return {str(k): (float(v[0]), float(v[1])) for k, v in raw.items()}
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError, IndexError) as exc:
+        raise ModelError(f'model "{model}": metadata "plausible" must map names to [min, max]: {exc}') from exc
+
+
+def _smoke_test(cfg: ModelConfig, model: LoadedModel) -> None:
+    """Run two rows of typical values (mid-range when plausible ranges are known) and check the outputs."""
+    width = len(model.inputs)
+    mid = np.array([sum(model.plausible.get(n, (0.0, 0.0))) / 2 for n in model.inputs], dtype=np.float32)
+    shape = (2, cfg.window, width) if cfg.window else (2, width)
+    batch = np.broadcast_to(mid, shape).astype(np.float32)
+    try:
+        outputs = model.run(batch)
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+            RuntimeError) as exc:
+        raise ModelError(f'model "{cfg.name}": fails on a test input: {str(exc).splitlines()[0]}') from exc
+    first = np.asarray(outputs[0])
+    if cfg.kind == "anomaly":
+        if first.size != 2:
+            raise ModelError(f'model "{cfg.name}": the first output must be one score per row, got shape '
+                             f"{list(first.shape)} for 2 rows")
+    elif first.ndim != 2 or first.shape != (2, len(model.outputs)):
+        raise ModelError(f'model "{cfg.name}": the first output must be [batch, {len(model.outputs)}] '
+                         f"({', '.join(model.outputs)}), got {list(first.shape)}")
+    if not np.all(np.isfinite(first)):
+        raise ModelError(f'model "{cfg.name}": gives non-finite outputs on a test input')
+
+
+def load(cfg: ModelConfig, model: bytes | Path | None = None, source: str | None = None) -> LoadedModel:
+    """Load and check a model (blocking; call from a worker thread)."""
+    path_or_bytes = cfg.file if model is None else model
+    session = _session(cfg, path_or_bytes)
+    return check_contract(cfg, session, source or str(cfg.file))
+
+
+@dataclass
+class Hysteresis:
+    """Raise after N consecutive scores above the threshold, clear after M below."""
+
+    raise_after: int
+    clear_after: int
+    active: bool = False
+    above: int = 0
+    below: int = 0
+
+    def update(self, over: bool) -> str | None:
+        """Feed one score; returns "raised" or "cleared" when the state flips."""
+        if over:
+            self.above, self.below = self.above + 1, 0
+            if not self.active and self.above >= self.raise_after:
+                self.active = True
+                return "raised"
+        else:
+            self.below, self.above = self.below + 1, 0
+            if self.active and self.below >= self.clear_after:
+                self.active = False
+                return "cleared"
+        return None
+
+
+@dataclass
+class ModelStatus:
+    """What `status` and the summary show about a model."""
+
+    state: str = "loading"  # loading | ready | failed
+    last_score: float | None = None
+    last_ts: float | None = None
+    evaluations: int = 0
+    skips: Counter[str] = field(default_factory=Counter)
+    last_skip: str = ""
+    last_error: str = ""
+    cpu_us: float = 0.0  # CPU of the last evaluation, inputs gathered included
+
+
+class ModelRunner:
+    """Runs one configured model for as long as the agent runs; swaps in new versions on request."""
+
+    def __init__(self, cfg: ModelConfig, latest: Latest, submit: Submit, on_event: OnEvent,
+                 equipment: str | None) -> None:
+        self.cfg = cfg
+        self.latest = latest
+        self.submit = submit
+        self.on_event = on_event
+        self.equipment = equipment
+        self.model: LoadedModel | None = None
+        self.status = ModelStatus()
+        self.hysteresis = Hysteresis(cfg.raise_after, cfg.clear_after)
+        # windowed models: the last `window` trusted input rows, one per interval
+        self.rows: deque[np.ndarray] = deque(maxlen=max(1, cfg.window))
+
+    @property
+    def anomaly_active(self) -> bool:
+        return self.hysteresis.active
+
+    async def run(self) -> None:
+        """Load, then (anomaly models) score every interval; only cancellation ends it."""
+        try:
+            self.model = await asyncio.to_thread(load, self.cfg)
+            self.status.state = "ready"
+            log.info('model "%s" loaded from %s: inputs %s', self.cfg.name, self.model.source,
+                     ", ".join(self.model.inputs))
+        except ModelError as exc:
+            self.status.state, self.status.last_error = "failed", str(exc)
+            log.error("%s; the rest of the agent keeps running", exc)
+        if self.cfg.kind != "anomaly":
+            return
+        while True:
+            await asyncio.sleep(self.cfg.interval)
+            if self.model is not None:
+                await self.evaluate()
+
+    def gather(self, model: LoadedModel, now: float) -> np.ndarray | str:
+        """The input row from the twin's current values, or the reason it cannot be trusted."""
+        row = np.empty(len(model.inputs), dtype=np.float32)
+        for i, name in enumerate(model.inputs):
+            reading = self.latest(name)
+            if reading is None or reading.value is None:
+                return f"{name} has no value yet"
+            if reading.quality != GOOD:
+                return f"{name} is {reading.quality}"
+            if now - reading.ts > self.cfg.max_input_age:
+                return f"{name} is {now - reading.ts:.0f} s old"
+            value = float(reading.value)
+            span = model.plausible.get(name)
+            if span is not None and not span[0] <= value <= span[1]:
+                return f"{name} = {value:g} is outside its plausible range {span[0]:g}..{span[1]:g}"
+            row[i] = value
+        return row[np.newaxis, :]
+
+    async def evaluate(self) -> float | None:
+        """One evaluation: gate, score, derived point, hysteresis event. Returns the score or None."""
+        model = self.model
+        if model is None:
+            return None
+        started = time.process_time()
+        now = time.time()
+        batch = self.gather(model, now)
+        if isinstance(batch, str):
+            self.rows.clear()  # a window must be made of consecutive trusted rows
+            self.status.skips[batch.split(" ", 1)[1] if " " in batch else batch] += 1
+            if batch != self.status.last_skip:
+                log.info('model "%s": not scoring: %s', self.cfg.name, batch)
+            self.status.last_skip = batch
+            return None
+        if self.status.last_skip:
+            log.info('model "%s": inputs trusted again, scoring', self.cfg.name)
+            self.status.last_skip = ""
+        if self.cfg.window:
+            self.rows.append(batch[0])
+            if len(self.rows) < self.cfg.window:
+                self.status.skips["filling its window"] += 1
+                return None
+            batch = np.stack(self.rows)[np.newaxis, :, :]
+        outputs = await asyncio.to_thread(model.run, batch)
+        score = float(np.asarray(outputs[0]).reshape(-1)[0])
+        self.status.cpu_us = (time.process_time() - started) * 1e6
+        self.status.evaluations += 1
+        self.status.last_score, self.status.last_ts = score, now
+        self.submit([Reading(self.cfg.score_point, score, GOOD, now)])
+        assert model.threshold is not None
+        change = self.hysteresis.update(score > model.threshold)
+        if change is not None:
+            self._event(change, score, model.threshold, now)
+        return score
+
+    def _event(self, state: str, score: float, threshold: float, now: float) -> None:
+        level = logging.WARNING if state == "raised" else logging.INFO
+        log.log(level, 'model "%s": anomaly %s (score %.3g, threshold %.3g)', self.cfg.name, state, score, threshold)
+        self.on_event({"ts": now, "source": self.cfg.name, "kind": "anomaly", "state": state, "score": score,
+                       "equipment": self.equipment,
+                       "message": f"{self.cfg.name}: score {score:.3g} {'above' if state == 'raised' else 'back under'}"
+                                  f" threshold {threshold:.3g}"})
+
+    async def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Simulation models: one batched evaluation, outputs by name."""
+        model = self.model
+        if model is None:
+            raise ModelError(f'model "{self.cfg.name}" is not loaded: {self.status.last_error or "loading"}')
+        outputs = await asyncio.to_thread(model.run, batch.astype(np.float32, copy=False))
+        first = np.asarray(outputs[0])
+        return {name: first[:, i] for i, name in enumerate(model.outputs)}
+
+    async def swap(self, model: bytes | Path, source: str) -> LoadedModel:
+        """Load and check a new version; replace the running one only if it passes (ModelError otherwise)."""
+        try:
+            loaded = await asyncio.to_thread(load, self.cfg, model, source)
+        except ModelError as exc:
+            log.error("%s; keeping the running version (%s)", exc,
+                      self.model.source if self.model else "none loaded")
+            raise
+        self.model = loaded
+        self.status.state, self.status.last_error = "ready", ""
+        log.info('model "%s": swapped in %s', self.cfg.name, source)
+        return loaded
