@@ -172,7 +172,7 @@ class Agent:
         owner = {point.name: device.name for device, point in self.config.points()}
         for model in self.config.models:
             equipment = model.equipment or (owner.get(model.inputs[0]) if model.inputs else None)
-            runner = ModelRunner(model, self.last_value, self.submit, self.record_event, equipment)
+            runner = ModelRunner(model, self.last_value, self.submit, self.record_event, equipment, known=owner)
             self.models[model.name] = runner
             self._spawn(runner.run(), f"model:{model.name}")
 

@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     outbox.add_argument("--config", required=True, help="path to the TOML config file")
     outbox.add_argument("--json", action="store_true", help="print a JSON object instead of text")
 
+    events = twin_sub.add_parser("events", help="anomalies, device outages and other events, oldest first")
+    events.add_argument("--config", required=True, help="path to the TOML config file")
+    events.add_argument("--since", default="7d", help='how far back, as a duration like "1h" (default 7d)')
+    events.add_argument("--limit", type=int, default=None, help="at most this many (the newest)")
+    events.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+
     demo = sub.add_parser("demo", help="run a simulated plant and the agent against it, with a live view")
     demo.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
     demo.add_argument("--data-dir", default=None, help="where the demo twin goes (default: a temp folder)")
@@ -167,6 +173,8 @@ def _twin(args: argparse.Namespace) -> int:
         except ValueError:
             print(f'error: --since: expected a duration like "10m", got "{args.since}"', file=sys.stderr)
             return EXIT_CONFIG
+        if args.twin_command == "events":
+            return _events(twin.events(since, limit=args.limit), args.json)
         if args.point not in twin.point_names():
             print(f'error: no point named "{args.point}" in {config.twin_path}', file=sys.stderr)
             return EXIT_FAIL
@@ -178,6 +186,16 @@ def _twin(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         twin.close()
+
+
+def _events(rows: list[dict[str, Any]], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps([{"id": r["id"], "ts": r["ts"], "model": r["source"] if r["kind"] == "anomaly" else None,
+                           **r} for r in rows], indent=1))
+        return EXIT_OK
+    _table(["time", "source", "kind", "state", "score", "message"],
+           [[_when(r["ts"]), r["source"], r["kind"], r["state"], _fmt(r["score"]), r["message"]] for r in rows])
+    return EXIT_OK
 
 
 def _public_point(row: dict[str, Any]) -> dict[str, Any]:

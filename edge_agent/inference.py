@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,13 @@ from edge_agent.config import ModelConfig
 from edge_agent.errors import ModelError
 
 log = logging.getLogger(__name__)
+
+# onnxruntime raises its own exception classes (Fail, InvalidProtobuf, InvalidArgument, ...),
+# not all of them RuntimeErrors; they live in the C extension's module.
+_ORT_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, *(
+    value for value in vars(ort.capi.onnxruntime_pybind11_state).values()
+    if isinstance(value, type) and issubclass(value, Exception)))
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (*_ORT_ERRORS, OSError)
 
 Latest = Callable[[str], Reading | None]
 Submit = Callable[[Sequence[Reading]], None]
@@ -76,9 +83,7 @@ def _session(cfg: ModelConfig, model: bytes | Path) -> ort.InferenceSession:
     data = model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
-            ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.NoSuchFile,
-            RuntimeError, OSError) as exc:
+    except _LOAD_ERRORS as exc:
         raise ModelError(f'model "{cfg.name}": cannot load {model if isinstance(model, Path) else "the update"}: '
                          f"{str(exc).splitlines()[0]}") from exc
 
@@ -108,13 +113,20 @@ def _dim(shape: Sequence[Any], index: int) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def check_contract(cfg: ModelConfig, session: ort.InferenceSession, source: str) -> LoadedModel:
-    """Compare the session's inputs and outputs with the config and metadata; ModelError on mismatch."""
+def check_contract(cfg: ModelConfig, session: ort.InferenceSession, source: str,
+                   known: Collection[str] | None = None) -> LoadedModel:
+    """Compare the session's inputs and outputs with the config and metadata; ModelError on mismatch.
+
+    ``known``: the point names the gateway has; every input must be one of them.
+    """
     meta = dict(session.get_modelmeta().custom_metadata_map)
     inputs = _names(cfg, meta, "inputs", cfg.inputs)
     if not inputs:
         raise ModelError(f'model "{cfg.name}": no inputs: set inputs = [...] in the config or "inputs" in '
                          "the file's metadata")
+    unknown = [name for name in inputs if known is not None and name not in known]
+    if unknown:
+        raise ModelError(f'model "{cfg.name}": its inputs {unknown} are not configured points')
     graph_inputs = session.get_inputs()
     if len(graph_inputs) != 1:
         raise ModelError(f'model "{cfg.name}": expected one input tensor, the file has {len(graph_inputs)}')
@@ -164,8 +176,7 @@ def _smoke_test(cfg: ModelConfig, model: LoadedModel) -> None:
     batch = np.broadcast_to(mid, shape).astype(np.float32)
     try:
         outputs = model.run(batch)
-    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
-            RuntimeError) as exc:
+    except _ORT_ERRORS as exc:
         raise ModelError(f'model "{cfg.name}": fails on a test input: {str(exc).splitlines()[0]}') from exc
     first = np.asarray(outputs[0])
     if cfg.kind == "anomaly":
@@ -179,11 +190,12 @@ def _smoke_test(cfg: ModelConfig, model: LoadedModel) -> None:
         raise ModelError(f'model "{cfg.name}": gives non-finite outputs on a test input')
 
 
-def load(cfg: ModelConfig, model: bytes | Path | None = None, source: str | None = None) -> LoadedModel:
+def load(cfg: ModelConfig, model: bytes | Path | None = None, source: str | None = None,
+         known: Collection[str] | None = None) -> LoadedModel:
     """Load and check a model (blocking; call from a worker thread)."""
     path_or_bytes = cfg.file if model is None else model
     session = _session(cfg, path_or_bytes)
-    return check_contract(cfg, session, source or str(cfg.file))
+    return check_contract(cfg, session, source or str(cfg.file), known)
 
 
 @dataclass
@@ -229,8 +241,9 @@ class ModelRunner:
     """Runs one configured model for as long as the agent runs; swaps in new versions on request."""
 
     def __init__(self, cfg: ModelConfig, latest: Latest, submit: Submit, on_event: OnEvent,
-                 equipment: str | None) -> None:
+                 equipment: str | None, known: Collection[str] | None = None) -> None:
         self.cfg = cfg
+        self.known = known
         self.latest = latest
         self.submit = submit
         self.on_event = on_event
@@ -248,7 +261,7 @@ class ModelRunner:
     async def run(self) -> None:
         """Load, then (anomaly models) score every interval; only cancellation ends it."""
         try:
-            self.model = await asyncio.to_thread(load, self.cfg)
+            self.model = await asyncio.to_thread(load, self.cfg, None, None, self.known)
             self.status.state = "ready"
             log.info('model "%s" loaded from %s: inputs %s', self.cfg.name, self.model.source,
                      ", ".join(self.model.inputs))
@@ -336,7 +349,7 @@ class ModelRunner:
     async def swap(self, model: bytes | Path, source: str) -> LoadedModel:
         """Load and check a new version; replace the running one only if it passes (ModelError otherwise)."""
         try:
-            loaded = await asyncio.to_thread(load, self.cfg, model, source)
+            loaded = await asyncio.to_thread(load, self.cfg, model, source, self.known)
         except ModelError as exc:
             log.error("%s; keeping the running version (%s)", exc,
                       self.model.source if self.model else "none loaded")
