@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from drivers.base import Driver, Reading
-from edge_agent.config import AgentConfig, DeviceConfig
+from edge_agent import health
+from edge_agent.config import AgentConfig, DeviceConfig, ModelConfig
 from edge_agent.device import DeviceRunner
 from edge_agent.errors import TwinError
 from edge_agent.outbox import Outbox, OutboxLimits
@@ -30,6 +32,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+STATUS_INTERVAL = 5.0  # seconds between refreshes of data_dir/status.json
+
+
+class _RecentErrors(logging.Handler):
+    """Keeps the last warnings and errors for `edge-agent status`."""
+
+    def __init__(self, sink: deque[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
+        self.sink.append(f"{when} {record.levelname} {record.getMessage()}")
 
 DriverFactory = Callable[[DeviceConfig, Path], Driver]
 
@@ -57,7 +72,15 @@ class Agent:
         self._room = asyncio.Event()  # set while the pending readings are under the high-water mark
         self._room.set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._parts: dict[str, asyncio.Task[None]] = {}  # "device:NAME" / "model:NAME" -> its task
         self._flush_lock = asyncio.Lock()
+        self.recent_errors: deque[str] = deque(maxlen=10)
+        self._recorder = _RecentErrors(self.recent_errors)
+
+    @property
+    def pending_count(self) -> int:
+        """Readings received and not yet stored in the twin."""
+        return self._pending_count
 
     # ------------------------------------------------------------------ data path
 
@@ -148,33 +171,87 @@ class Agent:
         for row in await asyncio.to_thread(self.twin.current):
             if row["ts"] is not None:
                 self.latest[row["name"]] = Reading(row["name"], row["value"], row["quality"], row["ts"])
+        logging.getLogger().addHandler(self._recorder)
         for device in config.devices:
-            runner = DeviceRunner(device, config.agent.data_dir, self.submit, self.last_value,
-                                  driver_factory=self._driver_factory, room=self.room, on_event=self.record_event)
-            self.runners[device.name] = runner
-            self._spawn(runner.run(), f"device:{device.name}")
+            self._start_device(device)
         await self._start_sync()
-        self._start_models()
+        for model in config.models:
+            self._start_model(model)
         self._spawn(self._writer(), "twin-writer")
         self._spawn(self._housekeeping(), "housekeeping")
+        await self.write_status()
         if not config.devices:
             log.warning("no devices configured: the agent runs but mirrors nothing")
         log.info("agent %s (site %s) started: %d devices, %d points, twin %s", config.agent.id,
                  config.agent.site, len(config.devices), sum(len(d.points) for d in config.devices),
                  config.twin_path)
 
-    def _start_models(self) -> None:
-        if not self.config.models:
-            return
+    def _start_device(self, device: DeviceConfig) -> None:
+        runner = DeviceRunner(device, self.config.agent.data_dir, self.submit, self.last_value,
+                              driver_factory=self._driver_factory, room=self.room, on_event=self.record_event)
+        self.runners[device.name] = runner
+        self._parts[f"device:{device.name}"] = self._spawn(runner.run(), f"device:{device.name}")
+
+    def _start_model(self, model: ModelConfig) -> None:
         # numpy and onnxruntime are imported only when a model is configured (memory on small gateways)
         from edge_agent.inference import ModelRunner
 
         owner = {point.name: device.name for device, point in self.config.points()}
-        for model in self.config.models:
-            equipment = model.equipment or (owner.get(model.inputs[0]) if model.inputs else None)
-            runner = ModelRunner(model, self.last_value, self.submit, self.record_event, equipment, known=owner)
-            self.models[model.name] = runner
-            self._spawn(runner.run(), f"model:{model.name}")
+        equipment = model.equipment or (owner.get(model.inputs[0]) if model.inputs else None)
+        runner = ModelRunner(model, self.last_value, self.submit, self.record_event, equipment, known=owner)
+        self.models[model.name] = runner
+        self._parts[f"model:{model.name}"] = self._spawn(runner.run(), f"model:{model.name}")
+
+    async def _stop_part(self, key: str) -> None:
+        task = self._parts.pop(key, None)
+        if task is not None:
+            await _cancel_all([task])
+            self._tasks.remove(task)
+
+    async def reload(self, new: AgentConfig) -> str:
+        """Apply a new config to the running agent without losing buffered data; returns what changed.
+
+        Devices and models whose settings changed are restarted, new ones started, removed ones
+        stopped; the MQTT link is restarted only when ``[mqtt]`` changed. A change of ``agent.*``
+        or ``twin.*`` needs a restart of the agent (the caller does that: see ``needs_restart``).
+        """
+        old, self.config = self.config, new
+        await self.flush()
+        assert self.twin is not None
+        await _finish_in_thread(self.twin.sync_points, new)
+        changes: list[str] = []
+        changes += await self._reconcile("device", {d.name: d for d in old.devices}, {d.name: d for d in new.devices},
+                                         self.runners, self._start_device)
+        changes += await self._reconcile("model", {m.name: m for m in old.models}, {m.name: m for m in new.models},
+                                         self.models, self._start_model)
+        if old.mqtt != new.mqtt:
+            if self.sync is not None:
+                await self.sync.stop()
+                self.sync = None
+            if self.outbox is not None:
+                await asyncio.to_thread(self.outbox.close)
+                self.outbox = None
+            await self._start_sync()
+            changes.append("mqtt restarted")
+        summary = ", ".join(changes) or "nothing to change"
+        log.info("config reloaded from %s: %s", new.source, summary)
+        return summary
+
+    async def _reconcile(self, kind: str, old: dict[str, Any], new: dict[str, Any], runners: dict[str, Any],
+                         start: Callable[[Any], None]) -> list[str]:
+        changes = []
+        for name in old.keys() - new.keys():
+            await self._stop_part(f"{kind}:{name}")
+            runners.pop(name, None)
+            changes.append(f"{kind} {name} removed")
+        for name, settings in new.items():
+            if name in old and old[name] == settings:
+                continue
+            if name in old:
+                await self._stop_part(f"{kind}:{name}")
+            start(settings)
+            changes.append(f"{kind} {name} {'restarted' if name in old else 'added'}")
+        return changes
 
     def anomaly_active(self, equipment: str) -> list[str]:
         """Names of the models with an active anomaly on this equipment (device)."""
@@ -198,6 +275,7 @@ class Agent:
         self._room.set()  # a poller waiting on back-pressure must see its cancellation
         await _cancel_all(self._tasks)
         self._tasks.clear()
+        self._parts.clear()
         # Runners closed their drivers on cancellation; store what they delivered.
         await self.flush()
         await self._store_events()
@@ -210,7 +288,12 @@ class Agent:
         if self.twin is not None:
             await asyncio.to_thread(self.twin.close)
             self.twin = None
+        logging.getLogger().removeHandler(self._recorder)
         log.info("agent stopped; %d history rows stored this run", self.stored)
+
+    def needs_restart(self, new: AgentConfig) -> bool:
+        """Whether ``new`` changes settings only a restart of the agent can apply (agent.*, twin.*)."""
+        return (new.agent, new.twin) != (self.config.agent, self.config.twin)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start, wait for ``stop``, then stop cleanly."""
@@ -220,10 +303,11 @@ class Agent:
         finally:
             await self.stop()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
         task.add_done_callback(self._task_done)
         self._tasks.append(task)
+        return task
 
     @staticmethod
     def _task_done(task: asyncio.Task[None]) -> None:
@@ -245,14 +329,26 @@ class Agent:
         twin_cfg = self.config.twin
         period = min([0.5, *(d.interval for d in self.config.devices)])
         next_prune = time.monotonic() + 10.0
+        next_status = 0.0
         while True:
             await asyncio.sleep(period)
             now = time.time()
             for runner in self.runners.values():
                 runner.watch(now)
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + STATUS_INTERVAL
+                await self.write_status()
             if time.monotonic() >= next_prune and self.twin is not None:
                 next_prune = time.monotonic() + twin_cfg.prune_interval
                 await self._prune(now - twin_cfg.history_retention)
+
+    async def write_status(self) -> None:
+        """Refresh data_dir/status.json for `edge-agent status`."""
+        status = health.snapshot(self)
+        try:
+            await asyncio.to_thread(health.write, self.config.agent.data_dir / health.STATUS_FILE, status)
+        except OSError as exc:
+            log.warning("cannot write the status file: %s", exc)
 
     async def _prune(self, before: float) -> None:
         assert self.twin is not None

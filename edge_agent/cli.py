@@ -1,6 +1,7 @@
 """Command line: argument parsing, exit codes and printing only; the work lives elsewhere.
 
-Exit status: 0 success, 1 runtime failure, 2 bad config or bad usage.
+Exit status: 0 success, 1 runtime failure, 2 bad config or bad usage, 3 (``status``) the agent
+is not running.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file without running")
     check.add_argument("--config", required=True, help="path to the TOML config file")
+
+    status = sub.add_parser("status", help="is the agent running, and what is wrong if anything")
+    status.add_argument("--config", required=True, help="path to the TOML config file")
+    status.add_argument("--json", action="store_true", help="print a JSON object instead of text")
 
     twin = sub.add_parser("twin", help="inspect the local twin database")
     twin_sub = twin.add_subparsers(dest="twin_command", required=True, metavar="TWIN_COMMAND")
@@ -75,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args.config)
         if args.command == "twin":
             return _twin(args)
+        if args.command == "status":
+            return _status(args.config, args.json)
         if args.command == "demo":
             from edge_agent.demo import run_demo
 
@@ -118,14 +125,124 @@ def _run(config: AgentConfig) -> int:
 
 
 async def _run_async(config: AgentConfig) -> int:
+    from edge_agent import health
     from edge_agent.agent import Agent
+    from edge_agent.notify import Notifier, heartbeat
 
-    stop = asyncio.Event()
+    notifier = Notifier.from_environment()
+    stop, reload = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await Agent(config).run(stop)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+    agent = Agent(config)
+    await agent.start()
+    # READY once the config is loaded and the twin open; devices connect in the background,
+    # so a missing device never holds up start-up.
+    notifier.ready(health.summary(agent))
+    beat = asyncio.create_task(heartbeat(notifier, lambda: health.summary(agent)), name="watchdog")
+    try:
+        while not stop.is_set():
+            waiters = [asyncio.ensure_future(e.wait()) for e in (stop, reload)]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            if reload.is_set() and not stop.is_set():
+                reload.clear()
+                notifier.reloading()
+                agent = await _reload(agent)
+                notifier.ready(health.summary(agent))
+    finally:
+        notifier.stopping("stopping")
+        beat.cancel()
+        await agent.stop()
     return EXIT_OK
+
+
+async def _reload(agent: Any) -> Any:
+    """SIGHUP: re-read the config file; apply it if valid, else keep running as before."""
+    from edge_agent.agent import Agent
+
+    source = agent.config.source
+    try:
+        new = load(source)
+    except ConfigError as exc:
+        log.error("reload refused, the running config stays in place; %d problem(s) in %s:",
+                  len(exc.problems), source)
+        for problem in exc.problems:
+            log.error("%s", problem)
+        return agent
+    if agent.needs_restart(new):
+        log.info("reload: agent.* or twin.* changed; restarting the agent in place")
+        await agent.stop()
+        agent = Agent(new)
+        await agent.start()
+        return agent
+    await agent.reload(new)
+    return agent
+
+
+def _status(path: str, as_json: bool) -> int:
+    from edge_agent import health
+
+    config = load(path)
+    status = health.read(config.agent.data_dir / health.STATUS_FILE)
+    if status is None:
+        print(f"edge-agent is not running (no status in {config.agent.data_dir}; it has not run with this config)")
+        return 3
+    alive = health.running(status)
+    age = time.time() - float(status.get("ts", 0))
+    status["running"] = alive and age < 60
+    status["status_age_s"] = age
+    if as_json:
+        print(json.dumps(status, indent=1))
+    else:
+        _print_status(status, alive, age)
+    return EXIT_OK if status["running"] else 3
+
+
+def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
+    if alive and age < 60:
+        head = f"edge-agent {status['version']} running (pid {status['pid']}), up {_span(status['uptime_s'])}"
+    elif alive:
+        head = f"edge-agent (pid {status['pid']}) is running but has not reported for {_span(age)}: it may be stuck"
+    else:
+        head = f"edge-agent is NOT running; last seen {_span(age)} ago (pid {status['pid']})"
+    print(f"{head}\ngateway {status['gateway']} at site {status['site']}, config {status['config']}")
+    print("devices:")
+    for d in status["devices"]:
+        last = f"last good read {_span(time.time() - d['last_ok'])} ago" if d["last_ok"] else "never read"
+        error = f"; error: {d['last_error']}" if d["state"] != "up" and d["last_error"] else ""
+        print(f"  {d['name']:20} {d['protocol']:10} {d['state']:10} {last}{error}")
+    mqtt = status.get("mqtt")
+    if mqtt is None:
+        print("mqtt: off (no [mqtt] section: offline only)")
+    else:
+        link = "connected" if mqtt.get("connected") else f"NOT connected: {mqtt.get('last_error') or 'connecting'}"
+        oldest = mqtt.get("outbox_oldest_age_s")
+        print(f"mqtt: {mqtt.get('broker', '')} {link}\n  outbox {mqtt.get('outbox_depth', '?')} messages"
+              + (f", oldest {_span(oldest)}" if oldest else "")
+              + f", dropped {mqtt.get('dropped_messages', 0)} messages")
+    for m in status.get("models", []):
+        score = "-" if m["last_score"] is None else f"{m['last_score']:.3g}"
+        note = m["last_error"] or (f"not scoring: {m['last_skip']}" if m["last_skip"] else "")
+        print(f"model {m['name']} ({m['kind']}): {m['state']}, last score {score}"
+              + (", ANOMALY ACTIVE" if m["anomaly"] else "") + (f"; {note}" if note else ""))
+    if status.get("errors"):
+        print("recent warnings and errors:")
+        for line in status["errors"]:
+            print(f"  {line}")
+
+
+def _span(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
 
 
 def _outbox(config: AgentConfig, as_json: bool) -> int:
