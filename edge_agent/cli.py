@@ -105,22 +105,10 @@ def _check(path: str) -> int:
     return EXIT_OK
 
 
-def setup_logging(config: AgentConfig) -> None:
-    """Log lines to stderr (journald adds its own timestamps when run under systemd)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.agent.log_level.upper())
-    # asyncua and pymodbus log every reconnect attempt at WARNING/ERROR; our own device
-    # supervisor reports those once, so keep the libraries quiet unless debugging.
-    if config.agent.log_level != "debug":
-        for noisy in ("asyncua", "pymodbus"):
-            logging.getLogger(noisy).setLevel(logging.CRITICAL)
-
-
 def _run(config: AgentConfig) -> int:
-    setup_logging(config)
+    from edge_agent import logs
+
+    logs.setup(config.agent.log_level, config.agent.log_format)
     return asyncio.run(_run_async(config))
 
 
