@@ -62,6 +62,9 @@ class Agent:
         self.runners: dict[str, DeviceRunner] = {}
         self.models: dict[str, ModelRunner] = {}
         self.stored = 0  # history rows written since start
+        self.received = 0  # readings received from devices and models since start
+        self.flush_seconds = 0.0  # wall time spent in twin flushes (for the average write latency)
+        self.last_flush_seconds = 0.0
         self.flushes = 0
         self.flush_errors = 0
         self._driver_factory = driver_factory
@@ -93,6 +96,7 @@ class Agent:
         for r in readings:
             latest[r[0]] = r
         self._pending_count += len(readings)
+        self.received += len(readings)
         if self._pending_count >= self.config.twin.flush_max:
             self._wake.set()
             if self._pending_count >= 4 * self.config.twin.flush_max:
@@ -145,7 +149,10 @@ class Agent:
             chunks, self._pending, self._pending_count = self._pending, [], 0
             self._room.set()
             try:
+                began = time.perf_counter()
                 kept = await _finish_in_thread(self.twin.write_batch, chunks)
+                self.last_flush_seconds = time.perf_counter() - began
+                self.flush_seconds += self.last_flush_seconds
             except TwinError as exc:
                 # Keep the readings and try again at the next flush; a full disk or a locked
                 # file must not lose data that is still in memory.
@@ -179,6 +186,10 @@ class Agent:
             self._start_model(model)
         self._spawn(self._writer(), "twin-writer")
         self._spawn(self._housekeeping(), "housekeeping")
+        if config.metrics.enabled:
+            from edge_agent import metrics
+
+            self._spawn(metrics.serve(self, config.metrics.host, config.metrics.port), "metrics")
         await self.write_status()
         if not config.devices:
             log.warning("no devices configured: the agent runs but mirrors nothing")

@@ -147,6 +147,15 @@ class TwinSection:
     prune_interval: float = 300.0
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsSection:
+    """The optional Prometheus text endpoint (loopback by default)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9108
+
+
 MODEL_KINDS = ("anomaly", "simulation")
 
 
@@ -216,6 +225,7 @@ class AgentConfig:
     devices: tuple[DeviceConfig, ...] = ()
     mqtt: MqttSection | None = None
     models: tuple[ModelConfig, ...] = ()
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -568,6 +578,10 @@ def parse(raw: Mapping[str, Any], source: Path) -> AgentConfig:
     _check_names(root, devices)
     mqtt = _mqtt(root, agent_id, source.parent)
     models = _models(root, source.parent, {p.name: d.name for d in devices for p in d.points})
+    mt = root.table("metrics")
+    metrics = {"enabled": mt.boolean("enabled", False), "host": mt.string("host", "127.0.0.1"),
+               "port": mt.integer("port", 9108, low=1, high=65535)}
+    mt.finish()
     for label, text in (("site", site), ("id", agent_id)):
         if text is not None and any(c in text for c in "/+#"):
             a.problem(label, f'expected no "/", "+" or "#" (it is an MQTT topic level), got "{text}"')
@@ -585,6 +599,7 @@ def parse(raw: Mapping[str, Any], source: Path) -> AgentConfig:
         devices=tuple(devices),
         mqtt=mqtt,
         models=tuple(models),
+        metrics=MetricsSection(**metrics),
         raw=raw,
     )
 

@@ -146,3 +146,40 @@ def test_backoff_is_capped_and_jittered() -> None:
     assert all(d <= 60.0 for d in delays)
     assert max(delays) >= 30.0  # it does grow to the cap
     assert len({round(d, 6) for d in delays}) == len(delays)  # jitter: no two alike
+
+
+async def test_metrics_endpoint_serves_prometheus_text(tmp_path: Path) -> None:
+    import asyncio
+    import dataclasses
+
+    from edge_agent.config import MetricsSection
+    from tests.helpers import free_port
+
+    FakeDriver.devices = {"a": FakeDevice(), "b": FakeDevice()}
+    FakeDriver.devices["b"].online = False
+    port = free_port()
+    cfg = dataclasses.replace(_config(tmp_path), metrics=MetricsSection(enabled=True, port=port))
+    agent = Agent(cfg, driver_factory=FakeDriver)
+    await agent.start()
+
+    async def get(path: str) -> str:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = await reader.read()
+        writer.close()
+        return data.decode()
+
+    try:
+        await wait_for(lambda: agent.stored > 0 and agent.runners["b"].status.read_errors > 0, what="reads")
+        text = await get("/metrics")
+        assert text.startswith("HTTP/1.1 200 OK")
+        body = text.split("\r\n\r\n", 1)[1]
+        samples = dict(line.rsplit(" ", 1) for line in body.splitlines() if line and not line.startswith("#"))
+        assert samples['edge_agent_device_up{device="a"}'] == "1"
+        assert samples['edge_agent_device_up{device="b"}'] == "0"
+        assert int(samples['edge_agent_device_read_errors_total{device="b"}']) >= 1
+        assert int(samples["edge_agent_history_rows_total"]) > 0
+        assert "# TYPE edge_agent_points_read_total counter" in body
+        assert (await get("/nope")).startswith("HTTP/1.1 404")
+    finally:
+        await agent.stop()
