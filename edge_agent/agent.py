@@ -330,8 +330,10 @@ class Agent:
     async def _writer(self) -> None:
         interval = self.config.twin.flush_interval
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel (gh-86296)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
             self._wake.clear()
             await self.flush()
             await self._store_events()

@@ -84,7 +84,8 @@ async def _demo(duration: float, data_dir: Path, out: TextIO) -> int:
             while time.time() - started < duration and not stop.is_set():
                 _render(agent, plant, started, out, live)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0 if live else 5.0)
+                    async with asyncio.timeout(1.0 if live else 5.0):
+                        await stop.wait()
         finally:
             await agent.stop()
         _summary(agent, config, started, out)

@@ -73,9 +73,10 @@ async def serve(agent: Agent, host: str, port: int) -> None:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(reader.readline(), 5.0)
-            while (await asyncio.wait_for(reader.readline(), 5.0)).strip():
-                pass  # headers: not needed
+            async with asyncio.timeout(5.0):
+                request = await reader.readline()
+                while (await reader.readline()).strip():
+                    pass  # headers: not needed
             parts = request.decode("latin-1").split()
             if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
                 body, status = render(agent).encode(), "200 OK"

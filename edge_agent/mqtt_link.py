@@ -231,7 +231,8 @@ class MqttLink:
                 sock.close()
             self._disconnected.set()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._disconnected.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel on 3.11
+                await self._disconnected.wait()
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
         """Hand one message to paho; returns its mid (PUBACK arrives through ``on_ack``)."""
