@@ -178,12 +178,16 @@ async def test_online_telemetry_seq_contiguous_values_equal_twin(tmp_path: Path,
             assert twin_msgs and {p["name"] for p in twin_msgs[-1].json()["points"]} == {"dev.p0", "dev.p1", "dev.p2"}
         finally:
             await agent.stop()
+        stored = history(tmp_path / "data")
+        # the broker acknowledged everything before stop() returned, but may still be forwarding it
+        await recorder.wait_for_async(lambda _: sum(len(m["points"]) for m in telemetry(recorder)) >= len(stored),
+                                      timeout=10, topic=TELEMETRY)
         msgs = telemetry(recorder)
         seq_list = [m["seq"] for m in msgs]
         assert seq_list == list(range(seq_list[0], seq_list[0] + len(seq_list)))
         assert all(m["v"] == 1 and m["gateway"] == AGENT_CN for m in msgs)
         sent = [(p["name"], p["ts"], p["value"], p["quality"]) for m in msgs for p in m["points"]]
-        assert sent == history(tmp_path / "data")  # every sample the twin kept went out, in order, equal values
+        assert sent == stored  # every sample the twin kept went out, in order, equal values
         await recorder.wait_for_async(
             lambda ms: ms and json.loads(ms[-1].payload)["state"] == "offline", timeout=10, topic=STATE)
 
