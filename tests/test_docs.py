@@ -14,7 +14,7 @@ from edge_agent import config
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-COMMANDS = ["run", "check-config", "twin show", "twin history", "demo"]
+COMMANDS = ["run", "check-config", "twin show", "twin history", "twin outbox", "twin events", "status", "demo"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -53,10 +53,11 @@ def test_every_example_key_is_in_the_readme_reference() -> None:
     example = ROOT / "config" / "agent.example.toml"
     # the commented-out keys count too: uncomment every "# key = value" line
     text = re.sub(r"(?m)^(\s*)# ?([a-z_]+ = )", r"\1\2", example.read_text())
-    text = re.sub(r"(?m)^(\s*)# ?(\[\[?devices)", r"\1\2", text)
+    text = re.sub(r"(?m)^(\s*)# ?(\[\[?(devices|models|mqtt|metrics))", r"\1\2", text)
     raw = tomllib.loads(text)
     for key in sorted(_keys(raw)):
-        if key.endswith(("devices", "points")) or key in {"agent", "twin"}:
+        if key.endswith(("devices", "points", "plausible")) or ".plausible." in key or key in {
+                "agent", "twin", "mqtt", "models", "metrics"}:
             continue
         leaf = key.rsplit(".", 1)[-1]
         parent = key.rsplit(".", 1)[0]
