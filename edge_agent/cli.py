@@ -162,9 +162,16 @@ async def _reload(agent: Any) -> Any:
         return agent
     if agent.needs_restart(new):
         log.info("reload: agent.* or twin.* changed; restarting the agent in place")
+        old_config = agent.config
         await agent.stop()
-        agent = Agent(new)
-        await agent.start()
+        try:
+            agent = Agent(new)
+            await agent.start()
+        except EdgeAgentError as exc:
+            log.error("reload failed, going back to the running config: %s", exc)
+            await agent.stop()
+            agent = Agent(old_config)
+            await agent.start()
         return agent
     await agent.reload(new)
     return agent
@@ -176,7 +183,12 @@ def _status(path: str, as_json: bool) -> int:
     config = load(path)
     status = health.read(config.agent.data_dir / health.STATUS_FILE)
     if status is None:
-        print(f"edge-agent is not running (no status in {config.agent.data_dir}; it has not run with this config)")
+        reason = f"no status in {config.agent.data_dir}; it has not run with this config"
+        if as_json:
+            print(json.dumps({"running": False, "status_file": str(config.agent.data_dir / health.STATUS_FILE),
+                              "reason": reason}, indent=1))
+        else:
+            print(f"edge-agent is not running ({reason})")
         return 3
     alive = health.running(status)
     age = time.time() - float(status.get("ts", 0))

@@ -159,13 +159,14 @@ def check_contract(cfg: ModelConfig, session: ort.InferenceSession, source: str,
 
 
 def _plausible(meta: dict[str, str], model: str) -> dict[str, tuple[float, float]]:
-    if "plausible" not in meta:
+    key = next((k for k in ("plausible", "plausible_ranges") if k in meta), None)
+    if key is None:
         return {}
     try:
-        raw = json.loads(meta["plausible"])
+        raw = json.loads(meta[key])
         return {str(k): (float(v[0]), float(v[1])) for k, v in raw.items()}
     except (json.JSONDecodeError, AttributeError, TypeError, ValueError, IndexError) as exc:
-        raise ModelError(f'model "{model}": metadata "plausible" must map names to [min, max]: {exc}') from exc
+        raise ModelError(f'model "{model}": metadata "{key}" must map names to [min, max]: {exc}') from exc
 
 
 def _smoke_test(cfg: ModelConfig, model: LoadedModel) -> None:
@@ -183,11 +184,25 @@ def _smoke_test(cfg: ModelConfig, model: LoadedModel) -> None:
         if first.size != 2:
             raise ModelError(f'model "{cfg.name}": the first output must be one score per row, got shape '
                              f"{list(first.shape)} for 2 rows")
-    elif first.ndim != 2 or first.shape != (2, len(model.outputs)):
-        raise ModelError(f'model "{cfg.name}": the first output must be [batch, {len(model.outputs)}] '
-                         f"({', '.join(model.outputs)}), got {list(first.shape)}")
+    else:
+        try:
+            first = columns(outputs, len(model.outputs), 2)
+        except ValueError as exc:
+            raise ModelError(f'model "{cfg.name}": {exc} ({", ".join(model.outputs)})') from None
     if not np.all(np.isfinite(first)):
         raise ModelError(f'model "{cfg.name}": gives non-finite outputs on a test input')
+
+
+def columns(outputs: Sequence[np.ndarray], count: int, rows: int) -> np.ndarray:
+    """A simulation model's predictions as [rows, count]: from one [batch, count] output, or from
+    ``count`` outputs of [batch] (or [batch, 1]) each, in the order of the output names."""
+    first = np.asarray(outputs[0])
+    if first.shape == (rows, count):
+        return first
+    if len(outputs) >= count and all(np.asarray(o).reshape(-1).shape == (rows,) for o in outputs[:count]):
+        return np.stack([np.asarray(o).reshape(-1) for o in outputs[:count]], axis=1)
+    shapes = [list(np.asarray(o).shape) for o in outputs]
+    raise ValueError(f"expected one [batch, {count}] output or {count} outputs of [batch], got {shapes}")
 
 
 def load(cfg: ModelConfig, model: bytes | Path | None = None, source: str | None = None,
@@ -343,8 +358,8 @@ class ModelRunner:
         if model is None:
             raise ModelError(f'model "{self.cfg.name}" is not loaded: {self.status.last_error or "loading"}')
         outputs = await asyncio.to_thread(model.run, batch.astype(np.float32, copy=False))
-        first = np.asarray(outputs[0])
-        return {name: first[:, i] for i, name in enumerate(model.outputs)}
+        table = columns(outputs, len(model.outputs), batch.shape[0])
+        return {name: table[:, i] for i, name in enumerate(model.outputs)}
 
     async def swap(self, model: bytes | Path, source: str) -> LoadedModel:
         """Load and check a new version; replace the running one only if it passes (ModelError otherwise)."""

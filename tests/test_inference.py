@@ -69,7 +69,7 @@ def test_metadata_supplies_inputs_and_threshold(zscore: Path) -> None:
     (lambda p: zscore_model(p, [1, 2], [1, 1], threshold=1, window=4), {"inputs": tuple(POINTS)},
      'model "health": expected input shape [batch, n_inputs], the file has [\'batch\', 4, 2]'),
     (lambda p: linear_model(p, [[1, 0], [0, 1]], [0, 0], inputs=POINTS, outputs=["y"]), {"kind": "simulation"},
-     'model "health": the first output must be [batch, 1] (y), got [2, 2]'),
+     'model "health": expected one [batch, 1] output or 1 outputs of [batch], got [[2, 2]] (y)'),
 ])
 def test_contract_mismatches_name_the_model_and_the_problem(tmp_path: Path, build: Any, overrides: dict[str, Any],
                                                              message: str) -> None:
