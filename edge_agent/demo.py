@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -36,38 +37,68 @@ def demo_config(opcua_endpoint: str, modbus_port: int, data_dir: Path) -> tuple[
     text = re.sub(r'(?m)^(endpoint\s*=\s*)"opc\.tcp://[^"]*"', lambda m: f'{m.group(1)}"{opcua_endpoint}"', text)
     text = re.sub(r"(?m)^(port\s*=\s*)\d+", lambda m: f"{m.group(1)}{modbus_port}", text)
     text = re.sub(r'(?m)^(data_dir\s*=\s*)"[^"]*"', lambda m: f'{m.group(1)}"."', text)
+    # model files are relative to config/; the saved copy lives in the data folder
+    text = re.sub(r'(?m)^(file\s*=\s*)"([^"/][^"]*)"',
+                  lambda m: f'{m.group(1)}"{(DEMO_CONFIG.parent / m.group(2)).resolve()}"', text)
     return config_mod.loads(text, data_dir / "agent.toml"), text
 
 
-def _render(agent: Agent, plant: Any, started: float, out: TextIO, live: bool) -> None:
-    rows = []
-    for owner, point in agent.config.points():
-        reading = agent.latest.get(point.name)
-        value = "-" if reading is None or reading.value is None else (
-            f"{reading.value:.3f}" if isinstance(reading.value, float) else str(reading.value))
-        quality = reading.quality if reading else "-"
-        age = f"{time.time() - reading.ts:5.1f}s" if reading else "-"
-        rows.append((point.name, value, point.unit, quality, age, owner.name))
+DEMO_SPEED = 5.0  # simulated seconds per real second: a minute of demo is five minutes of plant
+FAULT_AT = 0.4  # the bearing fault starts at this fraction of the demo's duration
+
+
+@dataclass
+class Timeline:
+    """What happened when, for the live view and the summary (seconds since the demo started)."""
+
+    started: float = field(default_factory=time.time)
+    fault_at: float | None = None
+
+    def now(self) -> float:
+        return time.time() - self.started
+
+
+def _value(reading: Any) -> str:
+    if reading is None or reading.value is None:
+        return "-"
+    return f"{reading.value:.3f}" if isinstance(reading.value, float) else str(reading.value)
+
+
+def _render(agent: Agent, plant: Any, timeline: Timeline, out: TextIO, live: bool) -> None:
     devices = "  ".join(f"{r.device.name}={r.status.state}" for r in agent.runners.values())
-    header = (f"edge-agent demo  t={time.time() - started:5.1f}s  devices: {devices}  "
-              f"stored={agent.stored} rows")
+    fault = f"  FAULT: bearing wear since t={timeline.fault_at:.0f}s" if timeline.fault_at is not None else ""
+    header = f"edge-agent demo  t={timeline.now():5.1f}s  devices: {devices}  stored={agent.stored} rows{fault}"
     if live:
         out.write("\x1b[H\x1b[2J")
     out.write(header + "\n")
-    if live:
-        out.write(f"{'point':28} {'value':>12} {'unit':6} {'quality':9} {'age':>7}  device\n")
-        for name, value, unit, quality, age, device_name in rows:
-            out.write(f"{name:28} {value:>12} {unit:6} {quality:9} {age:>7}  {device_name}\n")
-        snap = plant.snapshot()
-        meters = ", ".join(f"{k}={v:.3f} kWh" for k, v in snap.items() if k.endswith("energy"))
-        out.write(f"\nplant meters (simulated {snap.get('elapsed_s', 0):.0f} s): {meters}\n")
+    if not live:
+        out.flush()
+        return
+    out.write(f"{'point':28} {'value':>12} {'unit':6} {'quality':9} {'age':>7}  device\n")
+    for owner, point in agent.config.points():
+        reading = agent.latest.get(point.name)
+        age = f"{time.time() - reading.ts:5.1f}s" if reading else "-"
+        out.write(f"{point.name:28} {_value(reading):>12} {point.unit:6} {reading.quality if reading else '-':9} "
+                  f"{age:>7}  {owner.name}\n")
+    for name, model in agent.models.items():
+        m = model.status
+        if model.cfg.kind != "anomaly":
+            out.write(f"\nmodel {name}: {m.state} (simulation, used by the optimiser)")
+            continue
+        score = "-" if m.last_score is None else f"{m.last_score:.2f}"
+        threshold = model.model.threshold if model.model else None
+        state = "ANOMALY" if model.anomaly_active else ("not scoring: " + m.last_skip if m.last_skip else "normal")
+        out.write(f"\nmodel {name}: score {score} (threshold {threshold if threshold is not None else '-'}), {state}")
+    snap = plant.snapshot()
+    meters = ", ".join(f"{k}={v:.3f} kWh" for k, v in snap.items() if k.endswith("energy"))
+    out.write(f"\n\nplant meters (simulated {snap.get('elapsed_s', 0):.0f} s): {meters}\n")
     out.flush()
 
 
 async def _demo(duration: float, data_dir: Path, out: TextIO) -> int:
     from edge_agent.plant import Plant, free_port
 
-    plant = Plant(opcua_port=free_port(), modbus_port=free_port(), seed=7)
+    plant = Plant(opcua_port=free_port(), modbus_port=free_port(), seed=7, speed=DEMO_SPEED)
     await plant.start()
     try:
         config, effective = demo_config(plant.opcua_endpoint, plant.modbus_port, data_dir)
@@ -78,17 +109,20 @@ async def _demo(duration: float, data_dir: Path, out: TextIO) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        started = time.time()
+        timeline = Timeline()
         live = out.isatty()
         try:
-            while time.time() - started < duration and not stop.is_set():
-                _render(agent, plant, started, out, live)
+            while timeline.now() < duration and not stop.is_set():
+                if timeline.fault_at is None and timeline.now() >= FAULT_AT * duration:
+                    plant.inject_fault("vibration")
+                    timeline.fault_at = timeline.now()
+                _render(agent, plant, timeline, out, live)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(1.0 if live else 5.0):
                         await stop.wait()
         finally:
             await agent.stop()
-        _summary(agent, config, started, out)
+        _summary(agent, config, timeline, out)
     finally:
         await plant.stop()
     return 0
@@ -99,24 +133,46 @@ def _save(data_dir: Path, effective: str) -> None:
     (data_dir / "agent.toml").write_text(effective)
 
 
-def _summary(agent: Agent, config: config_mod.AgentConfig, started: float, out: TextIO) -> None:
+def _summary(agent: Agent, config: config_mod.AgentConfig, timeline: Timeline, out: TextIO) -> None:
     from edge_agent.twin import Twin
 
     twin = Twin.open(config.twin_path, readonly=True)
     try:
-        points = twin.current()
+        points = {p["name"]: p for p in twin.current()}
         history = twin.conn.execute("SELECT count(*) FROM history").fetchone()[0]
+        events = twin.events(0.0)
     finally:
         twin.close()
-    good = sum(1 for p in points if p["quality"] == "good")
-    out.write(f"\nsummary: ran {time.time() - started:.0f} s; {good}/{len(points)} points good; "
+    device_points = [p.name for _, p in config.points()]
+    good = sum(1 for name in device_points if points.get(name, {}).get("quality") == "good")
+    out.write(f"\nsummary: ran {timeline.now():.0f} s; {good}/{len(device_points)} device points good; "
               f"{history} history rows in {config.twin_path}\n")
     for runner in agent.runners.values():
         s = runner.status
         traffic = f"{s.updates} readings by subscription" if runner.subscribe else f"{s.reads} polls"
         out.write(f"  device {s.name} ({s.protocol}): {s.state}, {traffic}, {s.read_errors} errors\n")
-    out.write(f"inspect it:  edge-agent twin show --config {config.source}\n")
+    _anomaly_summary(events, timeline, out)
+    out.write(f"inspect it:  edge-agent twin show --config {config.source}\n"
+              f"             edge-agent twin events --config {config.source}\n")
     out.flush()
+
+
+def _anomaly_summary(events: list[dict[str, Any]], timeline: Timeline, out: TextIO) -> None:
+    raised = [e for e in events if e["kind"] == "anomaly" and e["state"] == "raised"]
+    fault = timeline.fault_at
+    if fault is None:
+        out.write("  anomaly: no fault injected (the demo ended before it was due)\n")
+        return
+    before = [e for e in raised if e["ts"] - timeline.started < fault]
+    after = [e for e in raised if e["ts"] - timeline.started >= fault]
+    out.write(f"  fault: bearing wear injected at t={fault:.0f}s\n")
+    if after:
+        first = after[0]
+        out.write(f"  anomaly: raised by {first['source']} at t={first['ts'] - timeline.started:.0f}s, "
+                  f"{first['ts'] - timeline.started - fault:.0f} s after the fault (score {first['score']:.2f}); "
+                  f"{len(before)} before the fault\n")
+    else:
+        out.write(f"  anomaly: not raised yet ({len(before)} before the fault); run longer, e.g. --duration 90\n")
 
 
 def run_demo(duration: float = 60.0, data_dir: str | None = None, out: TextIO = sys.stdout) -> int:

@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,6 +278,9 @@ class ModelRunner:
         try:
             self.model = await asyncio.to_thread(load, self.cfg, None, None, self.known)
             self.status.state = "ready"
+            if self.equipment is None and isinstance(self.known, Mapping):
+                # inputs named by the file, not the config: the equipment is its first input's device
+                self.equipment = self.known.get(self.model.inputs[0])
             log.info('model "%s" loaded from %s: inputs %s', self.cfg.name, self.model.source,
                      ", ".join(self.model.inputs))
         except ModelError as exc:
