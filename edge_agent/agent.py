@@ -23,12 +23,14 @@ from edge_agent import health
 from edge_agent.config import AgentConfig, DeviceConfig, ModelConfig
 from edge_agent.device import DeviceRunner
 from edge_agent.errors import TwinError
+from edge_agent.gate import SafetyGate, WriteResult
 from edge_agent.outbox import Outbox, OutboxLimits
 from edge_agent.sync import Sync
 from edge_agent.twin import Chunk, Twin
 
 if TYPE_CHECKING:
     from edge_agent.inference import ModelRunner
+    from edge_agent.optimizer import Optimizer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +63,10 @@ class Agent:
         self.latest: dict[str, Reading] = {}
         self.runners: dict[str, DeviceRunner] = {}
         self.models: dict[str, ModelRunner] = {}
+        self.gate = SafetyGate(config, self.last_value, self._driver_for, self.anomaly_active, self._record_write,
+                               self.submit, on_rollback=self._on_rollback)
+        self.optimizer: Optimizer | None = None
+        self._writes: list[WriteResult] = []
         self.stored = 0  # history rows written since start
         self.received = 0  # readings received from devices and models since start
         self.flush_seconds = 0.0  # wall time spent in twin flushes (for the average write latency)
@@ -129,6 +135,38 @@ class Agent:
                 except TwinError as exc:
                     log.error("%s; event %s is in the twin but not queued for the cloud", exc, event["id"])
 
+    def _driver_for(self, device: str) -> Driver | None:
+        runner = self.runners.get(device)
+        return runner.driver if runner is not None and runner.status.state == "up" else None
+
+    def _record_write(self, result: WriteResult) -> None:
+        self._writes.append(result)
+        self._wake.set()
+
+    def _on_rollback(self, reason: str) -> None:
+        if self.optimizer is not None:
+            self.optimizer.set_mode("advise", reason=f"rollback: {reason}")
+        self.record_event({"ts": time.time(), "source": "gate", "kind": "rollback", "state": "raised",
+                           "message": reason})
+
+    async def _store_writes(self) -> None:
+        writes, self._writes = self._writes, []
+        if not writes or self.twin is None:
+            return
+        for result in writes:
+            record = result.record()
+            try:
+                record["id"] = await _finish_in_thread(self.twin.record_write, record)
+            except TwinError as exc:
+                log.error("%s; write record kept in memory for the next attempt", exc)
+                self._writes.append(result)
+                continue
+            if self.sync is not None:
+                try:
+                    await self.sync.append([self.sync.event("write", record)])
+                except TwinError as exc:
+                    log.error("%s; write %s is in the twin but not queued for the cloud", exc, record["id"])
+
     def last_value(self, point: str) -> Reading | None:
         return self.latest.get(point)
 
@@ -184,6 +222,8 @@ class Agent:
         await self._start_sync()
         for model in config.models:
             self._start_model(model)
+        self._spawn(self.gate.run(), "safety-gate")
+        self._start_optimizer()
         self._spawn(self._writer(), "twin-writer")
         self._spawn(self._housekeeping(), "housekeeping")
         if config.metrics.enabled:
@@ -227,6 +267,7 @@ class Agent:
         or ``twin.*`` needs a restart of the agent (the caller does that: see ``needs_restart``).
         """
         old, self.config = self.config, new
+        self.gate.update(new)
         await self.flush()
         assert self.twin is not None
         await _finish_in_thread(self.twin.sync_points, new)
@@ -244,6 +285,11 @@ class Agent:
                 self.outbox = None
             await self._start_sync()
             changes.append("mqtt restarted")
+        if old.optimizer != new.optimizer or any(c.startswith("model") for c in changes):
+            await self._stop_part("optimizer")
+            self.optimizer = None
+            self._start_optimizer()
+            changes.append("optimizer restarted")
         summary = ", ".join(changes) or "nothing to change"
         log.info("config reloaded from %s: %s", new.source, summary)
         return summary
@@ -263,6 +309,16 @@ class Agent:
             start(settings)
             changes.append(f"{kind} {name} {'restarted' if name in old else 'added'}")
         return changes
+
+    def _start_optimizer(self) -> None:
+        settings = self.config.optimizer
+        if settings is None:
+            return
+        from edge_agent.optimizer import Optimizer
+
+        self.optimizer = Optimizer(settings, self.config, lambda: self.models.get(settings.model), self.last_value,
+                                   self.gate, self.record_event)
+        self._parts["optimizer"] = self._spawn(self.optimizer.run(), "optimizer")
 
     def anomaly_active(self, equipment: str) -> list[str]:
         """Names of the models with an active anomaly on this equipment (device)."""
@@ -290,6 +346,7 @@ class Agent:
         # Runners closed their drivers on cancellation; store what they delivered.
         await self.flush()
         await self._store_events()
+        await self._store_writes()
         if self.sync is not None:
             await self.sync.stop()
             self.sync = None
@@ -337,6 +394,7 @@ class Agent:
             self._wake.clear()
             await self.flush()
             await self._store_events()
+            await self._store_writes()
 
     async def _housekeeping(self) -> None:
         twin_cfg = self.config.twin

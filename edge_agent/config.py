@@ -156,6 +156,70 @@ class MetricsSection:
     port: int = 9108
 
 
+ROLES = ("viewer", "operator", "admin")
+OPTIMIZER_MODES = ("off", "advise", "auto")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Operator:
+    """A person (or tool) allowed to send signed commands."""
+
+    name: str
+    role: str
+    public_key: Path  # Ed25519 public key, PEM
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommandsSection:
+    """Remote management over MQTT: signed commands, roles, replay protection."""
+
+    enabled: bool = False
+    operators: tuple[Operator, ...] = ()
+    max_payload: int = 4 * 1024 * 1024  # bytes; update_model carries a whole ONNX file
+    clock_skew: float = 60.0
+    max_validity: float = 3600.0  # expires_at may be at most this far after issued_at
+    config_deadline: float = 60.0  # set_config: healthy within this, or roll back
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GateSection:
+    """The safety gate every write passes (per-point limits live on the points)."""
+
+    block_on_anomaly: bool = True
+    ramp: bool = False  # a request beyond max_step: refuse (false) or move one max_step towards it (true)
+    readback_timeout: float = 10.0
+    watch: float = 300.0  # after an automatic write, roll back if the plant reacts badly within this
+    max_input_age: float = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Bound:
+    """A limit on a value: a predicted output (constraint) or a measured point (guard)."""
+
+    name: str
+    min: float | None = None
+    max: float | None = None
+
+    def holds(self, value: float) -> bool:
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OptimizerSection:
+    """Setpoint optimisation with a simulation model."""
+
+    mode: str = "advise"
+    model: str
+    interval: float = 60.0
+    setpoints: tuple[str, ...]
+    objective: Mapping[str, float]  # minimise the sum of weight * predicted output
+    constraints: tuple[Bound, ...] = ()  # on predicted outputs
+    guards: tuple[Bound, ...] = ()  # on measured points, watched after automatic writes
+    candidates: int = 21  # grid points per setpoint inside the gate's envelope
+    min_gain: float = 0.0  # write only when the predicted objective improves by more than this
+    horizon: float | None = None  # when predictions are checked against the plant; default: the model's
+
+
 MODEL_KINDS = ("anomaly", "simulation")
 
 
@@ -226,6 +290,9 @@ class AgentConfig:
     mqtt: MqttSection | None = None
     models: tuple[ModelConfig, ...] = ()
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    commands: CommandsSection = field(default_factory=CommandsSection)
+    gate: GateSection = field(default_factory=GateSection)
+    optimizer: OptimizerSection | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -554,6 +621,113 @@ def _models(root: Table, base: Path, points: dict[str, str]) -> list[ModelConfig
     return models
 
 
+def _commands(root: Table, base: Path) -> CommandsSection | None:
+    t = root.table("commands")
+    operators: list[Operator] = []
+    names: set[str] = set()
+    for o in t.tables("operators"):
+        name, role = o.string("name", _REQUIRED), o.choice("role", ROLES, _REQUIRED)
+        key = _resolve(base, o.string("public_key", _REQUIRED))
+        o.finish()
+        if name in names:
+            o.problem("name", f'duplicate operator "{name}"')
+        names.add(name)
+        if None not in (name, role, key):
+            operators.append(Operator(name=name, role=role, public_key=key))  # type: ignore[arg-type]
+    values = {
+        "enabled": t.boolean("enabled", False),
+        "max_payload": t.size("max_payload", "4MiB"),
+        "clock_skew": t.duration("clock_skew", "60s"),
+        "max_validity": t.duration("max_validity", "1h"),
+        "config_deadline": t.duration("config_deadline", "60s"),
+    }
+    t.finish()
+    if values["enabled"] and not t.raw.get("operators"):
+        t.problem("operators", "commands are enabled but no operator is configured")
+    if None in values.values():
+        return None
+    return CommandsSection(operators=tuple(operators), **values)
+
+
+def _gate(root: Table) -> GateSection | None:
+    t = root.table("gate")
+    values = {
+        "block_on_anomaly": t.boolean("block_on_anomaly", True),
+        "ramp": t.boolean("ramp", False),
+        "readback_timeout": t.duration("readback_timeout", "10s"),
+        "watch": t.duration("watch", "5m"),
+        "max_input_age": t.duration("max_input_age", "30s"),
+    }
+    t.finish()
+    return None if None in values.values() else GateSection(**values)
+
+
+def _bounds(t: Table, key: str, name_key: str, known: set[str], what: str) -> tuple[Bound, ...] | None:
+    bounds = []
+    for b in t.tables(key):
+        name = b.string(name_key, _REQUIRED)
+        low, high = b.number("min"), b.number("max")
+        b.finish()
+        if name is not None and name not in known:
+            b.problem(name_key, f'no {what} named "{name}"')
+            name = None
+        if low is None and high is None:
+            b.problem("max", "expected min, max or both")
+            name = None
+        if name is not None:
+            bounds.append(Bound(name=name, min=low, max=high))
+    return tuple(bounds)
+
+
+def _optimizer(root: Table, models: list[ModelConfig], devices: list[DeviceConfig]) -> OptimizerSection | None:
+    if not root.has("optimizer"):
+        root.seen.add("optimizer")
+        return None
+    t = root.table("optimizer")
+    writable = {p.name for d in devices for p in d.points if p.writable}
+    points = {p.name for d in devices for p in d.points}
+    model_name = t.string("model", _REQUIRED)
+    model = next((m for m in models if m.name == model_name), None)
+    if model_name is not None and (model is None or model.kind != "simulation"):
+        t.problem("model", f'expected the name of a [[models]] entry with kind = "simulation", got "{model_name}"')
+    setpoints = _names(t, "setpoints")
+    for name in setpoints or ():
+        if name not in writable:
+            t.problem("setpoints", f'"{name}" is not a writable point (writable = true with min and max)')
+    objective = t.get("objective", _REQUIRED, (dict,), "a table of output = weight")
+    if objective is not None and (not objective or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in objective.values())):
+        t.problem("objective", 'expected a table of output = weight, e.g. { "chiller1.power" = 1.0 }')
+        objective = None
+    values = {
+        "mode": t.choice("mode", OPTIMIZER_MODES, "advise"),
+        "interval": t.duration("interval", "60s"),
+        "candidates": t.integer("candidates", 21, low=2, high=1001),
+        "min_gain": t.number("min_gain", 0.0, low=0.0),
+        "horizon": t.duration("horizon", None),
+        # outputs are named by the model file; checked against it when the model loads
+        "constraints": _bounds(t, "constraints", "output", _ANY, "output"),
+        "guards": _bounds(t, "guards", "point", points, "point"),
+    }
+    t.finish()
+    if None in (model_name, setpoints, objective, *(v for k, v in values.items() if k != "horizon")) or not setpoints:
+        if setpoints == ():
+            t.problem("setpoints", "expected at least one writable point")
+        return None
+    return OptimizerSection(model=model_name, setpoints=setpoints,
+                            objective={k: float(v) for k, v in objective.items()}, **values)
+
+
+class _Anything(set[str]):
+    """A name set that contains every name (outputs are checked against the model file later)."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+_ANY = _Anything()
+
+
 def parse(raw: Mapping[str, Any], source: Path) -> AgentConfig:
     """Validate an already-parsed TOML document; raise ConfigError listing every problem."""
     problems: list[str] = []
@@ -578,6 +752,9 @@ def parse(raw: Mapping[str, Any], source: Path) -> AgentConfig:
     _check_names(root, devices)
     mqtt = _mqtt(root, agent_id, source.parent)
     models = _models(root, source.parent, {p.name: d.name for d in devices for p in d.points})
+    commands = _commands(root, source.parent)
+    gate = _gate(root)
+    optimizer = _optimizer(root, models, devices)
     mt = root.table("metrics")
     metrics = {"enabled": mt.boolean("enabled", False), "host": mt.string("host", "127.0.0.1"),
                "port": mt.integer("port", 9108, low=1, high=65535)}
@@ -600,6 +777,9 @@ def parse(raw: Mapping[str, Any], source: Path) -> AgentConfig:
         mqtt=mqtt,
         models=tuple(models),
         metrics=MetricsSection(**metrics),
+        commands=commands or CommandsSection(),
+        gate=gate or GateSection(),
+        optimizer=optimizer,
         raw=raw,
     )
 

@@ -71,6 +71,33 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX events_ts ON events (ts);
     """,
+    # 3: the safety gate: desired state per writable point, and every write attempt
+    """
+    CREATE TABLE desired (
+        point    TEXT PRIMARY KEY,
+        value    REAL,
+        source   TEXT NOT NULL,
+        actor    TEXT,
+        version  INTEGER NOT NULL,
+        status   TEXT NOT NULL,
+        reason   TEXT NOT NULL DEFAULT '',
+        ts       REAL NOT NULL
+    );
+    CREATE TABLE writes (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts        REAL NOT NULL,
+        source    TEXT NOT NULL,
+        actor     TEXT,
+        point     TEXT NOT NULL,
+        old       REAL,
+        requested REAL,
+        written   REAL,
+        readback  REAL,
+        result    TEXT NOT NULL,
+        reason    TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX writes_ts ON writes (ts);
+    """,
 ]
 
 Chunk = tuple[float, Sequence[Reading]]  # (received_ts, readings)
@@ -227,6 +254,38 @@ class Twin:
         except sqlite3.Error as exc:
             raise TwinError(f"{self.path}: cannot store an event: {exc}") from exc
         return int(cur.lastrowid or 0)
+
+    def record_write(self, attempt: dict[str, Any]) -> int:
+        """Store one write attempt in the audit table and the point's desired state; returns its id."""
+        columns = ("ts", "source", "actor", "point", "old", "requested", "written", "readback", "result", "reason")
+        try:
+            with self.transaction() as conn:
+                marks = ", ".join("?" * len(columns))
+                cur = conn.execute(f"INSERT INTO writes ({', '.join(columns)}) VALUES ({marks})",
+                                   tuple(attempt.get(c) for c in columns))
+                conn.execute(
+                    "INSERT INTO desired (point, value, source, actor, version, status, reason, ts) "
+                    "VALUES (?, ?, ?, ?, 1, ?, ?, ?) ON CONFLICT (point) DO UPDATE SET value = excluded.value, "
+                    "source = excluded.source, actor = excluded.actor, version = desired.version + 1, "
+                    "status = excluded.status, reason = excluded.reason, ts = excluded.ts",
+                    (attempt["point"], attempt.get("requested"), attempt["source"], attempt.get("actor"),
+                     attempt["result"], attempt.get("reason", ""), attempt["ts"]))
+        except sqlite3.Error as exc:
+            raise TwinError(f"{self.path}: cannot record a write: {exc}") from exc
+        return int(cur.lastrowid or 0)
+
+    def writes(self, since: float = 0.0, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """Write attempts at or after ``since``, oldest first."""
+        sql = "SELECT * FROM writes WHERE ts >= ? ORDER BY id"
+        params: list[Any] = [since]
+        if limit is not None:
+            sql = f"SELECT * FROM ({sql} DESC LIMIT ?) ORDER BY id"
+            params.append(limit)
+        return self._query(sql, params)
+
+    def desired(self) -> list[dict[str, Any]]:
+        """The desired state of every point that was ever requested."""
+        return self._query("SELECT * FROM desired ORDER BY point")
 
     def events(self, since: float = 0.0, *, limit: int | None = None) -> list[dict[str, Any]]:
         """Events at or after ``since``, oldest first."""
