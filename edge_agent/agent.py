@@ -180,7 +180,19 @@ class Agent:
         return rows
 
     async def flush(self) -> int:
-        """Store every pending reading in one transaction, off the event loop."""
+        """Store every pending reading in one transaction, off the event loop.
+
+        Shielded as a whole: a cancelled caller (stop() cancelling the writer) still lets the
+        batch be committed *and* handed to the cloud sync, never one without the other.
+        """
+        inner = asyncio.ensure_future(self._flush())
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            await asyncio.wait([inner])
+            raise
+
+    async def _flush(self) -> int:
         async with self._flush_lock:
             if not self._pending or self.twin is None:
                 return 0
@@ -188,7 +200,7 @@ class Agent:
             self._room.set()
             try:
                 began = time.perf_counter()
-                kept = await _finish_in_thread(self.twin.write_batch, chunks)
+                kept = await asyncio.to_thread(self.twin.write_batch, chunks)
                 self.last_flush_seconds = time.perf_counter() - began
                 self.flush_seconds += self.last_flush_seconds
             except TwinError as exc:
@@ -334,7 +346,16 @@ class Agent:
         self.outbox = await asyncio.to_thread(
             Outbox.open, self.config.agent.data_dir / "outbox.db", limits=limits, max_inflight=mqtt.max_inflight,
             synchronous=mqtt.outbox_sync)
-        self.sync = Sync(self.config, self.outbox, self.snapshot)
+        on_message = None
+        if self.config.commands.enabled:
+            from edge_agent.commands import CommandHandler
+
+            # One handler for the agent's life: its replay store and in-flight commands outlive a
+            # restart of the MQTT link (a reload that changes [mqtt] calls this again).
+            self.commands: CommandHandler | None = getattr(self, "commands", None) or CommandHandler(self)
+            self.commands.attach()
+            on_message = self.commands.on_message
+        self.sync = Sync(self.config, self.outbox, self.snapshot, on_message=on_message)
         self.sync.start()
 
     async def stop(self) -> None:

@@ -44,7 +44,7 @@ def demo_config(opcua_endpoint: str, modbus_port: int, data_dir: Path) -> tuple[
 
 
 DEMO_SPEED = 5.0  # simulated seconds per real second: a minute of demo is five minutes of plant
-FAULT_AT = 0.4  # the bearing fault starts at this fraction of the demo's duration
+FAULT_AT = 0.7  # the bearing fault starts at this fraction of the demo's duration
 
 
 @dataclass
@@ -89,10 +89,24 @@ def _render(agent: Agent, plant: Any, timeline: Timeline, out: TextIO, live: boo
         threshold = model.model.threshold if model.model else None
         state = "ANOMALY" if model.anomaly_active else ("not scoring: " + m.last_skip if m.last_skip else "normal")
         out.write(f"\nmodel {name}: score {score} (threshold {threshold if threshold is not None else '-'}), {state}")
+    if agent.optimizer is not None:
+        opt = agent.optimizer
+        last = opt.last.action + ": " + ", ".join(f"{k} -> {v:.2f}" for k, v in opt.last.setpoints.items()) \
+            if opt.last else (opt.last_skip or "waiting for its first step")
+        out.write(f"\noptimiser ({opt.mode}): {last}")
     snap = plant.snapshot()
-    meters = ", ".join(f"{k}={v:.3f} kWh" for k, v in snap.items() if k.endswith("energy"))
-    out.write(f"\n\nplant meters (simulated {snap.get('elapsed_s', 0):.0f} s): {meters}\n")
+    saving = _saving(snap)
+    out.write(f"\n\nplant meters (simulated {snap.get('elapsed_s', 0):.0f} s): "
+              f"chiller {snap['chiller1.energy']:.2f} kWh vs baseline {snap['baseline.chiller1.energy']:.2f} kWh "
+              f"({saving:+.1f} % with the pump)\n")
     out.flush()
+
+
+def _saving(snap: dict[str, Any]) -> float:
+    """Chiller + pump energy against the baseline plant (same load, setpoints untouched), in %."""
+    used = snap["chiller1.energy"] + snap["pump1.energy"]
+    baseline = snap["baseline.chiller1.energy"] + snap["baseline.pump1.energy"]
+    return 100.0 * (used - baseline) / baseline if baseline > 0 else 0.0
 
 
 async def _demo(duration: float, data_dir: Path, out: TextIO) -> int:
@@ -122,7 +136,7 @@ async def _demo(duration: float, data_dir: Path, out: TextIO) -> int:
                         await stop.wait()
         finally:
             await agent.stop()
-        _summary(agent, config, timeline, out)
+        _summary(agent, config, timeline, plant.snapshot(), out)
     finally:
         await plant.stop()
     return 0
@@ -133,7 +147,8 @@ def _save(data_dir: Path, effective: str) -> None:
     (data_dir / "agent.toml").write_text(effective)
 
 
-def _summary(agent: Agent, config: config_mod.AgentConfig, timeline: Timeline, out: TextIO) -> None:
+def _summary(agent: Agent, config: config_mod.AgentConfig, timeline: Timeline, snap: dict[str, Any],
+             out: TextIO) -> None:
     from edge_agent.twin import Twin
 
     twin = Twin.open(config.twin_path, readonly=True)
@@ -152,9 +167,41 @@ def _summary(agent: Agent, config: config_mod.AgentConfig, timeline: Timeline, o
         traffic = f"{s.updates} readings by subscription" if runner.subscribe else f"{s.reads} polls"
         out.write(f"  device {s.name} ({s.protocol}): {s.state}, {traffic}, {s.read_errors} errors\n")
     _anomaly_summary(events, timeline, out)
+    _optimiser_summary(agent, config, snap, timeline, out)
     out.write(f"inspect it:  edge-agent twin show --config {config.source}\n"
               f"             edge-agent twin events --config {config.source}\n")
     out.flush()
+
+
+def _optimiser_summary(agent: Agent, config: config_mod.AgentConfig, snap: dict[str, Any], timeline: Timeline,
+                       out: TextIO) -> None:
+    from edge_agent.twin import Twin
+
+    if config.optimizer is None:
+        return
+    twin = Twin.open(config.twin_path, readonly=True)
+    try:
+        writes = twin.writes(timeline.started)
+        hottest = twin.conn.execute("SELECT max(value) FROM history WHERE point = 'chiller1.supply_temp' AND ts >= ?",
+                                    (timeline.started,)).fetchone()[0]
+    finally:
+        twin.close()
+    limit = next((c.max for c in config.optimizer.constraints if c.name == "chiller1.supply_temp"), None)
+    minutes = snap["elapsed_s"] / 60
+    out.write(f"  optimiser ({agent.optimizer.mode if agent.optimizer else '-'} at the end): energy "
+              f"{_saving(snap):+.1f} % against the plant's own baseline over {minutes:.0f} simulated minutes "
+              f"(chiller {snap['chiller1.energy']:.2f} vs {snap['baseline.chiller1.energy']:.2f} kWh, measured by the "
+              f"plant's meters)\n")
+    if hottest is not None and limit is not None:
+        verdict = "held" if hottest <= limit else "EXCEEDED"
+        out.write(f"  supply temperature limit {limit:g} degC {verdict} (highest reading {hottest:.2f} degC)\n")
+    by_result: dict[str, int] = {}
+    for w in writes:
+        by_result[w["result"]] = by_result.get(w["result"], 0) + 1
+    out.write(f"  writes through the safety gate: {len(writes)} "
+              f"({', '.join(f'{n} {r}' for r, n in sorted(by_result.items())) or 'none'})\n")
+    for w in [w for w in writes if w["result"] != "applied"][:5]:
+        out.write(f"    {w['result']}: {w['point']} -> {w['requested']}: {w['reason']}\n")
 
 
 def _anomaly_summary(events: list[dict[str, Any]], timeline: Timeline, out: TextIO) -> None:

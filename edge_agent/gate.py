@@ -72,6 +72,7 @@ class _Request:
     inputs: Sequence[str]
     watch: bool
     done: asyncio.Future[WriteResult]
+    why: str = ""  # a rollback's cause, recorded as its reason
 
 
 @dataclass
@@ -222,7 +223,7 @@ class SafetyGate:
         if req.watch:
             self.watches[req.point] = _Watch(req.point, old, device, time.time() + self.config.gate.watch)
         result = ROLLED_BACK if req.source == "rollback" else APPLIED
-        return self._verdict(req, old, target, readback, result, note, requested=value)
+        return self._verdict(req, old, target, readback, result, req.why or note, requested=value)
 
     async def _read_back(self, driver: Driver, point: PointConfig, target: float) -> float | None:
         """Read until the device reports ``target`` (within tolerance) or the timeout passes."""
@@ -258,7 +259,7 @@ class SafetyGate:
             del self.watches[name]
             log.warning("gate: rolling back %s to %g: %s", name, watch.previous, reason)
             done: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-            result = await self._apply(_Request(name, watch.previous, "rollback", None, (), False, done))
+            result = await self._apply(_Request(name, watch.previous, "rollback", None, (), False, done, reason))
             self.on_rollback(f"{name} restored to {watch.previous:g} ({result.result}): {reason}")
 
     def _watch_trips(self, watch: _Watch) -> str | None:

@@ -48,7 +48,7 @@ class Recommendation:
     predicted: dict[str, float]  # model outputs for the chosen candidate
     objective: float
     hold_objective: float
-    action: str  # "hold" | "advise" | "write"
+    action: str  # "hold" | "advise" | "write" | "wait" (auto, but min_interval has not passed)
     feasible: int  # candidates meeting every constraint
     results: list[str] = field(default_factory=list)  # the gate's verdicts in auto mode
 
@@ -184,6 +184,8 @@ class Optimizer:
         chosen = {name: float(grid[best, j]) for j, name in enumerate(self.settings.setpoints)}
         changed = any(abs(chosen[n] - current[n]) > 1e-9 for n in chosen)
         action = "hold" if not changed else ("write" if self.mode == "auto" else "advise")
+        if action == "write" and self._too_soon(chosen, current):
+            action = "wait"  # the gate would refuse it: no point asking before min_interval has passed
         rec = Recommendation(time.time(), chosen, {n: current[n] for n in chosen},
                              {name: float(values[best]) for name, values in predicted.items()},
                              float(objective[best]), hold, action, int(feasible.sum()))
@@ -201,6 +203,15 @@ class Optimizer:
                     result = await self.gate.request(name, value, source="optimizer", inputs=inputs, watch=True)
                     rec.results.append(f"{name}: {result.result} {result.reason}".strip())
         return rec
+
+    def _too_soon(self, chosen: dict[str, float], current: dict[str, float]) -> bool:
+        now = time.time()
+        for name, value in chosen.items():
+            if abs(value - current[name]) > 1e-9:
+                since = now - self.gate.last_write.get(name, float("-inf"))
+                if since < self._points[name].min_interval:
+                    return True
+        return False
 
     # ------------------------------------------------------------------ prediction error
 

@@ -94,7 +94,16 @@ class TelemetryEncoder:
     def encode(self, samples: Sequence[Reading], stamp: Stamp) -> bytes:
         """The payload for one telemetry message carrying ``samples``."""
         name, value = self._name, _value
-        parts = [f'{name(r[0])}{r[3]!r},"value":{value(r[1])},"quality":"{r[2]}"}}' for r in samples]
+        stamps: dict[float, str] = {}  # the readings of one device read share their timestamp
+        parts = []
+        for r in samples:
+            ts = stamps.get(r[3])
+            if ts is None:
+                ts = stamps[r[3]] = repr(r[3])
+            v = r[1]
+            # the common case inline: a finite float (v - v is nan for nan and inf)
+            shown = repr(v) if v.__class__ is float and v - v == 0.0 else value(v)  # type: ignore[operator]
+            parts.append(f'{name(r[0])}{ts},"value":{shown},"quality":"{r[2]}"}}')
         gap = "" if stamp.gap is None else ',"gap":' + json.dumps(stamp.gap.record()["gap"])
         return f'{self._head}{stamp.seq}{gap},"points":[{",".join(parts)}]}}'.encode()
 
