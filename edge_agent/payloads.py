@@ -102,7 +102,7 @@ class TelemetryEncoder:
                 ts = stamps[r[3]] = repr(r[3])
             v = r[1]
             # the common case inline: a finite float (v - v is nan for nan and inf)
-            shown = repr(v) if v.__class__ is float and v - v == 0.0 else value(v)  # type: ignore[operator]
+            shown = repr(v) if v.__class__ is float and v - v == 0.0 else value(v)
             parts.append(f'{name(r[0])}{ts},"value":{shown},"quality":"{r[2]}"}}')
         gap = "" if stamp.gap is None else ',"gap":' + json.dumps(stamp.gap.record()["gap"])
         return f'{self._head}{stamp.seq}{gap},"points":[{",".join(parts)}]}}'.encode()
