@@ -1,0 +1,111 @@
+"""Config file: TOML parsed once into frozen dataclasses, every problem named by key path.
+
+``load(path)`` returns an :class:`AgentConfig` or raises :class:`ConfigError` whose
+``problems`` hold one line per problem, e.g.::
+
+    agent.toml: devices[1].points[0].type: expected one of int16, uint16, ..., got "flaot32"
+
+The file is never rewritten. Every key has a default and a commented line in
+config/agent.example.toml.
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from edge_agent.config import devices as _devices_mod
+from edge_agent.config import sections as _sections
+from edge_agent.config.schema import *  # noqa: F403 - the dataclasses and names are this package's API
+from edge_agent.config.schema import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    AgentConfig,
+    AgentSection,
+    CommandsSection,
+    GateSection,
+    MetricsSection,
+    TwinSection,
+)
+from edge_agent.errors import ConfigError
+from edge_agent.validate import Table
+
+
+def parse(raw: Mapping[str, Any], source: Path) -> AgentConfig:
+    """Validate an already-parsed TOML document; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    root = Table(raw, "", problems)
+    a = root.table("agent")
+    agent_id = a.string("id", socket.gethostname())
+    site = a.string("site", "default")
+    data_dir_text = a.string("data_dir", "data")
+    log_level = a.choice("log_level", LOG_LEVELS, "info")
+    log_format = a.choice("log_format", LOG_FORMATS, "text")
+    a.finish()
+    tw = root.table("twin")
+    twin = {
+        "file": tw.string("file", "twin.db"),
+        "history_retention": tw.duration("history_retention", "7d"),
+        "flush_interval": tw.duration("flush_interval", "250ms"),
+        "flush_max": tw.integer("flush_max", 50_000, low=1),
+        "prune_interval": tw.duration("prune_interval", "5m"),
+    }
+    tw.finish()
+    devices = _devices_mod.devices(root)
+    _devices_mod.check_names(root, devices)
+    mqtt = _sections.mqtt(root, agent_id, source.parent)
+    models = _sections.models(root, source.parent, {p.name: d.name for d in devices for p in d.points})
+    commands = _sections.commands(root, source.parent)
+    gate = _sections.gate(root)
+    optimizer = _sections.optimizer(root, models, devices)
+    mt = root.table("metrics")
+    metrics = {"enabled": mt.boolean("enabled", False), "host": mt.string("host", "127.0.0.1"),
+               "port": mt.integer("port", 9108, low=1, high=65535)}
+    mt.finish()
+    for label, text in (("site", site), ("id", agent_id)):
+        if text is not None and any(c in text for c in "/+#"):
+            a.problem(label, f'expected no "/", "+" or "#" (it is an MQTT topic level), got "{text}"')
+    root.finish()
+    if problems:
+        raise ConfigError([f"{source}: {p}" for p in problems])
+    data_dir = Path(data_dir_text).expanduser()
+    if not data_dir.is_absolute():
+        data_dir = (source.parent / data_dir).resolve()
+    return AgentConfig(
+        source=source,
+        agent=AgentSection(id=agent_id, site=site, data_dir=data_dir, log_level=log_level,
+                           log_format=log_format),
+        twin=TwinSection(**twin),
+        devices=tuple(devices),
+        mqtt=mqtt,
+        models=tuple(models),
+        metrics=MetricsSection(**metrics),
+        commands=commands or CommandsSection(),
+        gate=gate or GateSection(),
+        optimizer=optimizer,
+        raw=raw,
+    )
+
+
+def load(path: str | Path) -> AgentConfig:
+    """Read and validate a config file."""
+    source = Path(path)
+    try:
+        text = source.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{source}: no such file"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{source}: cannot read: {exc}"]) from exc
+    return loads(text, source)
+
+
+def loads(text: str, source: Path) -> AgentConfig:
+    """Validate config text as if it were read from ``source`` (used by reload and set_config)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: not valid TOML: {exc}"]) from exc
+    return parse(raw, source)
