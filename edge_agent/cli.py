@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--limit", type=int, default=None, help="at most this many (the newest)")
     events.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
 
+    from edge_agent import operator
+
+    operator.add_parsers(sub)
+
     demo = sub.add_parser("demo", help="run a simulated plant and the agent against it, with a live view")
     demo.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
     demo.add_argument("--data-dir", default=None, help="where the demo twin goes (default: a temp folder)")
@@ -82,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _twin(args)
         if args.command == "status":
             return _status(args.config, args.json)
+        if args.command in ("keys", "command"):
+            from edge_agent import operator
+
+            return operator.run(args)
         if args.command == "demo":
             from edge_agent.demo import run_demo
 

@@ -122,6 +122,8 @@ class MqttLink:
         self.last_error = ""
         self.connects = 0
         self.on_ack: Callable[[int], None] = lambda mid: None
+        # A message the broker refused: True when the owner dropped it, so the link stays up.
+        self.on_refused: Callable[[int], bool] = lambda mid: False
         self.on_up: Callable[[], None] = lambda: None
         self._client: paho.Client | None = None
         self._disconnected: asyncio.Event = asyncio.Event()
@@ -234,12 +236,20 @@ class MqttLink:
             async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel on 3.11
                 await self._disconnected.wait()
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
-        """Hand one message to paho; returns its mid (PUBACK arrives through ``on_ack``)."""
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                correlation: bytes | None = None) -> int:
+        """Hand one message to paho; returns its mid (PUBACK arrives through ``on_ack``).
+
+        ``correlation`` goes out as the MQTT 5 Correlation Data (dropped on MQTT 3.1.1, which has none).
+        """
         client = self._client
         if client is None or not self.connected.is_set():
             raise LinkError("not connected")
-        info = client.publish(topic, payload, qos=qos, retain=retain)
+        properties = None
+        if correlation is not None and self.cfg.version == "5":
+            properties = Properties(paho.PacketTypes.PUBLISH)
+            properties.CorrelationData = correlation
+        info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise LinkError(f"publish refused by the client: {paho.error_string(info.rc)}")
         return int(info.mid)
@@ -279,9 +289,11 @@ class MqttLink:
                     properties: Properties | None) -> None:
         if reason.is_failure:
             # The broker did not take it (e.g. not authorised for the topic): it stays in the outbox
-            # and goes out again after the next reconnect.
+            # and goes out again after the next reconnect, unless its owner drops it (a command
+            # response to a topic we may not publish to would otherwise come back for ever).
             log.warning("mqtt: broker refused message %d: %s", mid, reason)
-            self._disconnected.set()
+            if not self.on_refused(mid):
+                self._disconnected.set()
             return
         self.on_ack(mid)
 

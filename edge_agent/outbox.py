@@ -12,21 +12,21 @@ caller hands in a *builder* (``Draft.payload`` as ``Callable[[Stamp], bytes]``) 
 calls with the seq inside the transaction.
 
 Limits and drops (:class:`OutboxLimits`). When a new message would take the outbox over
-``max_rows`` or ``max_bytes``, the oldest telemetry not in flight is dropped first. Events are
-never dropped; snapshots (``state``, ``twin``) are never dropped either, since a new one replaces
-the older pending one of the same topic. When nothing droppable is left, new telemetry is refused
-(it still consumes its seq and is counted as dropped) while events and snapshots are still
-accepted over the limit: they are small and rare, and losing an alarm or an audit record to make
-room for samples is the wrong trade. Drops are counted for ever (``dropped_messages``,
-``dropped_samples``) and collected into one unreported :class:`Gap` that the *next* telemetry
-message receives in its :class:`Stamp`, in the transaction that inserts it, so it can carry
-``{"gap": {"from_seq", "to_seq", "messages", "samples"}}``. ``from_seq``..``to_seq`` bounds the
-dropped seqs (seqs inside it that the receiver did get were delivered, or reported by another
-record); ``messages`` and ``samples`` count what was dropped. If a message carrying a gap is
-dropped in turn, its gap is folded into the next one. So a receiver can check: every seq it never
-got lies inside some record's range, and the records' ``messages`` add up to the number of such
-seqs (more only when a message that had been sent but not acknowledged was dropped later).
-Messages in flight are never dropped.
+``max_rows`` or ``max_bytes``, the oldest telemetry not in flight is dropped first. Events (and
+command ``response`` messages) are never dropped; snapshots (``state``, ``twin``) are never
+dropped either, since a new one replaces the older pending one of the same topic. When nothing
+droppable is left, new telemetry is refused (it still consumes its seq and is counted as dropped)
+while events and snapshots are still accepted over the limit: they are small and rare, and losing
+an alarm or an audit record to make room for samples is the wrong trade. Drops are counted for
+ever (``dropped_messages``, ``dropped_samples``) and collected into one unreported :class:`Gap`
+that the *next* telemetry message receives in its :class:`Stamp`, in the transaction that inserts
+it, so it can carry ``{"gap": {"from_seq", "to_seq", "messages", "samples"}}``.
+``from_seq``..``to_seq`` bounds the dropped seqs (seqs inside it that the receiver did get were
+delivered, or reported by another record); ``messages`` and ``samples`` count what was dropped. If
+a message carrying a gap is dropped in turn, its gap is folded into the next one. So a receiver
+can check: every seq it never got lies inside some record's range, and the records' ``messages``
+add up to the number of such seqs (more only when a message that had been sent but not
+acknowledged was dropped later). Messages in flight are never dropped.
 
 Durability. ``synchronous=NORMAL`` (the default): in WAL mode a commit is in the OS page cache
 when ``append`` returns, so ``kill -9`` or a crash of the agent loses nothing committed; only an
@@ -60,7 +60,7 @@ from edge_agent.errors import TwinError
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["telemetry", "event", "state", "twin"]
+Kind = Literal["telemetry", "event", "state", "twin", "response"]
 KINDS: frozenset[str] = frozenset(get_args(Kind))
 SNAPSHOT_KINDS: frozenset[str] = frozenset({"state", "twin"})  # a newer one replaces the pending older one
 
@@ -97,13 +97,17 @@ MIGRATIONS: list[str] = [
     );
     INSERT INTO meta VALUES (1, 1, 1, 0, 0, NULL, NULL, 0, 0);
     """,
+    # 2: command responses carry the request's MQTT 5 Correlation Data (edge_agent/commands.py)
+    """
+    ALTER TABLE messages ADD COLUMN correlation BLOB;
+    """,
 ]
 
 _META_COLUMNS = ("next_telemetry_seq, next_event_seq, dropped_messages, dropped_samples, "
                  "gap_from, gap_to, gap_messages, gap_samples")
 _INSERT = ("INSERT INTO messages (kind, topic, payload, qos, retain, created, seq, samples, "
-           "gap_from, gap_to, gap_messages, gap_samples) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-_SELECT = "SELECT id, kind, topic, payload, qos, retain, created, seq, samples FROM messages"
+           "gap_from, gap_to, gap_messages, gap_samples, correlation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_SELECT = "SELECT id, kind, topic, payload, qos, retain, created, seq, samples, correlation FROM messages"
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,10 @@ Build = Callable[[Stamp], bytes]
 
 @dataclass(frozen=True, slots=True)
 class Draft:
-    """A message to append. ``payload`` is bytes, or a builder called with the message's Stamp."""
+    """A message to append. ``payload`` is bytes, or a builder called with the message's Stamp.
+
+    ``correlation`` is the MQTT 5 Correlation Data a command ``response`` echoes to its requester.
+    """
 
     kind: Kind
     topic: str
@@ -160,6 +167,7 @@ class Draft:
     samples: int = 0
     qos: int = 1
     retain: bool = False
+    correlation: bytes | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -189,6 +197,7 @@ class Message:
     created: float
     seq: int | None
     samples: int
+    correlation: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,7 +375,7 @@ class Outbox:
         cur = self.conn.execute(_INSERT, (
             kind, draft.topic, payload, draft.qos, int(draft.retain), now, seq, draft.samples,
             gap.from_seq if gap else None, gap.to_seq if gap else None,
-            gap.messages if gap else None, gap.samples if gap else None))
+            gap.messages if gap else None, gap.samples if gap else None, draft.correlation))
         state.rows += 1
         state.bytes += size
         if kind == "telemetry":
@@ -485,7 +494,7 @@ class Outbox:
                 rows = self.conn.execute(f"{_SELECT} {where} ORDER BY id LIMIT ?", (*params, room)).fetchall()
             except sqlite3.Error as exc:
                 raise TwinError(f"{self.path}: cannot read the outbox: {exc}") from exc
-            messages = [Message(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8]) for r in rows]
+            messages = [Message(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8], r[9]) for r in rows]
             for m in messages:
                 self._inflight[m.id] = (m.kind, len(m.payload))
             return messages

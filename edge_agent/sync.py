@@ -56,6 +56,7 @@ class Sync:
                              will_payload=payloads.state(self.gateway, "offline"),
                              subscriptions=(self.topics.cmd,) if on_message else (), on_message=on_message)
         self.link.on_ack = self._on_ack
+        self.link.on_refused = self._on_refused
         self.link.on_up = self._wake_up
         self.bucket = TokenBucket(self.cfg.replay_rate, max(self.cfg.replay_rate, self.cfg.max_samples))
         self.encoder = payloads.TelemetryEncoder(self.gateway)
@@ -65,6 +66,7 @@ class Sync:
         self._twin_dirty = True
         self._twin_sent = 0.0
         self._mids: dict[int, int] = {}  # paho mid -> outbox id
+        self._responses: set[int] = set()  # mids of command responses
         self._acks: list[int] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -81,6 +83,14 @@ class Sync:
         """A draft ``events`` message, for :meth:`append`."""
         return Draft(kind="event", topic=self.topics.events,
                      payload=lambda stamp: payloads.event(self.gateway, stamp, kind, fields))
+
+    def response(self, topic: str | None, payload: bytes, correlation: bytes | None) -> Draft:
+        """A draft command response: to the request's Response Topic, else ``.../cmd/response``.
+
+        The caller checks that ``topic`` is a valid topic name to publish to (no wildcards).
+        """
+        return Draft(kind="response", topic=topic or self.topics.cmd_response, payload=payload,
+                     correlation=correlation)
 
     async def append(self, drafts: list[Draft]) -> None:
         """Store messages in the outbox (off the event loop) and wake the drain."""
@@ -173,7 +183,17 @@ class Sync:
     def _wake_up(self) -> None:
         self._wake.set()
 
+    def _on_refused(self, mid: int) -> bool:
+        """A command response the broker refused (its Response Topic is not ours to publish to) is
+        dropped; anything else stays in the outbox and the link reconnects."""
+        if mid not in self._responses:
+            return False
+        log.warning("mqtt: the broker refused a command response (message %d); dropped", mid)
+        self._on_ack(mid)
+        return True
+
     def _on_ack(self, mid: int) -> None:
+        self._responses.discard(mid)
         outbox_id = self._mids.pop(mid, None)
         if outbox_id is not None:
             self._acks.append(outbox_id)
@@ -201,6 +221,7 @@ class Sync:
         await self._ack_pending()
         await asyncio.to_thread(self.outbox.requeue)
         self._mids.clear()
+        self._responses.clear()
         boundary = await asyncio.to_thread(self.outbox.last_id)
         backlog_cursor, live_cursor = 0, boundary
         online = Draft(kind="state", topic=self.topics.state, retain=True,
@@ -249,8 +270,11 @@ class Sync:
 
     def _publish(self, messages: list[Message], cursor: int) -> int:
         for message in messages:
-            mid = self.link.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+            mid = self.link.publish(message.topic, message.payload, qos=message.qos, retain=message.retain,
+                                    correlation=message.correlation)
             self._mids[mid] = message.id
+            if message.kind == "response":
+                self._responses.add(mid)
             self.published += 1
             cursor = message.id
         return cursor

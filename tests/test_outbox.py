@@ -71,7 +71,7 @@ def test_file_settings(tmp_path: Path) -> None:
     with Outbox.open(tmp_path / "outbox.db", synchronous="full") as outbox:
         pragmas = [outbox.conn.execute(f"PRAGMA {name}").fetchone()[0]
                    for name in ("journal_mode", "synchronous", "auto_vacuum", "user_version")]
-    assert pragmas == ["wal", 2, 2, 1]  # WAL, FULL, INCREMENTAL, schema 1
+    assert pragmas == ["wal", 2, 2, 2]  # WAL, FULL, INCREMENTAL, schema 2
     with Outbox.open(tmp_path / "outbox.db") as outbox:
         assert outbox.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
 

@@ -1,0 +1,118 @@
+"""The optimiser on the simulated plant's real servers: advise never writes; auto writes are rolled back.
+
+The simulation model is a tiny linear ONNX model (tests/onnx_models.linear_model) whose predicted
+power falls as the chiller setpoint rises, so raising the setpoint by one max_step is always
+attractive. The run uses the real Agent with recording drivers (tests/test_gate.WriteLog).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from edge_agent.plant import Plant
+from edge_agent.twin import Twin
+from tests.helpers import free_port, wait_for
+from tests.onnx_models import linear_model, zscore_model
+from tests.test_gate import SPEED, WriteLog, opcua_setpoint, plant_config, reader, running
+
+# power = 100 - 10 * setpoint (+ 0 * load); supply = setpoint
+SIM = ('\n[[models]]\nname = "sim"\nkind = "simulation"\nfile = "sim.onnx"\n'
+       '\n[optimizer]\nmode = "{mode}"\nmodel = "sim"\ninterval = "0.3s"\nsetpoints = ["chiller1.setpoint"]\n'
+       'candidates = 5\nobjective = {{ "power" = 1.0 }}\n\n  [[optimizer.constraints]]\n  output = "supply"\n'
+       '  max = 12.0\n')
+# the plant "reacts badly": supply temperature more than 0.2 degC away from 7
+WATCHDOG = ('\n[[models]]\nname = "supply-watch"\nkind = "anomaly"\nfile = "watch.onnx"\ninterval = "0.2s"\n'
+            "threshold = 4.0\nraise_after = 1\nclear_after = 1\n")
+
+
+def _models(tmp_path: Path) -> None:
+    linear_model(tmp_path / "sim.onnx", [[-10.0, 1.0], [0.0, 0.0]], [100.0, 0.0],
+                 inputs=["chiller1.setpoint", "chiller1.load"], outputs=["power", "supply"])
+    zscore_model(tmp_path / "watch.onnx", mean=[7.0], scale=[0.1], inputs=["chiller1.supply_temp"])
+
+
+def _events(twin: Twin, kind: str) -> list[dict[str, Any]]:
+    return [e for e in twin.events() if e["kind"] == kind]
+
+
+async def test_advise_mode_records_recommendations_and_never_writes(tmp_path: Path) -> None:
+    _models(tmp_path)
+    writes = WriteLog()
+    async with Plant(opcua_port=free_port(), modbus_port=free_port(), seed=21, speed=SPEED,
+                     steady_load=True) as plant:
+        cfg = plant_config(tmp_path, plant, extra=SIM.format(mode="advise"))
+        async with running(cfg, writes, ready=("chiller1.setpoint", "chiller1.load")) as agent:
+            twin = reader(cfg)
+            assert agent.optimizer is not None and agent.optimizer.mode == "advise"
+
+            def advised() -> list[dict[str, Any]]:
+                rows = [e for e in twin.events() if e["kind"] == "recommendation"]
+                return rows if len(rows) >= 3 else []
+
+            recommendations = await wait_for(advised, timeout=20, what="three recommendations stored")
+            for rec in recommendations:
+                assert (rec["source"], rec["state"]) == ("optimizer", "advise"), rec
+                assert rec["detail"]["setpoints"] == {"chiller1.setpoint": 7.5}  # one max_step up
+                assert rec["detail"]["objective"] < rec["detail"]["hold_objective"]
+                assert "chiller1.setpoint 7 -> 7.5" in rec["message"]
+            assert agent.optimizer.last is not None and agent.optimizer.last.results == []
+            assert [w for w in twin.writes() if w["source"] == "optimizer"] == []
+            assert twin.writes() == [] and twin.desired() == []
+            assert await opcua_setpoint(plant.opcua_endpoint) == 7.0
+            assert agent.optimizer.mode == "advise"
+            twin.close()
+        assert plant.model.chiller_setpoint == 7.0
+    assert writes.calls == []
+
+
+async def test_post_write_anomaly_rolls_back_and_drops_to_advise(tmp_path: Path) -> None:
+    _models(tmp_path)
+    writes = WriteLog()
+    gate = 'watch = "60s"\nreadback_timeout = "3s"'
+    async with Plant(opcua_port=free_port(), modbus_port=free_port(), seed=22, speed=SPEED,
+                     steady_load=True) as plant:
+        cfg = plant_config(tmp_path, plant, gate=gate, extra=SIM.format(mode="auto") + WATCHDOG,
+                           chiller_interval="30s")
+        async with running(cfg, writes, ready=("chiller1.setpoint", "chiller1.supply_temp")) as agent:
+            twin = reader(cfg)
+            optimizer = agent.optimizer
+            assert optimizer is not None and optimizer.mode == "auto"
+            assert not agent.anomaly_active("chiller1")
+            await wait_for(lambda: plant.model.chiller_setpoint == 7.5, timeout=20,
+                           what="the optimiser's automatic write on the plant")
+            await wait_for(lambda: optimizer.mode == "advise", timeout=30, what="rollback and advise mode")
+            await wait_for(lambda: plant.model.chiller_setpoint == 7.0, timeout=10, what="the plant back on 7")
+            assert await opcua_setpoint(plant.opcua_endpoint) == 7.0
+            await wait_for(lambda: _events(twin, "rollback"), timeout=10, what="the rollback event")
+
+            rows = twin.writes()
+            auto = [w for w in rows if w["source"] == "optimizer" and w["result"] == "applied"]
+            assert [(w["point"], w["old"], w["written"], w["readback"]) for w in auto] == [
+                ("chiller1.setpoint", 7.0, 7.5, 7.5)]
+            back = [w for w in rows if w["result"] == "rolled_back"]
+            assert [(w["source"], w["point"], w["old"], w["written"], w["readback"]) for w in back] == [
+                ("rollback", "chiller1.setpoint", 7.5, 7.0, 7.0)]
+            assert back[0]["ts"] > auto[0]["ts"]
+            assert back[0]["ts"] - auto[0]["ts"] < cfg.gate.watch
+
+            rollback = _events(twin, "rollback")
+            assert len(rollback) == 1 and rollback[0]["source"] == "gate"
+            assert "chiller1.setpoint restored to 7 (rolled_back)" in rollback[0]["message"]
+            assert "anomaly raised on chiller1 (supply-watch)" in rollback[0]["message"]
+            modes = _events(twin, "mode")
+            assert [m["state"] for m in modes] == ["advise"] and "rollback" in modes[0]["message"]
+            assert any(e["state"] == "raised" and e["source"] == "supply-watch" for e in _events(twin, "anomaly"))
+
+            # advise from now on: recommendations go on, writes do not
+            steps = optimizer.steps
+            await wait_for(lambda: optimizer.steps >= steps + 3, timeout=10, what="three more optimiser steps")
+            assert optimizer.mode == "advise"
+            started = time.time()
+            later = [w for w in (twin.writes()) if w["ts"] > back[0]["ts"]]
+            assert later == [] and started > back[0]["ts"]
+            twin.close()
+        assert plant.model.chiller_setpoint == 7.0
+    assert [(p, v) for p, v, _ in writes.calls] == [("chiller1.setpoint", 7.5), ("chiller1.setpoint", 7.0)]
+    writes.assert_all_through_gate()
