@@ -63,8 +63,9 @@ class Agent:
         self.latest: dict[str, Reading] = {}
         self.runners: dict[str, DeviceRunner] = {}
         self.models: dict[str, ModelRunner] = {}
+        self._owner = {point.name: device.name for device, point in config.points()}
         self.gate = SafetyGate(config, self.last_value, self._driver_for, self.anomaly_active, self._record_write,
-                               self.submit, on_rollback=self._on_rollback)
+                               self.submit, on_rollback=self._on_rollback, age=self.data_age)
         self.optimizer: Optimizer | None = None
         self._writes: list[WriteResult] = []
         self.stored = 0  # history rows written since start
@@ -155,6 +156,7 @@ class Agent:
             return
         for result in writes:
             record = result.record()
+            record["configured"] = result.point in self.gate.points
             try:
                 record["id"] = await _finish_in_thread(self.twin.record_write, record)
             except TwinError as exc:
@@ -169,6 +171,19 @@ class Agent:
 
     def last_value(self, point: str) -> Reading | None:
         return self.latest.get(point)
+
+    def data_age(self, point: str, reading: Reading) -> float:
+        """Seconds since ``reading`` was known to be current.
+
+        A subscribed OPC UA value is sent only when it changes, so its timestamp ages while it
+        stays right; while the subscription is alive (checked every interval) it is current.
+        """
+        now = time.time()
+        owner = self._owner.get(point)
+        runner = self.runners.get(owner) if owner else None
+        if runner is not None and runner.subscribe and runner.status.state == "up" and reading.quality == "good":
+            return now - max(reading.ts, runner.status.last_ok)
+        return now - reading.ts
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Every configured point's latest value, quality, source time and unit (from memory)."""
@@ -261,7 +276,8 @@ class Agent:
 
         owner = {point.name: device.name for device, point in self.config.points()}
         equipment = model.equipment or (owner.get(model.inputs[0]) if model.inputs else None)
-        runner = ModelRunner(model, self.last_value, self.submit, self.record_event, equipment, known=owner)
+        runner = ModelRunner(model, self.last_value, self.submit, self.record_event, equipment, known=owner,
+                             age=self.data_age)
         self.models[model.name] = runner
         self._parts[f"model:{model.name}"] = self._spawn(runner.run(), f"model:{model.name}")
 
@@ -279,6 +295,7 @@ class Agent:
         or ``twin.*`` needs a restart of the agent (the caller does that: see ``needs_restart``).
         """
         old, self.config = self.config, new
+        self._owner = {point.name: device.name for device, point in new.points()}
         self.gate.update(new)
         await self.flush()
         assert self.twin is not None

@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
 
     operator.add_parsers(sub)
 
+    writes = twin_sub.add_parser("writes", help="every write attempt through the safety gate, oldest first")
+    writes.add_argument("--config", required=True, help="path to the TOML config file")
+    writes.add_argument("--since", default="7d", help='how far back, as a duration like "1h" (default 7d)')
+    writes.add_argument("--limit", type=int, default=None, help="at most this many (the newest)")
+    writes.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+
     demo = sub.add_parser("demo", help="run a simulated plant and the agent against it, with a live view")
     demo.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
     demo.add_argument("--data-dir", default=None, help="where the demo twin goes (default: a temp folder)")
@@ -300,6 +306,8 @@ def _twin(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
         if args.twin_command == "events":
             return _events(twin.events(since, limit=args.limit), args.json)
+        if args.twin_command == "writes":
+            return _writes(twin.writes(since, limit=args.limit), args.json)
         if args.point not in twin.point_names():
             print(f'error: no point named "{args.point}" in {config.twin_path}', file=sys.stderr)
             return EXIT_FAIL
@@ -320,6 +328,16 @@ def _events(rows: list[dict[str, Any]], as_json: bool) -> int:
         return EXIT_OK
     _table(["time", "source", "kind", "state", "score", "message"],
            [[_when(r["ts"]), r["source"], r["kind"], r["state"], _fmt(r["score"]), r["message"]] for r in rows])
+    return EXIT_OK
+
+
+def _writes(rows: list[dict[str, Any]], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return EXIT_OK
+    _table(["time", "source", "actor", "point", "old", "requested", "written", "readback", "result", "reason"],
+           [[_when(r["ts"]), r["source"], r["actor"] or "-", r["point"], _fmt(r["old"]), _fmt(r["requested"]),
+             _fmt(r["written"]), _fmt(r["readback"]), r["result"], r["reason"]] for r in rows])
     return EXIT_OK
 
 

@@ -89,9 +89,13 @@ class SafetyGate:
     def __init__(self, config: AgentConfig, latest: Callable[[str], Reading | None],
                  driver_for: Callable[[str], Driver | None], anomalies: Callable[[str], list[str]],
                  record: Callable[[WriteResult], Any], submit: Callable[[Sequence[Reading]], None],
-                 on_rollback: Callable[[str], None] = lambda reason: None) -> None:
+                 on_rollback: Callable[[str], None] = lambda reason: None,
+                 age: Callable[[str, Reading], float] | None = None) -> None:
         self.config = config
         self.latest = latest
+        # how old a reading is; the agent knows better than the timestamp for subscribed points
+        # (an unchanged value is not stale while the subscription is alive)
+        self.age = age or (lambda name, reading: time.time() - reading.ts)
         self.driver_for = driver_for
         self.anomalies = anomalies
         self.record = record
@@ -184,7 +188,7 @@ class SafetyGate:
             return "missing (no reading yet)"
         if reading.quality != GOOD:
             return reading.quality
-        age = time.time() - reading.ts
+        age = self.age(name, reading)
         if age > self.config.gate.max_input_age:
             return f"stale ({age:.0f} s old)"
         return None
@@ -214,8 +218,9 @@ class SafetyGate:
         except DriverError as exc:
             return self._verdict(req, old, target, None, FAILED, str(exc))
         self.last_write[req.point] = time.time()
-        readback = await self._read_back(driver, point, target)
-        if readback is None or abs(readback - target) > _tolerance(point):
+        tolerance = _tolerance(point, target, old)
+        readback = await self._read_back(driver, point, target, tolerance)
+        if readback is None or abs(readback - target) > tolerance:
             shown = "nothing" if readback is None else f"{readback:g}"
             return self._verdict(req, old, target, readback, FAILED,
                                  f"read-back: the device reports {shown}, expected {target:g} within "
@@ -225,9 +230,16 @@ class SafetyGate:
         result = ROLLED_BACK if req.source == "rollback" else APPLIED
         return self._verdict(req, old, target, readback, result, req.why or note, requested=value)
 
-    async def _read_back(self, driver: Driver, point: PointConfig, target: float) -> float | None:
-        """Read until the device reports ``target`` (within tolerance) or the timeout passes."""
-        deadline = time.monotonic() + self.config.gate.readback_timeout
+    async def _read_back(self, driver: Driver, point: PointConfig, target: float, tolerance: float) -> float | None:
+        """Read until the device reports ``target`` and still does after a settle time, or time runs out.
+
+        One matching read is not enough: a controller that rejects a setpoint may revert it on its
+        next scan, after the first read-back already saw the written value.
+        """
+        timeout = self.config.gate.readback_timeout
+        deadline = time.monotonic() + timeout
+        settle = min(timeout / 2, 1.0)
+        matched_at: float | None = None
         seen: float | None = None
         while True:
             try:
@@ -239,8 +251,12 @@ class SafetyGate:
             for r in readings:
                 if r.point == point.name and r.quality == GOOD:
                     seen = _number(r.value)
-            if seen is not None and abs(seen - target) <= _tolerance(point):
-                return seen
+            if seen is not None and abs(seen - target) <= tolerance:
+                matched_at = matched_at or time.monotonic()
+                if time.monotonic() - matched_at >= settle:
+                    return seen
+            else:
+                matched_at = None
             if time.monotonic() >= deadline:
                 return seen
             await asyncio.sleep(0.2)
@@ -278,21 +294,32 @@ class SafetyGate:
 def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return float(value)
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return float(value)
+    if isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float's range
+            return None
+        return number if math.isfinite(number) else None
     return None
 
 
-def _tolerance(point: PointConfig) -> float:
-    """How close the read-back must be: a register's resolution, or 0.1 % of the safe range."""
-    span = (point.max or 0.0) - (point.min or 0.0)
-    tolerance = max(1e-6, 0.001 * abs(span))
+def _tolerance(point: PointConfig, target: float, old: float) -> float:
+    """How close the read-back must be to count as applied.
+
+    At least the precision the value is stored with (a register's scale, float32's 7 digits),
+    otherwise 0.1 % of the safe range, but never as much as half the step: a device that ignored
+    a small write must not pass for one that took it.
+    """
+    precision = 1e-6 * max(1.0, abs(target))  # float32 and OPC UA Float
     if isinstance(point, ModbusPoint):
-        resolution = abs(point.scale) if point.type not in ("float32", "float64") else 0.0
-        tolerance = max(tolerance, resolution / 2 + 1e-9)
-        if point.type == "float32":
-            tolerance = max(tolerance, abs(point.max or 0.0) * 1e-6)
-    return tolerance
+        if point.type == "float64":
+            precision = 1e-12 * max(1.0, abs(target))
+        elif point.type not in ("float32", "bool"):
+            precision = abs(point.scale) / 2 + 1e-9
+    allowance = 0.001 * abs((point.max or 0.0) - (point.min or 0.0))
+    if target != old:
+        allowance = min(allowance, abs(target - old) / 2)
+    return max(precision, allowance)
 
 
 def _band(bound: Bound) -> str:

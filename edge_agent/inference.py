@@ -256,9 +256,11 @@ class ModelRunner:
     """Runs one configured model for as long as the agent runs; swaps in new versions on request."""
 
     def __init__(self, cfg: ModelConfig, latest: Latest, submit: Submit, on_event: OnEvent,
-                 equipment: str | None, known: Collection[str] | None = None) -> None:
+                 equipment: str | None, known: Collection[str] | None = None,
+                 age: Callable[[str, Reading], float] | None = None) -> None:
         self.cfg = cfg
         self.known = known
+        self.age = age or (lambda name, reading: time.time() - reading.ts)
         self.latest = latest
         self.submit = submit
         self.on_event = on_event
@@ -302,8 +304,9 @@ class ModelRunner:
                 return f"{name} has no value yet"
             if reading.quality != GOOD:
                 return f"{name} is {reading.quality}"
-            if now - reading.ts > self.cfg.max_input_age:
-                return f"{name} is {now - reading.ts:.0f} s old"
+            age = self.age(name, reading)
+            if age > self.cfg.max_input_age:
+                return f"{name} is {age:.0f} s old"
             value = float(reading.value)
             span = model.plausible.get(name)
             if span is not None and not span[0] <= value <= span[1]:

@@ -243,13 +243,15 @@ class Twin:
     def add_event(self, event: dict[str, Any]) -> int:
         """Store one event; returns its id. Known keys become columns, the rest goes to ``detail``."""
         columns = ("ts", "source", "kind", "state", "score", "equipment", "message")
+        defaults = {"ts": time.time(), "source": "agent", "kind": "event", "state": "info", "message": ""}
+        event = {**defaults, **{k: v for k, v in event.items() if v is not None or k not in defaults}}
         extra = {k: v for k, v in event.items() if k not in columns}
         try:
             with self.transaction() as conn:
                 cur = conn.execute(
                     "INSERT INTO events (ts, source, kind, state, score, equipment, message, detail) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (*(event.get(c, "" if c == "message" else None) for c in columns),
+                    (*(event.get(c) for c in columns),
                      json.dumps(extra, default=str) if extra else None))
         except sqlite3.Error as exc:
             raise TwinError(f"{self.path}: cannot store an event: {exc}") from exc
@@ -263,13 +265,14 @@ class Twin:
                 marks = ", ".join("?" * len(columns))
                 cur = conn.execute(f"INSERT INTO writes ({', '.join(columns)}) VALUES ({marks})",
                                    tuple(attempt.get(c) for c in columns))
-                conn.execute(
-                    "INSERT INTO desired (point, value, source, actor, version, status, reason, ts) "
-                    "VALUES (?, ?, ?, ?, 1, ?, ?, ?) ON CONFLICT (point) DO UPDATE SET value = excluded.value, "
-                    "source = excluded.source, actor = excluded.actor, version = desired.version + 1, "
-                    "status = excluded.status, reason = excluded.reason, ts = excluded.ts",
-                    (attempt["point"], attempt.get("requested"), attempt["source"], attempt.get("actor"),
-                     attempt["result"], attempt.get("reason", ""), attempt["ts"]))
+                if attempt.get("configured", True):  # no desired row for a point that does not exist
+                    conn.execute(
+                        "INSERT INTO desired (point, value, source, actor, version, status, reason, ts) "
+                        "VALUES (?, ?, ?, ?, 1, ?, ?, ?) ON CONFLICT (point) DO UPDATE SET value = excluded.value, "
+                        "source = excluded.source, actor = excluded.actor, version = desired.version + 1, "
+                        "status = excluded.status, reason = excluded.reason, ts = excluded.ts",
+                        (attempt["point"], attempt.get("requested"), attempt["source"], attempt.get("actor"),
+                         attempt["result"], attempt.get("reason", ""), attempt["ts"]))
         except sqlite3.Error as exc:
             raise TwinError(f"{self.path}: cannot record a write: {exc}") from exc
         return int(cur.lastrowid or 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -31,8 +32,9 @@ async def test_vibration_fault_raises_an_anomaly_and_not_before(tmp_path: Path) 
             await wait_for(lambda: health.anomaly_active, timeout=60, what="the anomaly raised")
         finally:
             await agent.stop()
-    result = subprocess.run([sys.executable, "-m", "edge_agent.cli", "twin", "events", "--config",
-                             str(tmp_path / "agent.toml"), "--json"], capture_output=True, text=True, timeout=60)
+    result = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "edge_agent.cli", "twin", "events", "--config",
+                         str(tmp_path / "agent.toml"), "--json"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     events = [e for e in json.loads(result.stdout) if e["kind"] == "anomaly"]
     assert events, result.stdout
@@ -40,8 +42,9 @@ async def test_vibration_fault_raises_an_anomaly_and_not_before(tmp_path: Path) 
     first = events[0]
     assert (first["model"], first["state"], first["equipment"]) == ("chiller-health", "raised", "chiller1")
     assert first["score"] > 4.4
-    history = subprocess.run([sys.executable, "-m", "edge_agent.cli", "twin", "history", "--config",
-                              str(tmp_path / "agent.toml"), "chiller-health.score", "--json"],
-                             capture_output=True, text=True, timeout=60)
+    history = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "edge_agent.cli", "twin", "history", "--config",
+                         str(tmp_path / "agent.toml"), "chiller-health.score", "--json"],
+        capture_output=True, text=True, timeout=60)
     scores = [s["value"] for s in json.loads(history.stdout)]
     assert len(scores) >= 5 and max(scores) > 4.4 and min(scores) < 4.4  # the score is a point with history

@@ -14,7 +14,8 @@ from edge_agent import config
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-COMMANDS = ["run", "check-config", "twin show", "twin history", "twin outbox", "twin events", "status", "demo"]
+COMMANDS = ["run", "check-config", "twin show", "twin history", "twin outbox", "twin events", "twin writes", "status",
+            "demo", "keys new", "command"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -289,7 +289,10 @@ def test_sighup_applies_a_good_edit_in_place(tmp_path: Path, plant: PlantPorts) 
         head, pump = original.split("# ---------------------------------------------------------------------------- "
                                     "pump, Modbus TCP")
         chiller_block = head[head.index("[[devices]]"):]
-        edited = original.replace(chiller_block, "") + (
+        # models and the optimiser work on the chiller: they leave with it
+        rule = "# " + "-" * 76 + " "
+        pump = pump[:pump.index(rule + "models")]
+        edited = head.replace(chiller_block, "") + rule + "pump, Modbus TCP" + pump + (
             '\n  [[devices.points]]\n  name = "pump1.spare"\n  register = "holding"\n'
             '  address = 5\n  type = "uint16"\n')
         assert "chiller1" not in edited and pump
