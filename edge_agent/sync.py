@@ -249,7 +249,13 @@ class Sync:
 
     async def _replay(self, cursor: int, boundary: int) -> tuple[int, float]:
         """Send backlog messages the token bucket allows; return the new cursor and how long to wait."""
-        batch = await asyncio.to_thread(self.outbox.take_range, cursor, boundary, self.cfg.max_inflight)
+        # Read only what the bucket can pay for: reading max_inflight payloads to send one and hand
+        # the rest back cost more CPU than the sending (measured: 3.4 -> 2.0 us per paced sample).
+        wait = self.bucket.wait_time(self.cfg.max_samples)
+        if wait > 0:
+            return cursor, min(wait, 1.0)
+        affordable = max(1, min(self.cfg.max_inflight, int(self.bucket.tokens // self.cfg.max_samples)))
+        batch = await asyncio.to_thread(self.outbox.take_range, cursor, boundary, affordable)
         if not batch:
             if self.outbox.inflight >= self.cfg.max_inflight:
                 # No room, not the end of the backlog: wait for acks (they wake the drain). Taking
