@@ -47,7 +47,8 @@ setup() {
     # Reinstall only when the project metadata changed since the last install.
     if [ ! -f "$VENV/.installed" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
         "$VENV/bin/python" -m pip install -q --upgrade pip
-        "$VENV/bin/python" -m pip install -q -e ".[dev]"
+        # [models] (onnx, scikit-learn) so the tests can rebuild the shipped models
+        "$VENV/bin/python" -m pip install -q -e ".[dev,models]"
         touch "$VENV/.installed"
     fi
 }

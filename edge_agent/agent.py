@@ -326,7 +326,7 @@ class Agent:
     async def _reconcile(self, kind: str, old: dict[str, Any], new: dict[str, Any], runners: dict[str, Any],
                          start: Callable[[Any], None]) -> list[str]:
         changes = []
-        for name in old.keys() - new.keys():
+        for name in sorted(old.keys() - new.keys()):
             await self._stop_part(f"{kind}:{name}")
             runners.pop(name, None)
             changes.append(f"{kind} {name} removed")

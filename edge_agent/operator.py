@@ -21,22 +21,16 @@ import base64
 import hashlib
 import json
 import os
-import ssl
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import paho.mqtt.client as mqtt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
-from edge_agent.commands import canonical
+# cryptography, paho and the command module are imported where they are used, so that building
+# the CLI's argument parser (every `edge-agent` invocation) loads none of them
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 VALIDITY = 300  # seconds a command stays valid after it is signed
@@ -91,6 +85,9 @@ def new_keys(name: str, directory: Path) -> int:
         if path.exists():
             raise UsageError(f"{path} exists; not overwriting a key")
     directory.mkdir(parents=True, exist_ok=True)
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
@@ -105,6 +102,10 @@ def new_keys(name: str, directory: Path) -> int:
 
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    """The operator's Ed25519 private key (PEM); UsageError when it cannot be used."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
@@ -149,6 +150,8 @@ def sign(key: Ed25519PrivateKey, operator: str, name: str, args: dict[str, Any],
     issued = int(time.time() if now is None else now)
     envelope: dict[str, Any] = {"id": command_id or uuid.uuid4().hex, "name": name, "args": args,
                                 "operator": operator, "issued_at": issued, "expires_at": issued + validity}
+    from edge_agent.commands import canonical
+
     envelope["sig"] = base64.b64encode(key.sign(canonical(envelope))).decode()
     return envelope
 
@@ -166,6 +169,10 @@ def send(args: argparse.Namespace) -> int:
         command_args["sha256"] = hashlib.sha256(base64.b64decode(command_args["onnx"])).hexdigest()
     envelope = sign(key, args.operator, args.name, command_args)
     base = f"{args.prefix}/{site}/{gateway}"
+    # paho is imported only for this verb: `edge-agent --help`, keys and the daemon's own
+    # commands do not need it loaded
+    from edge_agent.operator_mqtt import Exchange
+
     exchange = Exchange(host, int(port), ca=args.ca, cert=args.cert, key=args.key)
     try:
         answer = exchange.request(f"{base}/cmd", f"{base}/cmd/response/{uuid.uuid4().hex}", envelope,
@@ -175,77 +182,3 @@ def send(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     print(json.dumps(answer, indent=1, ensure_ascii=False))
     return EXIT_OK if answer.get("ok") is True else EXIT_FAIL
-
-
-class Exchange:
-    """One MQTT 5 request/response over TLS with paho's own network thread (a short-lived CLI)."""
-
-    def __init__(self, host: str, port: int, *, ca: str, cert: str, key: str) -> None:
-        self.host, self.port = host, port
-        context = ssl.create_default_context(cafile=ca)
-        context.load_cert_chain(cert, key)
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edge-operator-{uuid.uuid4().hex[:12]}",
-                                  protocol=mqtt.MQTTv5)
-        self.client.tls_set_context(context)
-        self._done = threading.Condition()
-        self._subscribed = False
-        self._answer: dict[str, Any] | None = None
-        self._error = ""
-        self._correlation = b""
-
-    def request(self, topic: str, reply_to: str, envelope: dict[str, Any], *, timeout: float) -> dict[str, Any]:
-        self._correlation = envelope["id"].encode()
-        client = self.client
-        client.on_connect = lambda c, _u, _f, reason, _p: (
-            self._fail(f"broker refused the connection: {reason}") if reason.is_failure
-            else c.subscribe(reply_to, qos=1))
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        deadline = time.monotonic() + timeout
-        client.connect(self.host, self.port, keepalive=30)
-        client.loop_start()
-        try:
-            self._wait(lambda: self._subscribed, deadline, "the subscription")
-            properties = Properties(PacketTypes.PUBLISH)
-            properties.ResponseTopic = reply_to
-            properties.CorrelationData = self._correlation
-            client.publish(topic, json.dumps(envelope, ensure_ascii=False).encode(), qos=1, properties=properties)
-            self._wait(lambda: self._answer is not None, deadline, f"the answer to command {envelope['id']}")
-            assert self._answer is not None
-            return self._answer
-        finally:
-            client.disconnect()
-            client.loop_stop()
-
-    def _wait(self, condition: Any, deadline: float, what: str) -> None:
-        with self._done:
-            self._done.wait_for(lambda: condition() or self._error, max(0.0, deadline - time.monotonic()))
-            if self._error:
-                raise OSError(self._error)
-            if not condition():
-                raise TimeoutError(f"no {what} from {self.host}:{self.port} in time")
-
-    def _fail(self, text: str) -> None:
-        with self._done:
-            self._error = text
-            self._done.notify_all()
-
-    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
-        if any(r.is_failure for r in reasons):
-            self._fail(f"broker refused the subscription: {reasons}")
-            return
-        with self._done:
-            self._subscribed = True
-            self._done.notify_all()
-
-    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-        correlation = getattr(message.properties, "CorrelationData", None)
-        if correlation is not None and bytes(correlation) != self._correlation:
-            return
-        try:
-            answer = json.loads(message.payload)
-        except ValueError:
-            return
-        with self._done:
-            self._answer = answer if isinstance(answer, dict) else {"ok": False, "answer": answer}
-            self._done.notify_all()

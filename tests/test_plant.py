@@ -258,5 +258,5 @@ def test_demo_config_loads_and_mirrors_every_plant_point() -> None:
     assert mirrored == set(PlantModel().readings)
     assert all(p.unit for _, p in config.points() if p.name not in ("pump1.running", "pump1.overtemp"))
     writable = {p.name: (p.min, p.max, p.max_step, p.min_interval) for _, p in config.points() if p.writable}
-    assert writable["chiller1.setpoint"] == (5.0, 12.0, 0.5, 30.0)
+    assert writable["chiller1.setpoint"] == (5.0, 12.0, 0.5, 10.0)
     assert set(writable) == {"chiller1.setpoint", "pump1.speed_setpoint"}

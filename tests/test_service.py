@@ -334,7 +334,11 @@ def test_sighup_applies_a_good_edit_in_place(tmp_path: Path, plant: PlantPorts) 
         assert counts == sorted(counts) and counts[-1] > counts[0], counts
         assert history_count(config, "chiller1.") >= chiller_rows
         logged = agent.messages("info")
-        assert f"config reloaded from {config}: device chiller1 removed, device pump1 restarted" in logged
+        reloaded = [m for m in logged if m.startswith(f"config reloaded from {config}: ")]
+        assert len(reloaded) == 1, logged
+        # the chiller's models and the optimiser left with it
+        assert reloaded[0] == (f"config reloaded from {config}: device chiller1 removed, device pump1 restarted, "
+                               "model chiller-health removed, model chiller-sim removed, optimizer restarted")
         assert not any(m.startswith("agent stopped") for m in logged)  # a reload, not a restart of the agent
         wait_for_sync(lambda: status_json(config).get("config") == str(config)
                       and {d["name"] for d in status_json(config)["devices"]} == {"pump1"},
