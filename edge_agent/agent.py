@@ -84,6 +84,7 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._parts: dict[str, asyncio.Task[None]] = {}  # "device:NAME" / "model:NAME" -> its task
         self._flush_lock = asyncio.Lock()
+        self._points_synced = 0.0
         self.recent_errors: deque[str] = deque(maxlen=10)
         self._recorder = _RecentErrors(self.recent_errors)
 
@@ -194,28 +195,34 @@ class Agent:
                          "ts": r.ts if r else None, "unit": unit})
         return rows
 
-    async def flush(self) -> int:
+    async def flush(self, *, final: bool = False) -> int:
         """Store every pending reading in one transaction, off the event loop.
 
         Shielded as a whole: a cancelled caller (stop() cancelling the writer) still lets the
         batch be committed *and* handed to the cloud sync, never one without the other.
         """
-        inner = asyncio.ensure_future(self._flush())
+        inner = asyncio.ensure_future(self._flush(final=final))
         try:
             return await asyncio.shield(inner)
         except asyncio.CancelledError:
             await asyncio.wait([inner])
             raise
 
-    async def _flush(self) -> int:
+    async def _flush(self, *, final: bool = False) -> int:
         async with self._flush_lock:
-            if not self._pending or self.twin is None:
+            if self.twin is None or not (self._pending or (final and self.twin.has_unsynced)):
                 return 0
+            # the points table (current values) is refreshed at most every points_interval: one
+            # UPDATE per point per refresh instead of per flush (history gets every reading)
+            now = time.monotonic()
+            update = final or now - self._points_synced >= self.config.twin.points_interval
             chunks, self._pending, self._pending_count = self._pending, [], 0
             self._room.set()
             try:
                 began = time.perf_counter()
-                kept = await asyncio.to_thread(self.twin.write_batch, chunks)
+                kept = await asyncio.to_thread(self.twin.write_batch, chunks, update_points=update)
+                if update:
+                    self._points_synced = now
                 self.last_flush_seconds = time.perf_counter() - began
                 self.flush_seconds += self.last_flush_seconds
             except TwinError as exc:
@@ -382,7 +389,7 @@ class Agent:
         self._tasks.clear()
         self._parts.clear()
         # Runners closed their drivers on cancellation; store what they delivered.
-        await self.flush()
+        await self.flush(final=True)
         await self._store_events()
         await self._store_writes()
         if self.sync is not None:

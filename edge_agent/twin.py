@@ -116,6 +116,7 @@ class Twin:
         self.path = path
         self._db: Any = None
         self._deadband: dict[str, float] = {}
+        self._unsynced: dict[str, tuple[Any, ...]] = {}  # latest reading per point, not yet in `points`
         self._last_kept: dict[str, tuple[Any, str]] = {}
 
     @property
@@ -210,23 +211,35 @@ class Twin:
         except sqlite3.Error as exc:
             raise TwinError(f"{self.path}: cannot update the points table: {exc}") from exc
 
-    def write_batch(self, chunks: Sequence[Chunk]) -> list[Reading]:
+    def write_batch(self, chunks: Sequence[Chunk], *, update_points: bool = True) -> list[Reading]:
         """Store chunks of readings in one transaction; return the readings history kept.
 
-        The points table gets one update per point per batch (the latest reading), however
-        many readings of that point the batch holds.
+        History gets every reading (deadband aside). The points table gets one update per point,
+        the latest, and only when ``update_points`` is true; until then the latest readings wait
+        here (the agent passes true at most every ``twin.points_interval``, and on stop).
         """
-        latest = {r[0]: (*r, received) for received, readings in chunks for r in readings}
+        unsynced = self._unsynced
+        for received, readings in chunks:
+            for r in readings:
+                unsynced[r[0]] = (*r, received)
         history = list(chain.from_iterable(readings for _, readings in chunks))
         if self._deadband:
             history = [r for r in history if self._keep(r)]
         try:
             with self.transaction() as conn:
-                conn.executemany(_UPDATE_POINT, latest.values())
+                if update_points and unsynced:
+                    conn.executemany(_UPDATE_POINT, unsynced.values())
                 conn.executemany(_INSERT_HISTORY, history)
         except sqlite3.Error as exc:
             raise TwinError(f"{self.path}: cannot store readings: {exc}") from exc
+        if update_points:
+            unsynced.clear()
         return history
+
+    @property
+    def has_unsynced(self) -> bool:
+        """Whether some latest readings are not in the points table yet."""
+        return bool(self._unsynced)
 
     def _keep(self, reading: Reading) -> bool:
         band = self._deadband.get(reading[0])

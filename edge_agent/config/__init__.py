@@ -51,6 +51,7 @@ def parse(raw: Mapping[str, Any], source: Path) -> AgentConfig:
         "history_retention": tw.duration("history_retention", "7d"),
         "flush_interval": tw.duration("flush_interval", "250ms"),
         "flush_max": tw.integer("flush_max", 50_000, low=1),
+        "points_interval": tw.duration("points_interval", "1s", positive=False),
         "prune_interval": tw.duration("prune_interval", "5m"),
     }
     tw.finish()

@@ -125,6 +125,7 @@ class TwinSection:
     history_retention: float = 7 * 86400.0
     flush_interval: float = 0.25
     flush_max: int = 50_000
+    points_interval: float = 1.0
     prune_interval: float = 300.0
 
 
