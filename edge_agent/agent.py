@@ -67,7 +67,6 @@ class Agent:
         self.gate = SafetyGate(config, self.last_value, self._driver_for, self.anomaly_active, self._record_write,
                                self.submit, on_rollback=self._on_rollback, age=self.data_age)
         self.optimizer: Optimizer | None = None
-        self._writes: list[WriteResult] = []
         self.stored = 0  # history rows written since start
         self.received = 0  # readings received from devices and models since start
         self.flush_seconds = 0.0  # wall time spent in twin flushes (for the average write latency)
@@ -76,7 +75,7 @@ class Agent:
         self.flush_errors = 0
         self._driver_factory = driver_factory
         self._pending: list[Chunk] = []
-        self._events: list[dict[str, Any]] = []
+        self._records: list[tuple[str, dict[str, Any]]] = []  # ("event" | "write", record), to store
         self._pending_count = 0
         self._wake = asyncio.Event()
         self._room = asyncio.Event()  # set while the pending readings are under the high-water mark
@@ -116,33 +115,38 @@ class Agent:
 
     def record_event(self, event: dict[str, Any]) -> None:
         """Accept an event (anomaly, device outage, ...); stored and published at the next flush."""
-        self._events.append(event)
+        self._records.append(("event", event))
         self._wake.set()
 
-    async def _store_events(self) -> None:
-        events, self._events = self._events, []
-        if not events or self.twin is None:
+    async def _store_records(self) -> None:
+        """Store pending events and write records in the twin, then queue them for the cloud."""
+        records, self._records = self._records, []
+        if not records or self.twin is None:
             return
-        for event in events:
+        for kind, record in records:
+            store = self.twin.record_write if kind == "write" else self.twin.add_event
             try:
-                event["id"] = await _finish_in_thread(self.twin.add_event, event)
+                record["id"] = await _finish_in_thread(store, record)
             except TwinError as exc:
-                log.error("%s; event kept in memory for the next attempt", exc)
-                self._events.append(event)
+                log.error("%s; %s kept in memory for the next attempt", exc, kind)
+                self._records.append((kind, record))
                 continue
             if self.sync is not None:
-                fields = {k: v for k, v in event.items() if k != "kind"}
+                event_type = "write" if kind == "write" else str(record["kind"])
+                fields = {k: v for k, v in record.items() if k != "kind"}
                 try:
-                    await self.sync.append([self.sync.event(str(event["kind"]), fields)])
+                    await self.sync.append([self.sync.event(event_type, fields)])
                 except TwinError as exc:
-                    log.error("%s; event %s is in the twin but not queued for the cloud", exc, event["id"])
+                    log.error("%s; %s %s is in the twin but not queued for the cloud", exc, kind, record["id"])
 
     def _driver_for(self, device: str) -> Driver | None:
         runner = self.runners.get(device)
         return runner.driver if runner is not None and runner.status.state == "up" else None
 
     def _record_write(self, result: WriteResult) -> None:
-        self._writes.append(result)
+        record = result.record()
+        record["configured"] = result.point in self.gate.points  # no desired state for unknown points
+        self._records.append(("write", record))
         self._wake.set()
 
     def _on_rollback(self, reason: str) -> None:
@@ -150,25 +154,6 @@ class Agent:
             self.optimizer.set_mode("advise", reason=f"rollback: {reason}")
         self.record_event({"ts": time.time(), "source": "gate", "kind": "rollback", "state": "raised",
                            "message": reason})
-
-    async def _store_writes(self) -> None:
-        writes, self._writes = self._writes, []
-        if not writes or self.twin is None:
-            return
-        for result in writes:
-            record = result.record()
-            record["configured"] = result.point in self.gate.points
-            try:
-                record["id"] = await _finish_in_thread(self.twin.record_write, record)
-            except TwinError as exc:
-                log.error("%s; write record kept in memory for the next attempt", exc)
-                self._writes.append(result)
-                continue
-            if self.sync is not None:
-                try:
-                    await self.sync.append([self.sync.event("write", record)])
-                except TwinError as exc:
-                    log.error("%s; write %s is in the twin but not queued for the cloud", exc, record["id"])
 
     def last_value(self, point: str) -> Reading | None:
         return self.latest.get(point)
@@ -288,6 +273,14 @@ class Agent:
         self.models[model.name] = runner
         self._parts[f"model:{model.name}"] = self._spawn(runner.run(), f"model:{model.name}")
 
+    async def restart_device(self, name: str) -> None:
+        """Close a device's connection and start its supervisor afresh (the restart_driver command)."""
+        settings = next(d for d in self.config.devices if d.name == name)
+        if name in self.runners:
+            self.runners[name].stop()
+        await self._stop_part(f"device:{name}")
+        self._start_device(settings)
+
     async def _stop_part(self, key: str) -> None:
         task = self._parts.pop(key, None)
         if task is not None:
@@ -334,6 +327,8 @@ class Agent:
                          start: Callable[[Any], None]) -> list[str]:
         changes = []
         for name in sorted(old.keys() - new.keys()):
+            if kind == "device" and name in self.runners:
+                self.runners[name].stop()
             await self._stop_part(f"{kind}:{name}")
             runners.pop(name, None)
             changes.append(f"{kind} {name} removed")
@@ -341,6 +336,8 @@ class Agent:
             if name in old and old[name] == settings:
                 continue
             if name in old:
+                if kind == "device" and name in self.runners:
+                    self.runners[name].stop()
                 await self._stop_part(f"{kind}:{name}")
             start(settings)
             changes.append(f"{kind} {name} {'restarted' if name in old else 'added'}")
@@ -385,13 +382,14 @@ class Agent:
     async def stop(self) -> None:
         """Stop polling, flush what is pending, leave the broker, close the outbox and the twin."""
         self._room.set()  # a poller waiting on back-pressure must see its cancellation
+        for runner in self.runners.values():
+            runner.stop()
         await _cancel_all(self._tasks)
         self._tasks.clear()
         self._parts.clear()
         # Runners closed their drivers on cancellation; store what they delivered.
         await self.flush(final=True)
-        await self._store_events()
-        await self._store_writes()
+        await self._store_records()
         if self.sync is not None:
             await self.sync.stop()
             self.sync = None
@@ -438,8 +436,7 @@ class Agent:
                     await self._wake.wait()
             self._wake.clear()
             await self.flush()
-            await self._store_events()
-            await self._store_writes()
+            await self._store_records()
 
     async def _housekeeping(self) -> None:
         twin_cfg = self.config.twin

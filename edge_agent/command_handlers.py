@@ -316,9 +316,7 @@ async def restart_driver(call: Call) -> Any:
     settings = next((d for d in agent.config.devices if d.name == device), None)
     if settings is None or device not in agent.runners:
         raise CommandError("bad_args", f'device: no device "{device}"')
-    # Agent has no public "restart one device" yet; these are the same two steps its reload uses.
-    await agent._stop_part(f"device:{device}")
-    agent._start_device(settings)
+    await agent.restart_device(device)
     runner = agent.runners[device]
     ends = time.monotonic() + min(10.0, agent.config.commands.config_deadline)
     while runner.status.state == "connecting" and time.monotonic() < ends:  # noqa: ASYNC110 - a plain attribute

@@ -69,16 +69,25 @@ class DeviceRunner:
         self._rng = random.Random()
         self._marked: str | None = None  # quality we last forced on the points (bad/stale)
         self._down_since: float | None = None
+        self._stopping = False
         self.driver: Driver | None = None
 
     @property
     def subscribe(self) -> bool:
         return getattr(self.device, "mode", "poll") == "subscribe"
 
+    def stop(self) -> None:
+        """Ask the loops to end at their next turn.
+
+        Cancellation alone is not enough: a library's ``asyncio.wait_for`` can swallow a cancel
+        that races with a reply (Python 3.11), and a busy poll loop would then carry on.
+        """
+        self._stopping = True
+
     async def run(self) -> None:
-        """Connect and mirror, forever; only cancellation ends it."""
+        """Connect and mirror until stopped or cancelled."""
         attempt = 0
-        while True:
+        while not self._stopping:
             driver = self._factory(self.device, self.data_dir)
             self.driver = driver
             try:
@@ -100,7 +109,7 @@ class DeviceRunner:
     async def _poll(self, driver: Driver) -> None:
         interval = self.device.interval
         next_at = time.monotonic()
-        while True:
+        while not self._stopping:
             if self.room is not None:
                 await self.room()  # the twin is behind: wait rather than pile readings up in memory
             readings = await driver.read()
@@ -116,7 +125,7 @@ class DeviceRunner:
 
     async def _follow(self, driver: Driver) -> None:
         await driver.subscribe(self._on_change)
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.device.interval)
             await driver.check()
             self._ok()
