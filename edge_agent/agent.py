@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from drivers.base import Driver, Reading
 from edge_agent import health
@@ -24,8 +24,10 @@ from edge_agent.config import AgentConfig, DeviceConfig, ModelConfig
 from edge_agent.device import DeviceRunner
 from edge_agent.errors import TwinError
 from edge_agent.gate import SafetyGate, WriteResult
+from edge_agent.logs import RecentErrors
 from edge_agent.outbox import Outbox, OutboxLimits
 from edge_agent.sync import Sync
+from edge_agent.tasks import cancel_all, finish_in_thread
 from edge_agent.twin import Chunk, Twin
 
 if TYPE_CHECKING:
@@ -33,20 +35,8 @@ if TYPE_CHECKING:
     from edge_agent.optimizer import Optimizer
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 STATUS_INTERVAL = 5.0  # seconds between refreshes of data_dir/status.json
 
-
-class _RecentErrors(logging.Handler):
-    """Keeps the last warnings and errors for `edge-agent status`."""
-
-    def __init__(self, sink: deque[str]) -> None:
-        super().__init__(logging.WARNING)
-        self.sink = sink
-
-    def emit(self, record: logging.LogRecord) -> None:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
-        self.sink.append(f"{when} {record.levelname} {record.getMessage()}")
 
 DriverFactory = Callable[[DeviceConfig, Path], Driver]
 
@@ -85,7 +75,7 @@ class Agent:
         self._flush_lock = asyncio.Lock()
         self._points_synced = 0.0
         self.recent_errors: deque[str] = deque(maxlen=10)
-        self._recorder = _RecentErrors(self.recent_errors)
+        self._recorder = RecentErrors(self.recent_errors)
 
     @property
     def pending_count(self) -> int:
@@ -126,7 +116,7 @@ class Agent:
         for kind, record in records:
             store = self.twin.record_write if kind == "write" else self.twin.add_event
             try:
-                record["id"] = await _finish_in_thread(store, record)
+                record["id"] = await finish_in_thread(store, record)
             except TwinError as exc:
                 log.error("%s; %s kept in memory for the next attempt", exc, kind)
                 self._records.append((kind, record))
@@ -284,7 +274,7 @@ class Agent:
     async def _stop_part(self, key: str) -> None:
         task = self._parts.pop(key, None)
         if task is not None:
-            await _cancel_all([task])
+            await cancel_all([task])
             self._tasks.remove(task)
 
     async def reload(self, new: AgentConfig) -> str:
@@ -299,7 +289,7 @@ class Agent:
         self.gate.update(new)
         await self.flush()
         assert self.twin is not None
-        await _finish_in_thread(self.twin.sync_points, new)
+        await finish_in_thread(self.twin.sync_points, new)
         changes: list[str] = []
         changes += await self._reconcile("device", {d.name: d for d in old.devices}, {d.name: d for d in new.devices},
                                          self.runners, self._start_device)
@@ -384,7 +374,7 @@ class Agent:
         self._room.set()  # a poller waiting on back-pressure must see its cancellation
         for runner in self.runners.values():
             runner.stop()
-        await _cancel_all(self._tasks)
+        await cancel_all(self._tasks)
         self._tasks.clear()
         self._parts.clear()
         # Runners closed their drivers on cancellation; store what they delivered.
@@ -467,42 +457,9 @@ class Agent:
         assert self.twin is not None
         async with self._flush_lock:
             try:
-                removed = await _finish_in_thread(self.twin.prune, before)
+                removed = await finish_in_thread(self.twin.prune, before)
             except TwinError as exc:
                 log.error("%s", exc)
                 return
         if removed:
             log.info("twin: pruned %d history rows older than retention", removed)
-
-
-async def _finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run a blocking twin call in a worker thread; if cancelled, let the call finish first.
-
-    A cancelled ``to_thread`` returns at once while the thread goes on using the SQLite
-    connection; the next caller would then use it concurrently (seen: "cannot start a
-    transaction within a transaction", and a crash inside libsqlite3).
-    """
-    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        await asyncio.wait([future])
-        raise
-
-
-async def _cancel_all(tasks: list[asyncio.Task[None]], grace: float = 2.0) -> None:
-    """Cancel tasks and wait for them, cancelling again any that swallowed the first request.
-
-    Python 3.11's ``asyncio.wait_for`` can lose a cancellation that races with its result
-    (bpo-42130 / gh-86296), and libraries use it inside request handling.
-    """
-    pending = {task for task in tasks if not task.done()}
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=grace)
-        if pending:
-            log.warning("still stopping: %s", ", ".join(t.get_name() for t in pending))
-    for task in tasks:
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("task %s ended with %r", task.get_name(), task.exception())

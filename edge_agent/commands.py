@@ -72,7 +72,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_agent import __version__, health
 from edge_agent.config import ROLES, AgentConfig, Operator
 from edge_agent.errors import ConfigError, EdgeAgentError, ModelError, TwinError
-from edge_agent.outbox import TokenBucket
+from edge_agent.pacing import TokenBucket
 from edge_agent.twin import Twin
 from edge_agent.validate import parse_duration
 

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from typing import Any
 
 # Attributes every LogRecord has; anything else was passed in ``extra`` and is a field.
@@ -76,3 +77,15 @@ def setup(level: str, fmt: str) -> None:
     if level != "debug":
         for noisy in ("asyncua", "pymodbus"):
             logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+
+class RecentErrors(logging.Handler):
+    """Keeps the last warnings and errors for `edge-agent status`."""
+
+    def __init__(self, sink: deque[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
+        self.sink.append(f"{when} {record.levelname} {record.getMessage()}")

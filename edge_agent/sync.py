@@ -32,7 +32,8 @@ from edge_agent import payloads
 from edge_agent.config import AgentConfig
 from edge_agent.errors import TwinError
 from edge_agent.mqtt_link import LinkError, MqttLink, OnMessage
-from edge_agent.outbox import Draft, Message, Outbox, TokenBucket
+from edge_agent.outbox import Draft, Message, Outbox
+from edge_agent.pacing import TokenBucket
 
 log = logging.getLogger(__name__)
 

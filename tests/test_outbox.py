@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from edge_agent.errors import TwinError
-from edge_agent.outbox import Draft, Gap, Outbox, OutboxLimits, Stamp, TokenBucket, file_bytes, read_stats
+from edge_agent.outbox import Draft, Gap, Outbox, OutboxLimits, Stamp, file_bytes, read_stats
+from edge_agent.pacing import TokenBucket
 from tests.helpers import wait_for_sync
 
 TOPIC = "edge/site/gw/telemetry"
