@@ -53,9 +53,14 @@ setup() {
     fi
 }
 
-need_mosquitto() {
-    if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-        apt_install mosquitto mosquitto-clients
+need_test_tools() {
+    # the tests run a real mosquitto, an outside subscriber (mosquitto_sub) and an outside signer (openssl)
+    local missing=()
+    command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+    command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    if [ ${#missing[@]} -gt 0 ]; then
+        apt_install "${missing[@]}"
     fi
 }
 
@@ -71,7 +76,7 @@ case "$cmd" in
         ;;
     test)
         setup
-        need_mosquitto
+        need_test_tools
         "$VENV/bin/ruff" check .
         "$VENV/bin/mypy"
         exec "$VENV/bin/python" -m pytest "$@"

@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from asyncua import Client
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.server import ModbusTcpServer
@@ -528,15 +527,7 @@ def test_the_scan_catches_a_direct_write(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- the CLI
 
 
-def _has_twin_writes() -> bool:
-    result = subprocess.run([sys.executable, "-m", "edge_agent.cli", "twin", "--help"], capture_output=True,
-                            text=True, timeout=60)
-    return "writes" in result.stdout
-
-
 def test_twin_writes_cli_lists_attempts(tmp_path: Path) -> None:
-    if not _has_twin_writes():
-        pytest.skip("edge-agent twin writes is not implemented yet")
     cfg_path = tmp_path / "agent.toml"
     cfg_path.write_text(registers_config(tmp_path, free_port()).source.read_text())
     cfg = config_mod.load(cfg_path)
