@@ -99,3 +99,8 @@ class Driver(ABC):
 def now() -> float:
     """Wall-clock time in unix seconds, used when a protocol has no source timestamp."""
     return time.time()
+
+
+def source_age(point: str, reading: Reading) -> float:
+    """Seconds since the reading's source timestamp (the default notion of how old data is)."""
+    return time.time() - reading.ts

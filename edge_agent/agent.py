@@ -266,12 +266,13 @@ class Agent:
     async def restart_device(self, name: str) -> None:
         """Close a device's connection and start its supervisor afresh (the restart_driver command)."""
         settings = next(d for d in self.config.devices if d.name == name)
-        if name in self.runners:
-            self.runners[name].stop()
         await self._stop_part(f"device:{name}")
         self._start_device(settings)
 
     async def _stop_part(self, key: str) -> None:
+        kind, _, name = key.partition(":")
+        if kind == "device" and name in self.runners:
+            self.runners[name].stop()  # see DeviceRunner.stop: a cancel alone can be swallowed
         task = self._parts.pop(key, None)
         if task is not None:
             await cancel_all([task])
@@ -296,12 +297,7 @@ class Agent:
         changes += await self._reconcile("model", {m.name: m for m in old.models}, {m.name: m for m in new.models},
                                          self.models, self._start_model)
         if old.mqtt != new.mqtt:
-            if self.sync is not None:
-                await self.sync.stop()
-                self.sync = None
-            if self.outbox is not None:
-                await asyncio.to_thread(self.outbox.close)
-                self.outbox = None
+            await self._stop_sync()
             await self._start_sync()
             changes.append("mqtt restarted")
         if old.optimizer != new.optimizer or any(c.startswith("model") for c in changes):
@@ -317,8 +313,6 @@ class Agent:
                          start: Callable[[Any], None]) -> list[str]:
         changes = []
         for name in sorted(old.keys() - new.keys()):
-            if kind == "device" and name in self.runners:
-                self.runners[name].stop()
             await self._stop_part(f"{kind}:{name}")
             runners.pop(name, None)
             changes.append(f"{kind} {name} removed")
@@ -326,8 +320,6 @@ class Agent:
             if name in old and old[name] == settings:
                 continue
             if name in old:
-                if kind == "device" and name in self.runners:
-                    self.runners[name].stop()
                 await self._stop_part(f"{kind}:{name}")
             start(settings)
             changes.append(f"{kind} {name} {'restarted' if name in old else 'added'}")
@@ -369,6 +361,15 @@ class Agent:
         self.sync = Sync(self.config, self.outbox, self.snapshot, on_message=on_message)
         self.sync.start()
 
+    async def _stop_sync(self) -> None:
+        """Leave the broker (Will: offline) and close the outbox; what it holds stays on disk."""
+        if self.sync is not None:
+            await self.sync.stop()
+            self.sync = None
+        if self.outbox is not None:
+            await asyncio.to_thread(self.outbox.close)
+            self.outbox = None
+
     async def stop(self) -> None:
         """Stop polling, flush what is pending, leave the broker, close the outbox and the twin."""
         self._room.set()  # a poller waiting on back-pressure must see its cancellation
@@ -380,12 +381,7 @@ class Agent:
         # Runners closed their drivers on cancellation; store what they delivered.
         await self.flush(final=True)
         await self._store_records()
-        if self.sync is not None:
-            await self.sync.stop()
-            self.sync = None
-        if self.outbox is not None:
-            await asyncio.to_thread(self.outbox.close)
-            self.outbox = None
+        await self._stop_sync()
         if self.twin is not None:
             await asyncio.to_thread(self.twin.close)
             self.twin = None

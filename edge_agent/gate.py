@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from drivers.base import GOOD, Driver, Reading
+from drivers.base import GOOD, Driver, Reading, source_age
 from edge_agent.config import AgentConfig, Bound, ModbusPoint, PointConfig
 from edge_agent.errors import DriverError
 
@@ -95,7 +95,7 @@ class SafetyGate:
         self.latest = latest
         # how old a reading is; the agent knows better than the timestamp for subscribed points
         # (an unchanged value is not stale while the subscription is alive)
-        self.age = age or (lambda name, reading: time.time() - reading.ts)
+        self.age = age or source_age
         self.driver_for = driver_for
         self.anomalies = anomalies
         self.record = record

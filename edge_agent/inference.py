@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from drivers.base import GOOD, Reading
+from drivers.base import GOOD, Reading, source_age
 from edge_agent.config import ModelConfig
 from edge_agent.errors import ModelError
 
@@ -260,7 +260,7 @@ class ModelRunner:
                  age: Callable[[str, Reading], float] | None = None) -> None:
         self.cfg = cfg
         self.known = known
-        self.age = age or (lambda name, reading: time.time() - reading.ts)
+        self.age = age or source_age
         self.latest = latest
         self.submit = submit
         self.on_event = on_event

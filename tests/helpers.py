@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -44,3 +45,36 @@ def wait_for_sync(condition: Callable[[], T], timeout: float = 10.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value {last!r}")
         time.sleep(interval)
+
+
+class NotifyReceiver:
+    """Plays systemd's end of sd_notify: a bound datagram socket read by a thread, so it keeps
+    receiving while a test blocks the event loop; each message is kept with its arrival time."""
+
+    def __init__(self, sock: socket.socket, address: str) -> None:
+        self.sock, self.address = sock, address
+        self.sock.settimeout(0.05)
+        self.messages: list[tuple[float, dict[str, str]]] = []  # (arrival, fields)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append((time.monotonic(), fields))
+
+    def all(self) -> list[dict[str, str]]:
+        return [fields for _, fields in list(self.messages)]
+
+    def with_key(self, key: str) -> list[tuple[float, dict[str, str]]]:
+        return [m for m in list(self.messages) if key in m[1]]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()

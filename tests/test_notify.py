@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,39 +14,12 @@ from pathlib import Path
 import pytest
 
 from edge_agent.notify import Notifier, heartbeat
-from tests.helpers import wait_for, wait_for_sync
+from tests.helpers import NotifyReceiver, wait_for, wait_for_sync
 
 PERIOD = 0.2  # WATCHDOG_USEC=400000 -> a ping every 0.2 s
 
 
-class Receiver:
-    """Plays systemd: a datagram socket read by a thread, so it keeps receiving while the
-    test blocks the event loop; each datagram is kept with its arrival time."""
-
-    def __init__(self, sock: socket.socket, address: str) -> None:
-        self.sock, self.address = sock, address
-        self.sock.settimeout(0.05)
-        self.messages: list[tuple[float, dict[str, str]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
-            self.messages.append((time.monotonic(), fields))
-
-    def with_key(self, key: str) -> list[tuple[float, dict[str, str]]]:
-        return [m for m in list(self.messages) if key in m[1]]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
+Receiver = NotifyReceiver
 
 
 @pytest.fixture(params=["path", "abstract"])

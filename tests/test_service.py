@@ -14,7 +14,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ import pytest
 
 from edge_agent.demo import demo_config
 from edge_agent.twin import Twin
-from tests.helpers import free_port, wait_for_sync
+from tests.helpers import NotifyReceiver, free_port, wait_for_sync
 from tests.mqtt_broker import Pki, pki_fixture  # noqa: F401  (the "pki" fixture: cert files only, no broker)
 
 WATCHDOG_USEC = 1_000_000  # systemd's WatchdogSec=1s: the agent pings every 0.5 s
@@ -38,30 +37,14 @@ PUMP_POINTS = {"pump1.flow", "pump1.pressure", "pump1.speed", "pump1.power", "pu
 # ------------------------------------------------------------------------------------------ plumbing
 
 
-class Notifications:
-    """Plays systemd's end of sd_notify: a datagram socket read by a thread; keeps every message."""
+class Notifications(NotifyReceiver):
+    """The notify socket an agent subprocess is given: a path in the test's folder."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.05)
-        self.messages: list[tuple[float, dict[str, str]]] = []  # (arrival, fields)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
-            self.messages.append((time.monotonic(), fields))
-
-    def all(self) -> list[dict[str, str]]:
-        return [fields for _, fields in list(self.messages)]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(path))
+        super().__init__(sock, str(path))
 
     def index(self, key: str, start: int = 0) -> int | None:
         """Position of the first message at or after ``start`` that carries ``key``."""
@@ -76,11 +59,6 @@ class Notifications:
 
     def statuses(self) -> list[str]:
         return [m["STATUS"] for m in self.all() if "STATUS" in m]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
 
 
 @dataclass
