@@ -36,7 +36,7 @@ from common import Window, command_line, free_port, peak_rss_mb, print_table, sa
 
 from drivers.base import Reading
 from edge_agent.config import AgentConfig, ModbusDevice, loads
-from edge_agent.validate import parse_duration
+from edge_agent.config.table import parse_duration
 
 # Targets from issue 2 ("Done when"): a Python agent ahead of the fastest C gateway's figures.
 TARGET_US_PER_POINT = 5.0
@@ -182,7 +182,7 @@ async def measure_reads(config: AgentConfig, seconds: float, server_pid: int) ->
 
 def measure_writes(config: AgentConfig, readings: list[list[Reading]], total: int) -> Window:
     """(b) Twin.write_batch alone: ``total`` readings in batches shaped like the agent's flushes."""
-    from edge_agent.twin import Twin
+    from edge_agent.store.twin import Twin
 
     interval = min(d.interval for d in config.devices)
     reads_per_flush = max(1, round(config.twin.flush_interval / interval))

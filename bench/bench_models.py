@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from drivers.base import Reading  # noqa: E402
 from edge_agent.config import ModelConfig  # noqa: E402
-from edge_agent.inference import ModelRunner, load  # noqa: E402
+from edge_agent.control.inference import ModelRunner, load  # noqa: E402
 
 
 def rss_mb() -> float:

@@ -210,8 +210,8 @@ def run_servers(spec: dict[str, Any]) -> None:
 async def fill(spec: dict[str, Any]) -> dict[str, Any]:
     """Put ``samples`` into the outbox the way an offline agent does: Sync.add, then the batcher's step."""
     from drivers.base import Reading
-    from edge_agent.outbox import Outbox, OutboxLimits
-    from edge_agent.sync import Sync
+    from edge_agent.cloud.sync import Sync
+    from edge_agent.store.outbox import Outbox, OutboxLimits
 
     pin(spec["agent_cpu"])
     config = load_config(spec)
@@ -246,8 +246,8 @@ async def fill(spec: dict[str, Any]) -> dict[str, Any]:
 
 async def drain(spec: dict[str, Any]) -> dict[str, Any]:
     """A real Sync drains the outbox to the broker; measured from start to empty."""
-    from edge_agent.outbox import Outbox, OutboxLimits
-    from edge_agent.sync import Sync
+    from edge_agent.cloud.sync import Sync
+    from edge_agent.store.outbox import Outbox, OutboxLimits
 
     pin(spec["agent_cpu"])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -278,7 +278,7 @@ async def drain(spec: dict[str, Any]) -> dict[str, Any]:
     wall1, cpu1, mono1, others1 = time.perf_counter(), cpu_seconds(), time.monotonic(), other_cpu(watched)
     peak = peak_rss_mb()
     # A clean stop is logged as "connection lost (Normal disconnection)" at WARNING; not news here.
-    logging.getLogger("edge_agent.mqtt_link").setLevel(logging.ERROR)
+    logging.getLogger("edge_agent.cloud.link").setLevel(logging.ERROR)
     await sync.stop()
     outbox.close()
     return {"backlog": backlog, "seconds": wall1 - wall0, "connect_seconds": connected - wall0, "cpu": cpu1 - cpu0,
@@ -325,7 +325,7 @@ async def live(spec: dict[str, Any]) -> dict[str, Any]:
     rss = peak_rss_mb()
     depth = outbox_contents(config.agent.data_dir / "outbox.db")  # how far the link is behind, at the end
     progress("stopping the agent (it delivers what is pending for up to 2 s)")
-    logging.getLogger("edge_agent.mqtt_link").setLevel(logging.ERROR)  # "connection lost" on a clean stop
+    logging.getLogger("edge_agent.cloud.link").setLevel(logging.ERROR)  # "connection lost" on a clean stop
     await agent.stop()
     with sqlite3.connect(config.twin_path) as conn:
         history = conn.execute("SELECT count(*) FROM history").fetchone()[0]
@@ -471,7 +471,7 @@ def bench_live(base: dict[str, Any], args: argparse.Namespace, root: Path) -> No
     seconds = result["seconds"]
     stored = result["stored"]
     us = 1e6 * result["cpu"] / stored if stored else float("nan")
-    from edge_agent.validate import parse_duration
+    from edge_agent.config.table import parse_duration
 
     interval = parse_duration(args.interval)
     offered = args.devices * args.points / interval

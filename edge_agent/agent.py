@@ -19,20 +19,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from drivers.base import Driver, Reading
-from edge_agent import health
+from edge_agent.cloud.sync import Sync
 from edge_agent.config import AgentConfig, DeviceConfig, ModelConfig
+from edge_agent.control.gate import SafetyGate, WriteResult
 from edge_agent.device import DeviceRunner
 from edge_agent.errors import TwinError
-from edge_agent.gate import SafetyGate, WriteResult
-from edge_agent.logs import RecentErrors
-from edge_agent.outbox import Outbox, OutboxLimits
-from edge_agent.sync import Sync
+from edge_agent.service import status as health
+from edge_agent.service.logs import RecentErrors
+from edge_agent.store.outbox import Outbox, OutboxLimits
+from edge_agent.store.twin import Chunk, Twin
 from edge_agent.tasks import cancel_all, finish_in_thread
-from edge_agent.twin import Chunk, Twin
 
 if TYPE_CHECKING:
-    from edge_agent.inference import ModelRunner
-    from edge_agent.optimizer import Optimizer
+    from edge_agent.control.inference import ModelRunner
+    from edge_agent.control.optimizer import Optimizer
 
 log = logging.getLogger(__name__)
 STATUS_INTERVAL = 5.0  # seconds between refreshes of data_dir/status.json
@@ -236,7 +236,7 @@ class Agent:
         self._spawn(self._writer(), "twin-writer")
         self._spawn(self._housekeeping(), "housekeeping")
         if config.metrics.enabled:
-            from edge_agent import metrics
+            from edge_agent.service import metrics
 
             self._spawn(metrics.serve(self, config.metrics.host, config.metrics.port), "metrics")
         await self.write_status()
@@ -254,7 +254,7 @@ class Agent:
 
     def _start_model(self, model: ModelConfig) -> None:
         # numpy and onnxruntime are imported only when a model is configured (memory on small gateways)
-        from edge_agent.inference import ModelRunner
+        from edge_agent.control.inference import ModelRunner
 
         owner = {point.name: device.name for device, point in self.config.points()}
         equipment = model.equipment or (owner.get(model.inputs[0]) if model.inputs else None)
@@ -329,7 +329,7 @@ class Agent:
         settings = self.config.optimizer
         if settings is None:
             return
-        from edge_agent.optimizer import Optimizer
+        from edge_agent.control.optimizer import Optimizer
 
         self.optimizer = Optimizer(settings, self.config, lambda: self.models.get(settings.model), self.last_value,
                                    self.gate, self.record_event)
@@ -351,7 +351,7 @@ class Agent:
             synchronous=mqtt.outbox_sync)
         on_message = None
         if self.config.commands.enabled:
-            from edge_agent.commands import CommandHandler
+            from edge_agent.remote.dispatch import CommandHandler
 
             # One handler for the agent's life: its replay store and in-flight commands outlive a
             # restart of the MQTT link (a reload that changes [mqtt] calls this again).

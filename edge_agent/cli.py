@@ -18,8 +18,8 @@ from typing import Any
 
 from edge_agent import __version__
 from edge_agent.config import AgentConfig, load
+from edge_agent.config.table import parse_duration
 from edge_agent.errors import ConfigError, EdgeAgentError
-from edge_agent.validate import parse_duration
 
 log = logging.getLogger("edge_agent")
 
@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--limit", type=int, default=None, help="at most this many (the newest)")
     events.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
 
-    from edge_agent import operator
+    from edge_agent.remote import operator
 
     operator.add_parsers(sub)
 
@@ -93,11 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             return _status(args.config, args.json)
         if args.command in ("keys", "command"):
-            from edge_agent import operator
+            from edge_agent.remote import operator
 
             return operator.run(args)
         if args.command == "demo":
-            from edge_agent.demo import run_demo
+            from edge_agent.demo.runner import run_demo
 
             return run_demo(duration=args.duration, data_dir=args.data_dir)
     except ConfigError as exc:
@@ -120,16 +120,16 @@ def _check(path: str) -> int:
 
 
 def _run(config: AgentConfig) -> int:
-    from edge_agent import logs
+    from edge_agent.service import logs
 
     logs.setup(config.agent.log_level, config.agent.log_format)
     return asyncio.run(_run_async(config))
 
 
 async def _run_async(config: AgentConfig) -> int:
-    from edge_agent import health
     from edge_agent.agent import Agent
-    from edge_agent.notify import Notifier, heartbeat
+    from edge_agent.service import status as health
+    from edge_agent.service.notify import Notifier, heartbeat
 
     notifier = Notifier.from_environment()
     stop, reload = asyncio.Event(), asyncio.Event()
@@ -192,7 +192,7 @@ async def _reload(agent: Any) -> Any:
 
 
 def _status(path: str, as_json: bool) -> int:
-    from edge_agent import health
+    from edge_agent.service import status as health
 
     config = load(path)
     status = health.read(config.agent.data_dir / health.STATUS_FILE)
@@ -260,7 +260,7 @@ def _span(seconds: float) -> str:
 
 
 def _outbox(config: AgentConfig, as_json: bool) -> int:
-    from edge_agent.outbox import read_stats
+    from edge_agent.store.outbox import read_stats
 
     path = config.agent.data_dir / "outbox.db"
     if not path.exists():
@@ -284,7 +284,7 @@ def _outbox(config: AgentConfig, as_json: bool) -> int:
 
 
 def _twin(args: argparse.Namespace) -> int:
-    from edge_agent.twin import Twin
+    from edge_agent.store.twin import Twin
 
     config = load(args.config)
     if args.twin_command == "outbox":

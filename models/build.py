@@ -2,7 +2,7 @@
 
     python models/build.py [--out models/] [--quick] [--no-latency]
 
-Runs ``edge_agent.plant.PlantModel`` headless (no servers, one step per simulated second) with
+Runs ``edge_agent.demo.physics.PlantModel`` headless (no servers, one step per simulated second) with
 an "operator" that moves the chiller and pump setpoints at random, then fits two small MLPs with
 scikit-learn and writes them as hand-assembled ONNX graphs (opset 17, IR version 8, so any
 onnxruntime from 1.13 on loads them):
@@ -45,7 +45,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPRegressor
 from threadpoolctl import threadpool_limits
 
-from edge_agent.plant import CHILLER_SETPOINT_RANGE, PlantModel
+from edge_agent.demo.physics import CHILLER_SETPOINT_RANGE, PlantModel
 
 BUILD_COMMAND = "python models/build.py --out models/"
 OPSET = 17
@@ -504,14 +504,15 @@ def setpoint_effect(sess: ort.InferenceSession, plan: Plan) -> dict[str, float]:
 
 
 def training_text(plan: Plan, rows: int) -> str:
-    return (f"edge_agent.plant.PlantModel, headless, 1 s steps: {plan.train_runs} normal runs of {plan.train_s} s "
+    return (f"edge_agent.demo.physics.PlantModel, headless, 1 s steps: {plan.train_runs} normal runs of "
+            f"{plan.train_s} s "
             f"(seeds {SEEDS['train']}+), setpoints moved every 60-900 s (chiller 4-15 degC, pump "
             f"{SPEED_SETPOINT_RANGE[0]}-{SPEED_SETPOINT_RANGE[1]} rpm; 30 % jumps, else nudges), inputs skewed "
             f"up to {MAX_SKEW_S} s against each other; {rows} rows fitted")
 
 
 def sim_training_text(plan: Plan, rows: int) -> str:
-    return (f"edge_agent.plant.PlantModel, headless, 1 s steps: {plan.sim_states} states of normal runs "
+    return (f"edge_agent.demo.physics.PlantModel, headless, 1 s steps: {plan.sim_states} states of normal runs "
             f"(seeds {SEEDS['branches']}+, {BRANCH_EVERY_S[0]}-{BRANCH_EVERY_S[1]} s apart), each copied "
             f"{plan.sim_candidates} times with random candidate setpoints (chiller 4-15 degC, pump "
             f"{SPEED_SETPOINT_RANGE[0]}-{SPEED_SETPOINT_RANGE[1]} rpm) and run {HORIZON_S} s; {rows} rows fitted")
@@ -568,7 +569,7 @@ def anomaly_card(result: dict[str, object], timing: dict[str, object] | None) ->
         for kind, f in ((k, q[k]) for k in ("vibration", "sensor_drift")))
     return f"""# Model card: chiller-health (`chiller_anomaly.onnx`)
 
-Anomaly model for chiller1 of the demo plant (`edge_agent/plant.py`). Built by `{BUILD_COMMAND}`;
+Anomaly model for chiller1 of the demo plant (`edge_agent/demo/physics.py`). Built by `{BUILD_COMMAND}`;
 this card is written by the same build, numbers included.
 
 ## Contract
@@ -624,7 +625,7 @@ def sim_card(result: dict[str, object], timing: dict[str, object] | None) -> str
     e = q["setpoint_effect"]
     return f"""# Model card: chiller-sim (`chiller_sim.onnx`)
 
-Simulation (surrogate) model of the demo plant (`edge_agent/plant.py`) for the setpoint optimiser.
+Simulation (surrogate) model of the demo plant (`edge_agent/demo/physics.py`) for the setpoint optimiser.
 Built by `{BUILD_COMMAND}`; this card is written by the same build, numbers included.
 
 ## Contract

@@ -132,7 +132,8 @@ ensure_user() {
 source_hash() {
     (
         cd "$SRC"
-        find edge_agent drivers -type f \( -name '*.py' -o -name py.typed \) | LC_ALL=C sort |
+        find edge_agent drivers models -type f \( -name '*.py' -o -name py.typed -o -name '*.toml' \
+            -o -name '*.onnx' \) | LC_ALL=C sort |
             xargs sha256sum pyproject.toml
         echo "no-deps=$NO_DEPS"
     ) | sha256sum | cut -d' ' -f1
@@ -162,7 +163,8 @@ ensure_venv() {
     [ "$NO_DEPS" -eq 1 ] && args+=(--no-deps)
     # Build from a copy: pip builds in-tree and would leave build/ and *.egg-info in the checkout.
     build=$(mktemp -d)
-    cp -r "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/edge_agent" "$SRC/drivers" "$build/"
+    # models/ too: the shipped models are the demo's package data (edge_agent.demo.models)
+    cp -r "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/edge_agent" "$SRC/drivers" "$SRC/models" "$build/"
     find "$build" \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
     "$VENV/bin/python" -m pip install "${args[@]}" "$build"
     rm -rf "$build"

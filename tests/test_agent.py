@@ -130,7 +130,7 @@ async def test_stop_flushes_pending_readings(tmp_path: Path) -> None:
     await wait_for(lambda: agent.stored > 0, what="first flush")
     agent.submit([Reading("a.x", 99.0, "good", time.time())])
     await agent.stop()
-    from edge_agent.twin import Twin
+    from edge_agent.store.twin import Twin
 
     twin = Twin.open(tmp_path / "twin.db", readonly=True)
     assert {r["name"]: r["value"] for r in twin.current()}["a.x"] == 99.0

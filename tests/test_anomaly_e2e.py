@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from edge_agent.agent import Agent
-from edge_agent.demo import demo_config
-from edge_agent.plant import Plant
+from edge_agent.demo.plant import Plant
+from edge_agent.demo.runner import demo_config
 from tests.helpers import free_port, wait_for
 
 

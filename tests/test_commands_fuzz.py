@@ -24,9 +24,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_agent import commands, config
+from edge_agent import config
 from edge_agent.agent import Agent
-from edge_agent.command_handlers import COMMANDS
+from edge_agent.remote import dispatch as commands
+from edge_agent.remote.handlers import COMMANDS
 from tests.test_commands import FakeDevice
 
 CODES = set(re.findall(r"^([a-z_]+) {2,}", commands.__doc__ or "", re.MULTILINE)) - {"code"}

@@ -10,8 +10,8 @@ import pytest
 
 from edge_agent import config
 from edge_agent.config import ModbusDevice, OpcUaDevice
+from edge_agent.config.table import parse_duration
 from edge_agent.errors import ConfigError
-from edge_agent.validate import parse_duration
 
 HERE = Path(__file__).parent
 CASES = sorted(p for p in (HERE / "testcases" / "config").iterdir() if p.is_dir())
@@ -34,9 +34,9 @@ def test_issue_sample_loads_unchanged() -> None:
     assert pump.port == 502 and pump.unit_id == 1
 
 
-@pytest.mark.parametrize("sample", ["agent.example.toml", "demo.toml"])
+@pytest.mark.parametrize("sample", ["config/agent.example.toml", "edge_agent/demo/demo.toml"])
 def test_shipped_configs_load(sample: str) -> None:
-    cfg = config.load(ROOT / "config" / sample)
+    cfg = config.load(ROOT / sample)
     assert cfg.devices, f"{sample} configures no devices"
 
 

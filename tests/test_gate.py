@@ -3,7 +3,7 @@
 Every test runs the real Agent in-process against real asyncua and pymodbus servers (the
 simulated plant, or a small pymodbus server of our own), with a driver factory that wraps the
 real driver classes and records the call stack of every ``write`` (our own interface, not a
-library mock), so each test also proves that writes came through edge_agent/gate.py.
+library mock), so each test also proves that writes came through edge_agent/control/gate.py.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ from drivers.base import GOOD, Driver
 from edge_agent import config as config_mod
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, DeviceConfig
-from edge_agent.gate import WriteResult
-from edge_agent.plant import NAMESPACE_URI, Plant, float32_registers
-from edge_agent.twin import Twin
+from edge_agent.control.gate import WriteResult
+from edge_agent.demo.plant import NAMESPACE_URI, Plant, float32_registers
+from edge_agent.store.twin import Twin
 from tests.helpers import free_port, wait_for
 from tests.onnx_models import zscore_model
 
 ROOT = Path(__file__).resolve().parent.parent
-GATE_FILE = ROOT / "edge_agent" / "gate.py"
+GATE_FILE = ROOT / "edge_agent" / "control" / "gate.py"
 SPEED = 10.0  # simulated seconds per real second
 
 # ---------------------------------------------------------------------------- shared plumbing
@@ -481,12 +481,12 @@ async def test_chiller_with_a_stuck_setpoint_is_marked_failed(tmp_path: Path) ->
 
 # Calls of an attribute named `write` that are not driver writes: (file, receiver source text).
 NOT_DRIVERS = {
-    ("edge_agent/demo.py", "out"),  # the live view's text stream
-    ("edge_agent/metrics.py", "writer"),  # the HTTP response stream
-    ("edge_agent/commands.py", "f"),  # atomic_write's temporary file
+    ("edge_agent/demo/runner.py", "out"),  # the live view's text stream
+    ("edge_agent/service/metrics.py", "writer"),  # the HTTP response stream
+    ("edge_agent/remote/dispatch.py", "f"),  # atomic_write's temporary file
 }
 # Where driver writes may be called: the gate, and the drivers themselves (their own helpers).
-MAY_WRITE = ("edge_agent/gate.py", "drivers/")
+MAY_WRITE = ("edge_agent/control/gate.py", "drivers/")
 
 
 def write_calls() -> list[tuple[str, str, int]]:
@@ -507,7 +507,7 @@ def write_calls() -> list[tuple[str, str, int]]:
 
 def test_no_path_but_the_gate_calls_a_driver_write() -> None:
     calls = write_calls()
-    assert any(rel == "edge_agent/gate.py" and receiver == "driver" for rel, receiver, _ in calls), calls
+    assert any(rel == "edge_agent/control/gate.py" and receiver == "driver" for rel, receiver, _ in calls), calls
     offenders = [f"{rel}:{line}: {receiver}.write(...)" for rel, receiver, line in calls
                  if not rel.startswith(MAY_WRITE) and (rel, receiver) not in NOT_DRIVERS]
     assert offenders == [], "a driver write outside the safety gate (or add a non-driver receiver to NOT_DRIVERS)"

@@ -14,8 +14,8 @@ from onnx import TensorProto
 from drivers.base import Reading
 from edge_agent import config
 from edge_agent.config import ModelConfig
+from edge_agent.control.inference import Hysteresis, ModelRunner, load
 from edge_agent.errors import ConfigError, ModelError
-from edge_agent.inference import Hysteresis, ModelRunner, load
 from tests.onnx_models import linear_model, zscore_model
 
 POINTS = ["chiller1.supply_temp", "chiller1.power"]

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.agent import Agent
-from edge_agent.demo import demo_config
-from edge_agent.plant import Plant
+from edge_agent.demo.plant import Plant
+from edge_agent.demo.runner import demo_config
 from tests.helpers import free_port, wait_for, wait_for_sync
 
 
@@ -69,7 +69,7 @@ def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
 def test_run_then_sigterm_exits_zero_and_twin_cli_reads_it(tmp_path: Path) -> None:
     """`edge-agent run` against a plant in another process; SIGTERM stops it cleanly."""
     opcua, modbus = free_port(), free_port()
-    plant = subprocess.Popen([sys.executable, "-m", "edge_agent.plant", "--opcua-port", str(opcua),
+    plant = subprocess.Popen([sys.executable, "-m", "edge_agent.demo.plant", "--opcua-port", str(opcua),
                               "--modbus-port", str(modbus)], stderr=subprocess.DEVNULL)
     try:
         _, text = demo_config(f"opc.tcp://127.0.0.1:{opcua}/plant", modbus, tmp_path)

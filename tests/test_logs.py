@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from edge_agent.logs import JsonFormatter, KeyValueFormatter
+from edge_agent.service.logs import JsonFormatter, KeyValueFormatter
 
 
 def _record(msg: str, *args: object, **extra: object) -> logging.LogRecord:

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edge_agent.plant import PlantModel
+from edge_agent.demo.physics import PlantModel
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.notify import Notifier, heartbeat
+from edge_agent.service.notify import Notifier, heartbeat
 from tests.helpers import NotifyReceiver, wait_for, wait_for_sync
 
 PERIOD = 0.2  # WATCHDOG_USEC=400000 -> a ping every 0.2 s
@@ -82,7 +82,7 @@ async def test_no_notify_socket_is_a_no_op() -> None:
 
 def test_send_failure_is_logged_once_never_raised(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     notifier = Notifier.from_environment({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
-    with caplog.at_level(logging.DEBUG, logger="edge_agent.notify"):
+    with caplog.at_level(logging.DEBUG, logger="edge_agent.service.notify"):
         assert notifier.ready() is False
         assert notifier.watchdog() is False
         assert notifier.status("x") is False
@@ -92,7 +92,7 @@ def test_send_failure_is_logged_once_never_raised(tmp_path: Path, caplog: pytest
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(tmp_path / "gone.sock"))
     try:
-        with caplog.at_level(logging.INFO, logger="edge_agent.notify"):
+        with caplog.at_level(logging.INFO, logger="edge_agent.service.notify"):
             assert notifier.watchdog() is True
         assert sock.recv(100) == b"WATCHDOG=1\n"
         assert any("works again" in r.getMessage() for r in caplog.records)

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_agent.plant import Plant
-from edge_agent.twin import Twin
+from edge_agent.demo.plant import Plant
+from edge_agent.store.twin import Twin
 from tests.helpers import free_port, wait_for
 from tests.onnx_models import linear_model, zscore_model
 from tests.test_gate import SPEED, WriteLog, opcua_setpoint, plant_config, reader, running

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from edge_agent.errors import TwinError
-from edge_agent.outbox import Draft, Gap, Outbox, OutboxLimits, Stamp, file_bytes, read_stats
 from edge_agent.pacing import TokenBucket
+from edge_agent.store.outbox import Draft, Gap, Outbox, OutboxLimits, Stamp, file_bytes, read_stats
 from tests.helpers import wait_for_sync
 
 TOPIC = "edge/site/gw/telemetry"
@@ -260,7 +260,7 @@ def test_read_stats_while_the_writer_is_open(tmp_path: Path) -> None:
 CHILD = r"""
 import json, os, sys
 from pathlib import Path
-from edge_agent.outbox import Draft, Outbox, OutboxLimits
+from edge_agent.store.outbox import Draft, Outbox, OutboxLimits
 
 def build(stamp):
     body = {"seq": stamp.seq, "pad": "x" * (stamp.seq % 50 if stamp.seq else 0)}

@@ -13,10 +13,11 @@ from asyncua import Client, Node, ua
 from pymodbus.client import AsyncModbusTcpClient
 
 from edge_agent.config import ModbusPoint, OpcUaPoint, load
-from edge_agent.plant import CHILLER_NODES, NAMESPACE_URI, Plant, PlantModel
+from edge_agent.demo.physics import PlantModel
+from edge_agent.demo.plant import CHILLER_NODES, NAMESPACE_URI, Plant
 from tests.helpers import free_port, wait_for
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.toml"
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "edge_agent" / "demo" / "demo.toml"
 FLOAT32 = AsyncModbusTcpClient.DATATYPE.FLOAT32
 INT16 = AsyncModbusTcpClient.DATATYPE.INT16
 
@@ -49,7 +50,7 @@ async def read_chiller(nodes: dict[str, Node]) -> dict[str, float]:
 
 
 async def read_pump(client: AsyncModbusTcpClient) -> dict[str, float]:
-    """Decode the pump's registers the way the docs of edge_agent.plant describe them."""
+    """Decode the pump's registers the way the docs of edge_agent.demo.plant describe them."""
     holding = (await client.read_holding_registers(0, count=12, device_id=1)).registers
     motor = (await client.read_input_registers(0, count=1, device_id=1)).registers
     running = (await client.read_coils(0, count=1, device_id=1)).bits[0]

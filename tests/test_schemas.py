@@ -1,4 +1,4 @@
-"""The JSON Schemas in docs/schemas/ describe exactly what edge_agent/payloads.py produces.
+"""The JSON Schemas in docs/schemas/ describe exactly what edge_agent/cloud/payloads.py produces.
 
 jsonschema is not a dependency, so :func:`validate` implements the subset of draft 2020-12 the
 schema files use (type, required, properties, additionalProperties, items, const, enum, minimum,
@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from drivers.base import Reading
-from edge_agent import payloads
-from edge_agent.outbox import Gap, Stamp
+from edge_agent.cloud import payloads
+from edge_agent.store.outbox import Gap, Stamp
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "docs" / "schemas"
 TOPICS = ("state", "telemetry", "twin", "events")

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from edge_agent.demo import demo_config
-from edge_agent.twin import Twin
+from edge_agent.demo.runner import demo_config
+from edge_agent.store.twin import Twin
 from tests.helpers import NotifyReceiver, free_port, wait_for_sync
 from tests.mqtt_broker import Pki, pki_fixture  # noqa: F401  (the "pki" fixture: cert files only, no broker)
 
@@ -136,7 +136,7 @@ def _accepts(port: int) -> bool:
 def plant() -> Iterator[PlantPorts]:
     """The simulated plant (OPC UA chiller, Modbus pump) in its own process, for the whole module."""
     ports = PlantPorts(free_port(), free_port())
-    process = subprocess.Popen([sys.executable, "-m", "edge_agent.plant", "--opcua-port", str(ports.opcua),
+    process = subprocess.Popen([sys.executable, "-m", "edge_agent.demo.plant", "--opcua-port", str(ports.opcua),
                                 "--modbus-port", str(ports.modbus)], stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -154,7 +154,7 @@ def plant() -> Iterator[PlantPorts]:
 
 
 def write_config(tmp_path: Path, plant: PlantPorts, *, modbus_port: int | None = None, extra: str = "") -> Path:
-    """config/demo.toml with the plant's ports (or the pump at ``modbus_port``), data in tmp_path."""
+    """The packaged demo.toml with the plant's ports (or the pump at ``modbus_port``), data in tmp_path."""
     _, text = demo_config(plant.endpoint, plant.modbus if modbus_port is None else modbus_port, tmp_path)
     path = tmp_path / "agent.toml"
     path.write_text(text + extra)

@@ -29,7 +29,7 @@ import pytest
 from drivers.base import Driver, Reading
 from edge_agent import config
 from edge_agent.agent import Agent
-from edge_agent.outbox import read_stats
+from edge_agent.store.outbox import read_stats
 from tests.helpers import free_port, wait_for, wait_for_sync
 from tests.mqtt_broker import (  # noqa: F401
     AGENT_CN,
@@ -341,7 +341,7 @@ def match_runs(sent: list[Sample], rows: list[Sample], cuts: list[tuple[int, flo
 
 def test_sigkill_with_backlog_then_restart_loses_nothing(tmp_path: Path, pki: Pki) -> None:
     modbus = free_port()
-    plant = subprocess.Popen([sys.executable, "-m", "edge_agent.plant", "--opcua-port", str(free_port()),
+    plant = subprocess.Popen([sys.executable, "-m", "edge_agent.demo.plant", "--opcua-port", str(free_port()),
                               "--modbus-port", str(modbus)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     agents: list[subprocess.Popen[bytes]] = []
     data, log = tmp_path / "data", tmp_path / "agent.log"

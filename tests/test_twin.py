@@ -13,7 +13,7 @@ from pathlib import Path
 
 from drivers.base import Reading
 from edge_agent import config
-from edge_agent.twin import MIGRATIONS, Twin
+from edge_agent.store.twin import MIGRATIONS, Twin
 from tests.helpers import wait_for_sync
 
 
@@ -115,7 +115,7 @@ import sys, time
 from pathlib import Path
 from drivers.base import Reading
 from edge_agent import config
-from edge_agent.twin import Twin
+from edge_agent.store.twin import Twin
 cfg = config.loads('''
 [agent]
 data_dir = "%s"

@@ -30,8 +30,8 @@ from edge_agent.config.schema import (
     MetricsSection,
     TwinSection,
 )
+from edge_agent.config.table import Table
 from edge_agent.errors import ConfigError
-from edge_agent.validate import Table
 
 
 def parse(raw: Mapping[str, Any], source: Path) -> AgentConfig:

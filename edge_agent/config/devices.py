@@ -21,8 +21,8 @@ from edge_agent.config.schema import (
     OpcUaDevice,
     OpcUaPoint,
 )
-from edge_agent.validate import REQUIRED as _REQUIRED
-from edge_agent.validate import Table
+from edge_agent.config.table import REQUIRED as _REQUIRED
+from edge_agent.config.table import Table
 
 
 def _common_point(t: Table) -> dict[str, Any]:

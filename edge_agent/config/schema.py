@@ -207,7 +207,7 @@ MODEL_KINDS = ("anomaly", "simulation")
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelConfig:
-    """An ONNX model run on the twin's live data (see edge_agent/inference.py)."""
+    """An ONNX model run on the twin's live data (see edge_agent/control/inference.py)."""
 
     name: str
     kind: str

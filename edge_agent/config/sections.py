@@ -20,8 +20,8 @@ from edge_agent.config.schema import (
     Operator,
     OptimizerSection,
 )
-from edge_agent.validate import REQUIRED as _REQUIRED
-from edge_agent.validate import Table
+from edge_agent.config.table import REQUIRED as _REQUIRED
+from edge_agent.config.table import Table
 
 
 def resolve(base: Path, text: str | None) -> Path | None:

@@ -28,12 +28,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from drivers.base import Reading
-from edge_agent import payloads
+from edge_agent.cloud import payloads
+from edge_agent.cloud.link import LinkError, MqttLink, OnMessage
 from edge_agent.config import AgentConfig
 from edge_agent.errors import TwinError
-from edge_agent.mqtt_link import LinkError, MqttLink, OnMessage
-from edge_agent.outbox import Draft, Message, Outbox
 from edge_agent.pacing import TokenBucket
+from edge_agent.store.outbox import Draft, Message, Outbox
 
 log = logging.getLogger(__name__)
 

@@ -69,12 +69,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_agent import __version__, health
+from edge_agent import __version__
 from edge_agent.config import ROLES, AgentConfig, Operator
+from edge_agent.config.table import parse_duration
 from edge_agent.errors import ConfigError, EdgeAgentError, ModelError, TwinError
 from edge_agent.pacing import TokenBucket
-from edge_agent.twin import Twin
-from edge_agent.validate import parse_duration
+from edge_agent.service import status as health
+from edge_agent.store.twin import Twin
 
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
@@ -405,7 +406,7 @@ class CommandHandler:
     """Receives commands for one agent; created by the agent when ``[commands] enabled``."""
 
     def __init__(self, agent: Agent, *, flood_rate: float = 1.0, flood_burst: float = 60.0) -> None:
-        from edge_agent.command_handlers import COMMANDS  # the handlers import this module
+        from edge_agent.remote.handlers import COMMANDS  # the handlers import this module
 
         self.agent = agent
         self.keyring = Keyring()

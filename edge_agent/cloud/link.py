@@ -6,7 +6,7 @@ link reconnects forever with capped exponential backoff and jitter, and says pla
 connection failed (certificate not trusted, client certificate refused, login refused, ...).
 
 This module only moves packets. What is published, and when, is the outbox's business
-(see :mod:`edge_agent.sync`): nothing else calls :meth:`MqttLink.publish`.
+(see :mod:`edge_agent.cloud.sync`): nothing else calls :meth:`MqttLink.publish`.
 """
 
 from __future__ import annotations

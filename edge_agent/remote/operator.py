@@ -150,7 +150,7 @@ def sign(key: Ed25519PrivateKey, operator: str, name: str, args: dict[str, Any],
     issued = int(time.time() if now is None else now)
     envelope: dict[str, Any] = {"id": command_id or uuid.uuid4().hex, "name": name, "args": args,
                                 "operator": operator, "issued_at": issued, "expires_at": issued + validity}
-    from edge_agent.commands import canonical
+    from edge_agent.remote.dispatch import canonical
 
     envelope["sig"] = base64.b64encode(key.sign(canonical(envelope))).decode()
     return envelope
@@ -171,7 +171,7 @@ def send(args: argparse.Namespace) -> int:
     base = f"{args.prefix}/{site}/{gateway}"
     # paho is imported only for this verb: `edge-agent --help`, keys and the daemon's own
     # commands do not need it loaded
-    from edge_agent.operator_mqtt import Exchange
+    from edge_agent.remote.exchange import Exchange
 
     exchange = Exchange(host, int(port), ca=args.ca, cert=args.cert, key=args.key)
     try:

@@ -1,4 +1,4 @@
-"""What each remote command does (see :mod:`edge_agent.commands` for the envelope, checks and codes).
+"""What each remote command does (see :mod:`edge_agent.remote.dispatch` for the envelope, checks and codes).
 
 viewer: ping, status, read, history, events, audit; operator: write, set_mode, ack; admin:
 get_config, set_config, reload, update_model, restart_driver. Nothing here runs a shell, reads an
@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge_agent.commands import (
+from edge_agent.config import OPTIMIZER_MODES, AgentConfig, load, loads
+from edge_agent.errors import ConfigError, ModelError
+from edge_agent.remote.dispatch import (
     Call,
     CommandError,
     Keyring,
@@ -40,8 +42,6 @@ from edge_agent.commands import (
     since_arg,
     status,
 )
-from edge_agent.config import OPTIMIZER_MODES, AgentConfig, load, loads
-from edge_agent.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
     from edge_agent.agent import Agent

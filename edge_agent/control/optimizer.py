@@ -28,10 +28,10 @@ import numpy as np
 
 from drivers.base import GOOD, Reading
 from edge_agent.config import AgentConfig, OptimizerSection
+from edge_agent.config.table import parse_duration
+from edge_agent.control.gate import SafetyGate
+from edge_agent.control.inference import ModelRunner
 from edge_agent.errors import ModelError
-from edge_agent.gate import SafetyGate
-from edge_agent.inference import ModelRunner
-from edge_agent.validate import parse_duration
 
 log = logging.getLogger(__name__)
 

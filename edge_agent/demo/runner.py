@@ -1,9 +1,11 @@
 """``edge-agent demo``: a simulated plant on real protocol servers, the agent against it, a live view.
 
-The plant (edge_agent/plant.py) serves a chiller over OPC UA and a pump over Modbus TCP on free
-loopback ports. The agent runs with config/demo.toml, its endpoint and port swapped for those
-ports in memory, and a data folder of its own. The effective config is saved beside the twin
-so ``edge-agent twin show --config DATA_DIR/agent.toml`` works after the demo.
+The plant (:mod:`edge_agent.demo.plant`) serves a chiller over OPC UA and a pump over Modbus TCP
+on free loopback ports. The agent runs with the packaged ``demo.toml``, its endpoint and port
+swapped for those ports in memory, the shipped models found through the package, and a data
+folder of its own. Nothing is read from a source checkout, so the demo runs from any install.
+The effective config is saved beside the twin so ``edge-agent twin show --config
+DATA_DIR/agent.toml`` works after the demo.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,24 +26,43 @@ from edge_agent import config as config_mod
 from edge_agent.agent import Agent
 from edge_agent.errors import ConfigError
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.toml"
+
+def demo_text() -> str:
+    """The packaged demo.toml, as shipped (comments kept)."""
+    try:
+        return resources.files("edge_agent.demo").joinpath("demo.toml").read_text("utf-8")
+    except (OSError, ModuleNotFoundError) as exc:
+        raise ConfigError([f"edge_agent/demo/demo.toml: cannot read the packaged demo config: {exc}"]) from exc
+
+
+def shipped_model(name: str) -> Path:
+    """The path of a model shipped with the package (models/ of the source tree)."""
+    try:
+        path = Path(str(resources.files("edge_agent.demo.models").joinpath(name)))
+    except ModuleNotFoundError as exc:
+        raise ConfigError([f"{name}: the shipped models are not installed: {exc}"]) from exc
+    if not path.is_file():
+        raise ConfigError([f"{path}: the shipped model {name} is not installed"])
+    return path
 
 
 def demo_config(opcua_endpoint: str, modbus_port: int, data_dir: Path) -> tuple[config_mod.AgentConfig, str]:
-    """config/demo.toml with the plant's live ports and the given data folder, validated.
+    """The packaged demo.toml with the plant's live ports, the shipped models and ``data_dir``, validated.
 
     Returns the config and its text (comments kept), which the demo saves beside the twin.
     """
-    if not DEMO_CONFIG.exists():
-        raise ConfigError([f"{DEMO_CONFIG}: no such file (the demo runs from a source checkout)"])
-    text = DEMO_CONFIG.read_text()
+    text = demo_text()
     text = re.sub(r'(?m)^(endpoint\s*=\s*)"opc\.tcp://[^"]*"', lambda m: f'{m.group(1)}"{opcua_endpoint}"', text)
     text = re.sub(r"(?m)^(port\s*=\s*)\d+", lambda m: f"{m.group(1)}{modbus_port}", text)
     text = re.sub(r'(?m)^(data_dir\s*=\s*)"[^"]*"', lambda m: f'{m.group(1)}"."', text)
-    # model files are relative to config/; the saved copy lives in the data folder
-    text = re.sub(r'(?m)^(file\s*=\s*)"([^"/][^"]*)"',
-                  lambda m: f'{m.group(1)}"{(DEMO_CONFIG.parent / m.group(2)).resolve()}"', text)
+    # model files: the ones installed with the package, wherever that is
+    text = re.sub(r'(?m)^(file\s*=\s*)"([^"]*)"',
+                  lambda m: f'{m.group(1)}{_toml_string(str(shipped_model(Path(m.group(2)).name)))}', text)
     return config_mod.loads(text, data_dir / "agent.toml"), text
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 DEMO_SPEED = 5.0  # simulated seconds per real second: a minute of demo is five minutes of plant
@@ -110,7 +132,7 @@ def _saving(snap: dict[str, Any]) -> float:
 
 
 async def _demo(duration: float, data_dir: Path, out: TextIO) -> int:
-    from edge_agent.plant import Plant, free_port
+    from edge_agent.demo.plant import Plant, free_port
 
     plant = Plant(opcua_port=free_port(), modbus_port=free_port(), seed=7, speed=DEMO_SPEED)
     await plant.start()
@@ -149,7 +171,7 @@ def _save(data_dir: Path, effective: str) -> None:
 
 def _summary(agent: Agent, config: config_mod.AgentConfig, timeline: Timeline, snap: dict[str, Any],
              out: TextIO) -> None:
-    from edge_agent.twin import Twin
+    from edge_agent.store.twin import Twin
 
     twin = Twin.open(config.twin_path, readonly=True)
     try:
@@ -175,7 +197,7 @@ def _summary(agent: Agent, config: config_mod.AgentConfig, timeline: Timeline, s
 
 def _optimiser_summary(agent: Agent, config: config_mod.AgentConfig, snap: dict[str, Any], timeline: Timeline,
                        out: TextIO) -> None:
-    from edge_agent.twin import Twin
+    from edge_agent.store.twin import Twin
 
     if config.optimizer is None:
         return

@@ -97,7 +97,7 @@ MIGRATIONS: list[str] = [
     );
     INSERT INTO meta VALUES (1, 1, 1, 0, 0, NULL, NULL, 0, 0);
     """,
-    # 2: command responses carry the request's MQTT 5 Correlation Data (edge_agent/commands.py)
+    # 2: command responses carry the request's MQTT 5 Correlation Data (edge_agent/remote/dispatch.py)
     """
     ALTER TABLE messages ADD COLUMN correlation BLOB;
     """,
@@ -482,7 +482,7 @@ class Outbox:
     def take_range(self, after: int, upto: int | None, limit: int) -> list[Message]:
         """Like :meth:`take`, for messages with ``after < id <= upto`` (no upper bound when None).
 
-        The caller keeps its own cursors; :mod:`edge_agent.sync` uses two, one for the backlog
+        The caller keeps its own cursors; :mod:`edge_agent.cloud.sync` uses two, one for the backlog
         found at connect (paced) and one for live messages, so live data is not stuck behind a
         long replay. Handed-out messages count as in flight here too, so they are never dropped.
         """
