@@ -27,7 +27,9 @@ from pathlib import Path
 
 from common import command_line, peak_rss_mb, print_table
 
-from edge_agent.store.outbox import Draft, Outbox, OutboxLimits, Stamp, file_bytes
+from edge_agent.store.messages import Draft, OutboxLimits, Stamp
+from edge_agent.store.outbox import Outbox
+from edge_agent.store.sqlite import file_bytes
 
 TARGET_DRAIN_SAMPLES_PER_S = 200_000  # issue 3, over TLS to a broker; here without the network
 TARGET_RSS_MB = 100.0

@@ -211,7 +211,8 @@ async def fill(spec: dict[str, Any]) -> dict[str, Any]:
     """Put ``samples`` into the outbox the way an offline agent does: Sync.add, then the batcher's step."""
     from drivers.base import Reading
     from edge_agent.cloud.sync import Sync
-    from edge_agent.store.outbox import Outbox, OutboxLimits
+    from edge_agent.store.messages import OutboxLimits
+    from edge_agent.store.outbox import Outbox
 
     pin(spec["agent_cpu"])
     config = load_config(spec)
@@ -247,7 +248,8 @@ async def fill(spec: dict[str, Any]) -> dict[str, Any]:
 async def drain(spec: dict[str, Any]) -> dict[str, Any]:
     """A real Sync drains the outbox to the broker; measured from start to empty."""
     from edge_agent.cloud.sync import Sync
-    from edge_agent.store.outbox import Outbox, OutboxLimits
+    from edge_agent.store.messages import OutboxLimits
+    from edge_agent.store.outbox import Outbox
 
     pin(spec["agent_cpu"])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -60,7 +60,6 @@ class ModbusDriver(Driver):
             raise TypeError(f"ModbusDriver needs a ModbusDevice, got {type(device).__name__}")
         super().__init__(device, data_dir)
         self.modbus: ModbusDevice = device
-        self._who = f'modbus device "{device.name}"'
         self.blocks: tuple[Block, ...] = build_plan(device.points, device.max_registers, device.max_gap)
         self._points: dict[str, ModbusPoint] = {p.name: p for p in device.points}
         self._client: ModbusBaseClient | None = None
@@ -92,12 +91,12 @@ class ModbusDriver(Driver):
             connected = await client.connect()
         except (*_LINK_ERRORS, ValueError) as exc:
             client.close()
-            raise ConnectError(f'{self._who}: cannot connect to {self.where}: {exc}') from exc
+            raise ConnectError(self.device.name, f"cannot connect to {self.where}: {exc}") from exc
         if not connected:
             # pymodbus swallows the cause (refused, unreachable, timeout) and returns False.
             client.close()
-            raise ConnectError(f'{self._who}: cannot connect to {self.where} '
-                               f"(refused, unreachable or no answer within {self.device.timeout:g} s)")
+            raise ConnectError(self.device.name, f"cannot connect to {self.where} (refused, unreachable or no "
+                                                 f"answer within {self.device.timeout:g} s)")
         self._client = client
         log.debug("modbus device %s: connected to %s", self.device.name, self.where)
 
@@ -115,7 +114,7 @@ class ModbusDriver(Driver):
         # Checked before every request: pymodbus's execute() would otherwise quietly reconnect.
         client = self._client
         if client is None or not client.connected:
-            raise error(f'{self._who}: not connected to {self.where}')
+            raise error(self.device.name, f"not connected to {self.where}")
         return client
 
     # ----------------------------------------------------------------------- read
@@ -136,8 +135,8 @@ class ModbusDriver(Driver):
             response = await request(block.address, count=block.count, device_id=self.modbus.unit_id)
         except _LINK_ERRORS as exc:
             await self.close()
-            raise ReadError(f'{self._who}: reading {block.table} '
-                            f"{block.address}..{block.address + block.count - 1} failed: {exc}") from exc
+            last = block.address + block.count - 1
+            raise ReadError(self.device.name, f"reading {block.table} {block.address}..{last} failed: {exc}") from exc
         if response.isError():
             self._block_failed(index, block, f"exception code {response.exception_code}")
             return _readings(block.names, repeat(None), BAD, ts)
@@ -170,28 +169,27 @@ class ModbusDriver(Driver):
         try:
             payload = encode(target, value)
         except ValueError as exc:
-            raise WriteError(f'{self._who}: {exc}') from exc
+            raise WriteError(self.device.name, str(exc), point=point) from exc
         async with self._lock:
             client = self._connected_client(WriteError)
             try:
                 response = await self._send(client, target, payload)
             except _LINK_ERRORS as exc:
                 await self.close()
-                raise WriteError(f'{self._who}: writing "{point}" failed: {exc}') from exc
+                raise WriteError(self.device.name, f"writing failed: {exc}", point=point) from exc
         if response.isError():
-            raise WriteError(f'{self._who}: writing "{point}" refused with '
-                             f"exception code {response.exception_code}")
+            raise WriteError(self.device.name, f"writing refused with exception code {response.exception_code}",
+                             point=point)
         log.debug("modbus device %s: wrote %s = %r (%r)", self.device.name, point, value, payload)
 
     def _writable_point(self, name: str) -> ModbusPoint:
         target = self._points.get(name)
         if target is None:
-            raise WriteError(f'{self._who}: no point "{name}"')
+            raise WriteError(self.device.name, "no such point", point=name)
         if target.register not in WRITABLE_TABLES:
-            raise WriteError(f'{self._who}: point "{name}" is in the read-only '
-                             f"{target.register} table")
+            raise WriteError(self.device.name, f"is in the read-only {target.register} table", point=name)
         if not target.writable:
-            raise WriteError(f'{self._who}: point "{name}" is not writable')
+            raise WriteError(self.device.name, "is not writable", point=name)
         return target
 
     async def _send(self, client: ModbusBaseClient, target: ModbusPoint,

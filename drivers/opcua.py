@@ -225,8 +225,8 @@ class OpcUaDriver(Driver):
                 await self._secure(client)
             await client.connect()
         except LIBRARY_ERRORS as exc:  # asyncua has already closed the socket and channel
-            raise ConnectError(f"{self.device.name}: cannot connect to {self.device.endpoint}: "
-                               f"{_describe(exc)}") from exc
+            raise ConnectError(self.device.name, f"cannot connect to {self.device.endpoint}: "
+                                                 f"{_describe(exc)}") from exc
         try:
             self._nodes = await self._resolve(client)
         except BaseException:
@@ -263,7 +263,7 @@ class OpcUaDriver(Driver):
             pair = await asyncio.to_thread(opcua_pki.ensure_client_certificate, self.data_dir,
                                            client.application_uri)
         except (OSError, ValueError) as exc:
-            raise ConnectError(f"{self.device.name}: cannot prepare the client certificate under "
+            raise ConnectError(self.device.name, "cannot prepare the client certificate under "
                                f"{self.data_dir / 'pki'}: {exc}") from exc
         # server_certificate=None: take the one the server's matching endpoint presents.
         await client.set_security(policy, pair.cert_path, pair.key_path, mode=mode)
@@ -279,19 +279,18 @@ class OpcUaDriver(Driver):
             try:
                 namespaces = list(await client.get_namespace_array())
             except LIBRARY_ERRORS as exc:
-                raise ConnectError(f"{self.device.name}: cannot read the server's NamespaceArray: "
+                raise ConnectError(self.device.name, "cannot read the server's NamespaceArray: "
                                    f"{_describe(exc)}") from exc
         nodes = []
         for point in self.device.points:
             try:
                 nodes.append(client.get_node(resolve_node_id(point.node, namespaces)))
             except KeyError as exc:
-                raise ConnectError(
-                    f'{self.device.name}: point "{point.name}": namespace URI {exc} is not in the '
-                    f"server's NamespaceArray {namespaces}") from None
+                raise ConnectError(self.device.name, f"namespace URI {exc} is not in the server's "
+                                                     f"NamespaceArray {namespaces}", point=point.name) from None
             except ua.UaError as exc:
-                raise ConnectError(f'{self.device.name}: point "{point.name}": bad node id '
-                                   f'"{point.node}": {exc}') from exc
+                raise ConnectError(self.device.name, f'bad node id "{point.node}": {exc}',
+                                   point=point.name) from exc
         return nodes
 
     async def close(self) -> None:
@@ -310,7 +309,7 @@ class OpcUaDriver(Driver):
 
     def _require(self, error: type[ReadError] | type[WriteError]) -> Client:
         if self._client is None:
-            raise error(f"{self.device.name}: not connected")
+            raise error(self.device.name, "not connected")
         return self._client
 
     # ------------------------------------------------------------------ read / subscribe / check
@@ -321,7 +320,7 @@ class OpcUaDriver(Driver):
         try:
             values = await client.read_attributes(self._nodes, ua.AttributeIds.Value)
         except LIBRARY_ERRORS as exc:
-            raise ReadError(f"{self.device.name}: read from {self.device.endpoint} failed: "
+            raise ReadError(self.device.name, f"read from {self.device.endpoint} failed: "
                             f"{_describe(exc)}") from exc
         return [reading(point.name, data) for point, data in zip(self.device.points, values, strict=True)]
 
@@ -336,7 +335,7 @@ class OpcUaDriver(Driver):
             results = await subscription.create_monitored_items(
                 [self._monitor_request(handle, node, interval_ms) for handle, node in enumerate(self._nodes)])
         except LIBRARY_ERRORS as exc:
-            raise ReadError(f"{self.device.name}: cannot subscribe: {_describe(exc)}") from exc
+            raise ReadError(self.device.name, f"cannot subscribe: {_describe(exc)}") from exc
         keepalive_s = created.RevisedPublishingInterval / 1000.0 * max(created.RevisedMaxKeepAliveCount, 1)
         self._stale_after = _STALE_KEEPALIVES * keepalive_s + self.device.timeout
         self._subscription = subscription
@@ -379,16 +378,16 @@ class OpcUaDriver(Driver):
         client = self._require(ReadError)
         name = self.device.name
         if client.state is not UaClientState.CONNECTED:
-            raise ReadError(f"{name}: connection to {self.device.endpoint} lost ({client.state.value})")
+            raise ReadError(name, f"connection to {self.device.endpoint} lost ({client.state.value})")
         sub = self._subscription
         if sub is None:
             return
         if sub.sink_error is not None:
-            raise ReadError(f"{name}: reading sink failed: {sub.sink_error!r}") from sub.sink_error
+            raise ReadError(name, f"reading sink failed: {sub.sink_error!r}") from sub.sink_error
         if sub.failure is not None:
-            raise ReadError(f"{name}: {sub.failure}")
+            raise ReadError(name, sub.failure)
         if sub.silent_for() > self._stale_after:
-            raise ReadError(f"{name}: no publish response for {sub.silent_for():.1f} s "
+            raise ReadError(name, f"no publish response for {sub.silent_for():.1f} s "
                             f"(expected a keep-alive at least every {self._stale_after:.1f} s)")
 
     # ------------------------------------------------------------------ write
@@ -398,21 +397,21 @@ class OpcUaDriver(Driver):
         client = self._require(WriteError)
         config = self.points.get(point)
         if config is None or not config.writable:
-            raise WriteError(f'{self.device.name}: point "{point}" is not a writable point of this device')
+            raise WriteError(self.device.name, "is not a writable point of this device", point=point)
         node = self._node_by_point[point]
         kind = await self._variant_type(point, node)
         try:
             data = ua.DataValue(ua.Variant(coerce(value, kind), kind))  # no Source/ServerTimestamp
         except ValueError as exc:
-            raise WriteError(f'{self.device.name}: point "{point}": {exc}') from exc
+            raise WriteError(self.device.name, str(exc), point=point) from exc
         try:
             results = await client.write_values([node], [data], raise_on_partial_error=False)
         except LIBRARY_ERRORS as exc:
-            raise WriteError(f'{self.device.name}: write to "{point}" failed: {_describe(exc)}') from exc
+            raise WriteError(self.device.name, f"write failed: {_describe(exc)}", point=point) from exc
         status = results[0]
         if not status.is_good():
-            raise WriteError(f'{self.device.name}: write of {value!r} to "{point}" refused by the '
-                             f"server: {status.name}")
+            raise WriteError(self.device.name, f"write of {value!r} refused by the server: {status.name}",
+                             point=point)
         logger.debug("%s: wrote %r to %s as %s", self.device.name, value, point, kind.name)
 
     async def _variant_type(self, point: str, node: Node) -> ua.VariantType:
@@ -425,11 +424,10 @@ class OpcUaDriver(Driver):
                 current = (await node.read_data_value()).Value
                 kind = ua.VariantType.Null if current is None else current.VariantType
         except LIBRARY_ERRORS as exc:
-            raise WriteError(f'{self.device.name}: cannot read the data type of "{point}": '
-                             f"{_describe(exc)}") from exc
+            raise WriteError(self.device.name, f"cannot read the data type: {_describe(exc)}", point=point) from exc
         if kind is ua.VariantType.Null:
-            raise WriteError(f'{self.device.name}: cannot tell the type of "{point}": its DataType is '
-                             "abstract and it holds no value")
+            raise WriteError(self.device.name, "cannot tell the type: its DataType is abstract and it holds no value",
+                             point=point)
         self._variant_types[point] = kind
         return kind
 

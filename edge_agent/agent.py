@@ -1,42 +1,49 @@
-"""The supervisor: one task per device, the twin writer, and housekeeping; owns shutdown.
+"""The supervisor: starts and stops the parts, reloads on SIGHUP, owns shutdown. It wires; it holds little logic.
 
-Data path: drivers -> ``Agent.submit`` (an in-memory list of chunks, bounded) -> the
-writer task, which every ``twin.flush_interval`` (or sooner, when ``twin.flush_max``
-readings are waiting) stores everything pending in one SQLite transaction off the event
-loop. The agent also keeps the latest Reading of every point in memory for the parts that
-need current values fast (models, the safety gate).
+Parts: one :class:`~edge_agent.device.DeviceRunner` task per device, the twin writer
+(:class:`~edge_agent.store.writer.TwinWriter`, which also keeps every point's latest reading),
+the cloud sync (:mod:`edge_agent.cloud`), the models and the optimiser (:mod:`edge_agent.control`),
+the safety gate, remote commands (:mod:`edge_agent.remote`) and the service reporters
+(:mod:`edge_agent.service`). The parts never see the agent: the gate and the models get the few
+lookups they need as functions, the reporters a frozen :class:`GatewayStatus`, and remote
+commands the :class:`~edge_agent.remote.gateway.Gateway` protocol, which the agent implements.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import copy
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from drivers.base import Driver, Reading
 from edge_agent.cloud.sync import Sync
 from edge_agent.config import AgentConfig, DeviceConfig, ModelConfig
 from edge_agent.control.gate import SafetyGate, WriteResult
 from edge_agent.device import DeviceRunner
-from edge_agent.errors import TwinError
-from edge_agent.service import status as health
+from edge_agent.errors import ModelError, TwinError
+from edge_agent.service import status as status_file
 from edge_agent.service.logs import RecentErrors
-from edge_agent.store.outbox import Outbox, OutboxLimits
-from edge_agent.store.twin import Chunk, Twin
-from edge_agent.tasks import cancel_all, finish_in_thread
+from edge_agent.service.status import GatewayStatus, LinkState, ModelState
+from edge_agent.store.messages import OutboxLimits
+from edge_agent.store.outbox import Outbox
+from edge_agent.store.twin import Twin
+from edge_agent.store.views import TwinReader, TwinView
+from edge_agent.store.writer import TwinWriter
+from edge_agent.tasks import cancel_all
 
 if TYPE_CHECKING:
     from edge_agent.control.inference import ModelRunner
     from edge_agent.control.optimizer import Optimizer
+    from edge_agent.remote.dispatch import CommandHandler
 
 log = logging.getLogger(__name__)
 STATUS_INTERVAL = 5.0  # seconds between refreshes of data_dir/status.json
-
+T = TypeVar("T")
 
 DriverFactory = Callable[[DeviceConfig, Path], Driver]
 
@@ -45,105 +52,63 @@ class Agent:
     """Runs the gateway for one validated config until ``stop`` is set."""
 
     def __init__(self, config: AgentConfig, *, driver_factory: DriverFactory | None = None) -> None:
-        self.config = config
+        self._config = config
         self.started = time.time()
-        self.twin: Twin | None = None
+        self.writer: TwinWriter | None = None
         self.outbox: Outbox | None = None
         self.sync: Sync | None = None
-        self.latest: dict[str, Reading] = {}
+        self.commands: CommandHandler | None = None
         self.runners: dict[str, DeviceRunner] = {}
         self.models: dict[str, ModelRunner] = {}
+        self.optimizer: Optimizer | None = None
         self._owner = {point.name: device.name for device, point in config.points()}
         self.gate = SafetyGate(config, self.last_value, self._driver_for, self.anomaly_active, self._record_write,
                                self.submit, on_rollback=self._on_rollback, age=self.data_age)
-        self.optimizer: Optimizer | None = None
-        self.stored = 0  # history rows written since start
-        self.received = 0  # readings received from devices and models since start
-        self.flush_seconds = 0.0  # wall time spent in twin flushes (for the average write latency)
-        self.last_flush_seconds = 0.0
-        self.flushes = 0
-        self.flush_errors = 0
         self._driver_factory = driver_factory
-        self._pending: list[Chunk] = []
-        self._records: list[tuple[str, dict[str, Any]]] = []  # ("event" | "write", record), to store
-        self._pending_count = 0
-        self._wake = asyncio.Event()
-        self._room = asyncio.Event()  # set while the pending readings are under the high-water mark
-        self._room.set()
         self._tasks: list[asyncio.Task[None]] = []
         self._parts: dict[str, asyncio.Task[None]] = {}  # "device:NAME" / "model:NAME" -> its task
-        self._flush_lock = asyncio.Lock()
-        self._points_synced = 0.0
+        self._reader = TwinReader(config.twin_path)
         self.recent_errors: deque[str] = deque(maxlen=10)
         self._recorder = RecentErrors(self.recent_errors)
 
     @property
-    def pending_count(self) -> int:
-        """Readings received and not yet stored in the twin."""
-        return self._pending_count
+    def config(self) -> AgentConfig:
+        return self._config
 
-    # ------------------------------------------------------------------ data path
+    # ------------------------------------------------------------------ the data path (see TwinWriter)
+
+    @property
+    def latest(self) -> dict[str, Reading]:
+        """The latest reading of every point (empty before start)."""
+        return self.writer.latest if self.writer is not None else {}
 
     def submit(self, readings: Sequence[Reading]) -> None:
-        """Accept readings from a device (called on the event loop); stored at the next flush."""
-        if not readings:
-            return
-        self._pending.append((time.time(), readings))
-        latest = self.latest
-        for r in readings:
-            latest[r[0]] = r
-        self._pending_count += len(readings)
-        self.received += len(readings)
-        if self._pending_count >= self.config.twin.flush_max:
-            self._wake.set()
-            if self._pending_count >= 4 * self.config.twin.flush_max:
-                self._room.clear()
+        """Accept readings from a device or a model (on the event loop); stored at the next flush."""
+        if self.writer is not None:
+            self.writer.submit(readings)
 
     async def room(self) -> None:
-        """Wait while the twin is behind: pollers pause here so memory stays bounded (back-pressure)."""
-        await self._room.wait()
+        """Back-pressure: pollers wait here while the twin is behind."""
+        if self.writer is not None:
+            await self.writer.room()
 
     def record_event(self, event: dict[str, Any]) -> None:
-        """Accept an event (anomaly, device outage, ...); stored and published at the next flush."""
-        self._records.append(("event", event))
-        self._wake.set()
+        """Accept an event (anomaly, device outage, command audit); stored and published at the next flush."""
+        if self.writer is not None:
+            self.writer.record("event", event)
 
-    async def _store_records(self) -> None:
-        """Store pending events and write records in the twin, then queue them for the cloud."""
-        records, self._records = self._records, []
-        if not records or self.twin is None:
-            return
-        for kind, record in records:
-            store = self.twin.record_write if kind == "write" else self.twin.add_event
-            try:
-                record["id"] = await finish_in_thread(store, record)
-            except TwinError as exc:
-                log.error("%s; %s kept in memory for the next attempt", exc, kind)
-                self._records.append((kind, record))
-                continue
-            if self.sync is not None:
-                event_type = "write" if kind == "write" else str(record["kind"])
-                fields = {k: v for k, v in record.items() if k != "kind"}
-                try:
-                    await self.sync.append([self.sync.event(event_type, fields)])
-                except TwinError as exc:
-                    log.error("%s; %s %s is in the twin but not queued for the cloud", exc, kind, record["id"])
+    async def flush(self, *, final: bool = False) -> int:
+        """Store what is pending now (tests and shutdown; the writer does this on its own)."""
+        if self.writer is None:
+            return 0
+        return await self.writer.flush(final=final)
 
-    def _driver_for(self, device: str) -> Driver | None:
-        runner = self.runners.get(device)
-        return runner.driver if runner is not None and runner.status.state == "up" else None
+    @property
+    def stored(self) -> int:
+        """History rows written since start."""
+        return self.writer.stored if self.writer is not None else 0
 
-    def _record_write(self, result: WriteResult) -> None:
-        record = result.record()
-        record["configured"] = result.point in self.gate.points  # no desired state for unknown points
-        self._records.append(("write", record))
-        self._wake.set()
-
-    def _on_rollback(self, reason: str) -> None:
-        if self.optimizer is not None:
-            self.optimizer.set_mode("advise", reason=f"rollback: {reason}")
-        self.record_event({"ts": time.time(), "source": "gate", "kind": "rollback", "state": "raised",
-                           "message": reason})
+    # ------------------------------------------------------------------ lookups for the gate and the models
 
     def last_value(self, point: str) -> Reading | None:
         return self.latest.get(point)
@@ -161,84 +126,126 @@ class Agent:
             return now - max(reading.ts, runner.status.last_ok)
         return now - reading.ts
 
-    def snapshot(self) -> list[dict[str, Any]]:
+    def anomaly_active(self, equipment: str) -> list[str]:
+        """Names of the models with an active anomaly on this equipment (device)."""
+        return [name for name, runner in self.models.items()
+                if runner.anomaly_active and runner.equipment == equipment]
+
+    def _driver_for(self, device: str) -> Driver | None:
+        runner = self.runners.get(device)
+        return runner.driver if runner is not None and runner.status.state == "up" else None
+
+    def _record_write(self, result: WriteResult) -> None:
+        record = result.record()
+        record["configured"] = result.point in self.gate.points  # no desired state for unknown points
+        if self.writer is not None:
+            self.writer.record("write", record)
+
+    def _on_rollback(self, reason: str) -> None:
+        if self.optimizer is not None:
+            self.optimizer.set_mode("advise", reason=f"rollback: {reason}")
+        self.record_event({"ts": time.time(), "source": "gate", "kind": "rollback", "state": "raised",
+                           "message": reason})
+
+    # ------------------------------------------------------------------ the face (status, and remote.Gateway)
+
+    def status(self) -> GatewayStatus:
+        """A frozen snapshot for status.json, metrics, sd_notify and remote commands."""
+        now = time.time()
+        config = self._config
+        assert self.writer is not None, "status() before start()"
+        dead = tuple(f"{key} task died: {task.exception()!r}" for key, task in self._parts.items()
+                     if task.done() and not task.cancelled() and task.exception() is not None)
+        return GatewayStatus(
+            ts=now, started=self.started, gateway=config.agent.id, site=config.agent.site, config=config.source,
+            devices=tuple(copy.copy(r.status) for r in self.runners.values()),
+            models=tuple(_model_state(name, m) for name, m in self.models.items()),
+            twin=self.writer.state(), mqtt=self._link_state(),
+            optimizer_mode=self.optimizer.mode if self.optimizer is not None else None,
+            dead_parts=dead, errors=tuple(self.recent_errors))
+
+    def _link_state(self) -> LinkState | None:
+        sync, outbox = self.sync, self.outbox
+        if sync is None or outbox is None:
+            return None
+        link = sync.link
+        try:
+            stats, error = outbox.stats(), ""
+        except TwinError as exc:
+            stats, error = None, str(exc)
+        return LinkState(f"{link.cfg.host}:{link.cfg.port}", link.connected.is_set(), link.last_error, sync.published,
+                         sync.acked, stats, error)
+
+    def current(self) -> list[dict[str, Any]]:
         """Every configured point's latest value, quality, source time and unit (from memory)."""
+        latest = self.latest
         rows = []
-        for name, _, unit in self.config.all_points():
-            r = self.latest.get(name)
+        for name, _, unit in self._config.all_points():
+            r = latest.get(name)
             rows.append({"name": name, "value": r.value if r else None, "quality": r.quality if r else "bad",
                          "ts": r.ts if r else None, "unit": unit})
         return rows
 
-    async def flush(self, *, final: bool = False) -> int:
-        """Store every pending reading in one transaction, off the event loop.
+    async def query(self, fn: Callable[[TwinView], T]) -> T:
+        """Run ``fn`` on the agent's own read connection to the twin, off the event loop."""
+        return await asyncio.to_thread(self._reader.call, fn)
 
-        Shielded as a whole: a cancelled caller (stop() cancelling the writer) still lets the
-        batch be committed *and* handed to the cloud sync, never one without the other.
-        """
-        inner = asyncio.ensure_future(self._flush(final=final))
-        try:
-            return await asyncio.shield(inner)
-        except asyncio.CancelledError:
-            await asyncio.wait([inner])
-            raise
+    async def request_write(self, point: str, value: Any, *, source: str, actor: str | None) -> WriteResult:
+        return await self.gate.request(point, value, source=source, actor=actor)
 
-    async def _flush(self, *, final: bool = False) -> int:
-        async with self._flush_lock:
-            if self.twin is None or not (self._pending or (final and self.twin.has_unsynced)):
-                return 0
-            # the points table (current values) is refreshed at most every points_interval: one
-            # UPDATE per point per refresh instead of per flush (history gets every reading)
-            now = time.monotonic()
-            update = final or now - self._points_synced >= self.config.twin.points_interval
-            chunks, self._pending, self._pending_count = self._pending, [], 0
-            self._room.set()
-            try:
-                began = time.perf_counter()
-                kept = await asyncio.to_thread(self.twin.write_batch, chunks, update_points=update)
-                if update:
-                    self._points_synced = now
-                self.last_flush_seconds = time.perf_counter() - began
-                self.flush_seconds += self.last_flush_seconds
-            except TwinError as exc:
-                # Keep the readings and try again at the next flush; a full disk or a locked
-                # file must not lose data that is still in memory.
-                self.flush_errors += 1
-                log.error("%s; %d readings kept in memory for the next attempt", exc,
-                          sum(len(c[1]) for c in chunks))
-                self._pending[:0] = chunks
-                self._pending_count += sum(len(c[1]) for c in chunks)
-                return 0
-            self.stored += len(kept)
-            self.flushes += 1
-            if self.sync is not None:
-                self.sync.add(kept)
-            return len(kept)
+    def optimizer_mode(self) -> str | None:
+        return self.optimizer.mode if self.optimizer is not None else None
+
+    def set_optimizer_mode(self, mode: str, reason: str) -> None:
+        if self.optimizer is not None:
+            self.optimizer.set_mode(mode, reason=reason)
+
+    def model_names(self) -> list[str]:
+        return list(self.models)
+
+    async def swap_model(self, name: str, model: bytes, source: str) -> tuple[Path, tuple[str, ...]]:
+        runner = self.models.get(name)
+        if runner is None:
+            raise ModelError(f'model "{name}": not configured')
+        loaded = await runner.swap(model, source)
+        return runner.cfg.file, loaded.inputs
+
+    async def respond(self, topic: str | None, payload: bytes, correlation: bytes | None) -> bool:
+        if self.sync is None:
+            return False
+        await self.sync.respond(topic, payload, correlation)
+        return True
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run ``coro`` as a task of the agent's: logged if it dies, cancelled when the agent stops."""
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(_task_done)
+        self._tasks.append(task)
+        return task
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Open the twin and start every task; returns once they are running."""
-        config = self.config
-        self.twin = await asyncio.to_thread(Twin.open, config.twin_path)
-        await asyncio.to_thread(self.twin.sync_points, config)
-        for row in await asyncio.to_thread(self.twin.current):
-            if row["ts"] is not None:
-                self.latest[row["name"]] = Reading(row["name"], row["value"], row["quality"], row["ts"])
+        config = self._config
+        twin = await asyncio.to_thread(Twin.open, config.twin_path)
+        await asyncio.to_thread(twin.sync_points, config)
+        self.writer = TwinWriter(twin, config.twin)
+        await asyncio.to_thread(self.writer.restore)
         logging.getLogger().addHandler(self._recorder)
         for device in config.devices:
             self._start_device(device)
         await self._start_sync()
         for model in config.models:
             self._start_model(model)
-        self._spawn(self.gate.run(), "safety-gate")
+        self.spawn(self.gate.run(), "safety-gate")
         self._start_optimizer()
-        self._spawn(self._writer(), "twin-writer")
-        self._spawn(self._housekeeping(), "housekeeping")
+        self.spawn(self.writer.run(), "twin-writer")
+        self.spawn(self._housekeeping(), "housekeeping")
         if config.metrics.enabled:
             from edge_agent.service import metrics
 
-            self._spawn(metrics.serve(self, config.metrics.host, config.metrics.port), "metrics")
+            self.spawn(metrics.serve(self.status, config.metrics.host, config.metrics.port), "metrics")
         await self.write_status()
         if not config.devices:
             log.warning("no devices configured: the agent runs but mirrors nothing")
@@ -247,25 +254,69 @@ class Agent:
                  config.twin_path)
 
     def _start_device(self, device: DeviceConfig) -> None:
-        runner = DeviceRunner(device, self.config.agent.data_dir, self.submit, self.last_value,
+        runner = DeviceRunner(device, self._config.agent.data_dir, self.submit, self.last_value,
                               driver_factory=self._driver_factory, room=self.room, on_event=self.record_event)
         self.runners[device.name] = runner
-        self._parts[f"device:{device.name}"] = self._spawn(runner.run(), f"device:{device.name}")
+        self._parts[f"device:{device.name}"] = self.spawn(runner.run(), f"device:{device.name}")
 
     def _start_model(self, model: ModelConfig) -> None:
         # numpy and onnxruntime are imported only when a model is configured (memory on small gateways)
         from edge_agent.control.inference import ModelRunner
 
-        owner = {point.name: device.name for device, point in self.config.points()}
-        equipment = model.equipment or (owner.get(model.inputs[0]) if model.inputs else None)
-        runner = ModelRunner(model, self.last_value, self.submit, self.record_event, equipment, known=owner,
-                             age=self.data_age)
+        equipment = model.equipment or (self._owner.get(model.inputs[0]) if model.inputs else None)
+        runner = ModelRunner(model, self.last_value, self.submit, self.record_event, equipment,
+                             known=dict(self._owner), age=self.data_age)
         self.models[model.name] = runner
-        self._parts[f"model:{model.name}"] = self._spawn(runner.run(), f"model:{model.name}")
+        self._parts[f"model:{model.name}"] = self.spawn(runner.run(), f"model:{model.name}")
+
+    def _start_optimizer(self) -> None:
+        settings = self._config.optimizer
+        if settings is None:
+            return
+        from edge_agent.control.optimizer import Optimizer
+
+        self.optimizer = Optimizer(settings, self._config, lambda: self.models.get(settings.model), self.last_value,
+                                   self.gate, self.record_event)
+        self._parts["optimizer"] = self.spawn(self.optimizer.run(), "optimizer")
+
+    async def _start_sync(self) -> None:
+        mqtt = self._config.mqtt
+        if mqtt is None:
+            log.info("no [mqtt] section: running offline only; the twin is kept locally")
+            return
+        limits = OutboxLimits(max_rows=mqtt.outbox_max_rows, max_bytes=mqtt.outbox_max_bytes)
+        self.outbox = await asyncio.to_thread(
+            Outbox.open, self._config.agent.data_dir / "outbox.db", limits=limits, max_inflight=mqtt.max_inflight,
+            synchronous=mqtt.outbox_sync)
+        on_message = None
+        if self._config.commands.enabled:
+            from edge_agent.remote.dispatch import CommandHandler
+
+            # One handler for the agent's life: its replay store and in-flight commands outlive a
+            # restart of the MQTT link (a reload that changes [mqtt] calls this again).
+            if self.commands is None:
+                self.commands = CommandHandler(self)
+            self.commands.attach()
+            on_message = self.commands.on_message
+        self.sync = Sync(self._config, self.outbox, self.current, on_message=on_message)
+        assert self.writer is not None
+        self.writer.forward = self.sync
+        self.sync.start()
+
+    async def _stop_sync(self) -> None:
+        """Leave the broker (Will: offline) and close the outbox; what it holds stays on disk."""
+        if self.writer is not None:
+            self.writer.forward = None
+        if self.sync is not None:
+            await self.sync.stop()
+            self.sync = None
+        if self.outbox is not None:
+            await asyncio.to_thread(self.outbox.close)
+            self.outbox = None
 
     async def restart_device(self, name: str) -> None:
         """Close a device's connection and start its supervisor afresh (the restart_driver command)."""
-        settings = next(d for d in self.config.devices if d.name == name)
+        settings = next(d for d in self._config.devices if d.name == name)
         await self._stop_part(f"device:{name}")
         self._start_device(settings)
 
@@ -278,6 +329,41 @@ class Agent:
             await cancel_all([task])
             self._tasks.remove(task)
 
+    async def stop(self) -> None:
+        """Stop polling, flush what is pending, leave the broker, close the outbox and the twin."""
+        if self.writer is not None:
+            self.writer.release()  # a poller waiting on back-pressure must see its cancellation
+        for runner in self.runners.values():
+            runner.stop()
+        await cancel_all(self._tasks)
+        self._tasks.clear()
+        self._parts.clear()
+        # Runners closed their drivers on cancellation; store what they delivered, with the
+        # sync still attached so the cloud gets it too.
+        if self.writer is not None:
+            await self.writer.flush(final=True)
+            await self.writer.store_records()
+        await self._stop_sync()
+        await asyncio.to_thread(self._reader.close)
+        if self.writer is not None:
+            await self.writer.close()
+            log.info("agent stopped; %d history rows stored this run", self.writer.stored)
+        logging.getLogger().removeHandler(self._recorder)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start, wait for ``stop``, then stop cleanly."""
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    # ------------------------------------------------------------------ reload
+
+    def needs_restart(self, new: AgentConfig) -> bool:
+        """Whether ``new`` changes settings only a restart of the agent can apply (agent.*, twin.*)."""
+        return (new.agent, new.twin) != (self._config.agent, self._config.twin)
+
     async def reload(self, new: AgentConfig) -> str:
         """Apply a new config to the running agent without losing buffered data; returns what changed.
 
@@ -285,12 +371,12 @@ class Agent:
         stopped; the MQTT link is restarted only when ``[mqtt]`` changed. A change of ``agent.*``
         or ``twin.*`` needs a restart of the agent (the caller does that: see ``needs_restart``).
         """
-        old, self.config = self.config, new
+        old, self._config = self._config, new
         self._owner = {point.name: device.name for device, point in new.points()}
         self.gate.update(new)
-        await self.flush()
-        assert self.twin is not None
-        await finish_in_thread(self.twin.sync_points, new)
+        assert self.writer is not None
+        await self.writer.flush()
+        await self.writer.sync_points(new)
         changes: list[str] = []
         changes += await self._reconcile("device", {d.name: d for d in old.devices}, {d.name: d for d in new.devices},
                                          self.runners, self._start_device)
@@ -325,108 +411,10 @@ class Agent:
             changes.append(f"{kind} {name} {'restarted' if name in old else 'added'}")
         return changes
 
-    def _start_optimizer(self) -> None:
-        settings = self.config.optimizer
-        if settings is None:
-            return
-        from edge_agent.control.optimizer import Optimizer
-
-        self.optimizer = Optimizer(settings, self.config, lambda: self.models.get(settings.model), self.last_value,
-                                   self.gate, self.record_event)
-        self._parts["optimizer"] = self._spawn(self.optimizer.run(), "optimizer")
-
-    def anomaly_active(self, equipment: str) -> list[str]:
-        """Names of the models with an active anomaly on this equipment (device)."""
-        return [name for name, runner in self.models.items()
-                if runner.anomaly_active and runner.equipment == equipment]
-
-    async def _start_sync(self) -> None:
-        mqtt = self.config.mqtt
-        if mqtt is None:
-            log.info("no [mqtt] section: running offline only; the twin is kept locally")
-            return
-        limits = OutboxLimits(max_rows=mqtt.outbox_max_rows, max_bytes=mqtt.outbox_max_bytes)
-        self.outbox = await asyncio.to_thread(
-            Outbox.open, self.config.agent.data_dir / "outbox.db", limits=limits, max_inflight=mqtt.max_inflight,
-            synchronous=mqtt.outbox_sync)
-        on_message = None
-        if self.config.commands.enabled:
-            from edge_agent.remote.dispatch import CommandHandler
-
-            # One handler for the agent's life: its replay store and in-flight commands outlive a
-            # restart of the MQTT link (a reload that changes [mqtt] calls this again).
-            self.commands: CommandHandler | None = getattr(self, "commands", None) or CommandHandler(self)
-            self.commands.attach()
-            on_message = self.commands.on_message
-        self.sync = Sync(self.config, self.outbox, self.snapshot, on_message=on_message)
-        self.sync.start()
-
-    async def _stop_sync(self) -> None:
-        """Leave the broker (Will: offline) and close the outbox; what it holds stays on disk."""
-        if self.sync is not None:
-            await self.sync.stop()
-            self.sync = None
-        if self.outbox is not None:
-            await asyncio.to_thread(self.outbox.close)
-            self.outbox = None
-
-    async def stop(self) -> None:
-        """Stop polling, flush what is pending, leave the broker, close the outbox and the twin."""
-        self._room.set()  # a poller waiting on back-pressure must see its cancellation
-        for runner in self.runners.values():
-            runner.stop()
-        await cancel_all(self._tasks)
-        self._tasks.clear()
-        self._parts.clear()
-        # Runners closed their drivers on cancellation; store what they delivered.
-        await self.flush(final=True)
-        await self._store_records()
-        await self._stop_sync()
-        if self.twin is not None:
-            await asyncio.to_thread(self.twin.close)
-            self.twin = None
-        logging.getLogger().removeHandler(self._recorder)
-        log.info("agent stopped; %d history rows stored this run", self.stored)
-
-    def needs_restart(self, new: AgentConfig) -> bool:
-        """Whether ``new`` changes settings only a restart of the agent can apply (agent.*, twin.*)."""
-        return (new.agent, new.twin) != (self.config.agent, self.config.twin)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Start, wait for ``stop``, then stop cleanly."""
-        await self.start()
-        try:
-            await stop.wait()
-        finally:
-            await self.stop()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro, name=name)
-        task.add_done_callback(self._task_done)
-        self._tasks.append(task)
-        return task
-
-    @staticmethod
-    def _task_done(task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.critical("task %s died: %r", task.get_name(), task.exception(), exc_info=task.exception())
-
-    # ------------------------------------------------------------------ tasks
-
-    async def _writer(self) -> None:
-        interval = self.config.twin.flush_interval
-        while True:
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel (gh-86296)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await self._wake.wait()
-            self._wake.clear()
-            await self.flush()
-            await self._store_records()
+    # ------------------------------------------------------------------ housekeeping
 
     async def _housekeeping(self) -> None:
-        twin_cfg = self.config.twin
-        period = min([0.5, *(d.interval for d in self.config.devices)])
+        period = min([0.5, *(d.interval for d in self._config.devices)])
         next_prune = time.monotonic() + 10.0
         next_status = 0.0
         while True:
@@ -437,25 +425,26 @@ class Agent:
             if time.monotonic() >= next_status:
                 next_status = time.monotonic() + STATUS_INTERVAL
                 await self.write_status()
-            if time.monotonic() >= next_prune and self.twin is not None:
-                next_prune = time.monotonic() + twin_cfg.prune_interval
-                await self._prune(now - twin_cfg.history_retention)
+            if time.monotonic() >= next_prune and self.writer is not None:
+                next_prune = time.monotonic() + self._config.twin.prune_interval
+                await self.writer.prune(now - self._config.twin.history_retention)
 
     async def write_status(self) -> None:
         """Refresh data_dir/status.json for `edge-agent status`."""
-        status = health.snapshot(self)
+        snapshot = self.status().to_json()
         try:
-            await asyncio.to_thread(health.write, self.config.agent.data_dir / health.STATUS_FILE, status)
+            await asyncio.to_thread(status_file.write, self._config.agent.data_dir / status_file.STATUS_FILE, snapshot)
         except OSError as exc:
             log.warning("cannot write the status file: %s", exc)
 
-    async def _prune(self, before: float) -> None:
-        assert self.twin is not None
-        async with self._flush_lock:
-            try:
-                removed = await finish_in_thread(self.twin.prune, before)
-            except TwinError as exc:
-                log.error("%s", exc)
-                return
-        if removed:
-            log.info("twin: pruned %d history rows older than retention", removed)
+
+def _model_state(name: str, runner: ModelRunner) -> ModelState:
+    s = runner.status
+    return ModelState(name, runner.cfg.kind, s.state, s.last_score, s.last_ts, s.evaluations, sum(s.skips.values()),
+                      s.last_skip, runner.anomaly_active, s.last_error,
+                      runner.model.source if runner.model else None, s.cpu_us)
+
+
+def _task_done(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("task %s died: %r", task.get_name(), task.exception(), exc_info=task.exception())

@@ -14,12 +14,13 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from edge_agent import __version__
 from edge_agent.config import AgentConfig, load
 from edge_agent.config.table import parse_duration
-from edge_agent.errors import ConfigError, EdgeAgentError
+from edge_agent.errors import ConfigError, EdgeAgentError, UsageError
 
 log = logging.getLogger("edge_agent")
 
@@ -93,9 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             return _status(args.config, args.json)
         if args.command in ("keys", "command"):
-            from edge_agent.remote import operator
-
-            return operator.run(args)
+            return _operator(args)
         if args.command == "demo":
             from edge_agent.demo.runner import run_demo
 
@@ -104,12 +103,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except EdgeAgentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:
         return EXIT_FAIL
     return EXIT_FAIL  # pragma: no cover - argparse rejects unknown commands
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from edge_agent.remote import operator
+
+    if args.command == "keys":
+        private, public = operator.new_keys(args.name, Path(args.dir))
+        print(f"private key {private} (keep it secret)\npublic key  {public} (put it in the gateway's "
+              f"[[commands.operators]] public_key)")
+        return EXIT_OK
+    answer = operator.send(args)
+    print(json.dumps(answer, indent=1, ensure_ascii=False))
+    return EXIT_OK if answer.get("ok") is True else EXIT_FAIL
 
 
 def _check(path: str) -> int:
@@ -128,7 +143,6 @@ def _run(config: AgentConfig) -> int:
 
 async def _run_async(config: AgentConfig) -> int:
     from edge_agent.agent import Agent
-    from edge_agent.service import status as health
     from edge_agent.service.notify import Notifier, heartbeat
 
     notifier = Notifier.from_environment()
@@ -141,8 +155,8 @@ async def _run_async(config: AgentConfig) -> int:
     await agent.start()
     # READY once the config is loaded and the twin open; devices connect in the background,
     # so a missing device never holds up start-up.
-    notifier.ready(health.summary(agent))
-    beat = asyncio.create_task(heartbeat(notifier, lambda: health.summary(agent)), name="watchdog")
+    notifier.ready(agent.status().summary())
+    beat = asyncio.create_task(heartbeat(notifier, lambda: agent.status().summary()), name="watchdog")
     try:
         while not stop.is_set():
             waiters = [asyncio.ensure_future(e.wait()) for e in (stop, reload)]
@@ -153,7 +167,7 @@ async def _run_async(config: AgentConfig) -> int:
                 reload.clear()
                 notifier.reloading()
                 agent = await _reload(agent)
-                notifier.ready(health.summary(agent))
+                notifier.ready(agent.status().summary())
     finally:
         notifier.stopping("stopping")
         beat.cancel()
@@ -260,7 +274,7 @@ def _span(seconds: float) -> str:
 
 
 def _outbox(config: AgentConfig, as_json: bool) -> int:
-    from edge_agent.store.outbox import read_stats
+    from edge_agent.store.views import read_stats
 
     path = config.agent.data_dir / "outbox.db"
     if not path.exists():
@@ -284,12 +298,12 @@ def _outbox(config: AgentConfig, as_json: bool) -> int:
 
 
 def _twin(args: argparse.Namespace) -> int:
-    from edge_agent.store.twin import Twin
+    from edge_agent.store.views import TwinView
 
     config = load(args.config)
     if args.twin_command == "outbox":
         return _outbox(config, args.json)
-    twin = Twin.open(config.twin_path, readonly=True)
+    twin = TwinView.open(config.twin_path)
     try:
         if args.twin_command == "show":
             rows = twin.current()

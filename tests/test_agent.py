@@ -13,6 +13,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import DeviceConfig
 from edge_agent.device import backoff
 from edge_agent.errors import ConnectError, ReadError
+from edge_agent.store.views import TwinView
 from tests.helpers import wait_for
 
 
@@ -35,12 +36,12 @@ class FakeDriver(Driver):
 
     async def connect(self) -> None:
         if not self.plant.online:
-            raise ConnectError(f"{self.device.name}: connection refused")
+            raise ConnectError(self.device.name, "connection refused")
         self.plant.connects += 1
 
     async def read(self) -> list[Reading]:
         if not self.plant.online:
-            raise ReadError(f"{self.device.name}: no response")
+            raise ReadError(self.device.name, "no response")
         now = time.time()
         return [Reading(p.name, self.plant.values.get(p.name), "good", now) for p in self.device.points]
 
@@ -76,9 +77,14 @@ def _config(tmp_path: Path) -> config.AgentConfig:
     return config.loads(textwrap.dedent(text), tmp_path / "agent.toml")
 
 
+def _history(agent: Agent, point: str) -> list[dict[str, Any]]:
+    with TwinView.open(agent.config.twin_path) as twin:
+        return twin.history(point, 0)
+
+
 def _current(agent: Agent) -> dict[str, tuple[Any, str]]:
-    assert agent.twin is not None
-    return {r["name"]: (r["value"], r["quality"]) for r in agent.twin.current()}
+    with TwinView.open(agent.config.twin_path) as twin:
+        return {r["name"]: (r["value"], r["quality"]) for r in twin.current()}
 
 
 async def test_device_down_bad_then_stale_then_recovers_others_unaffected(tmp_path: Path) -> None:
@@ -94,15 +100,15 @@ async def test_device_down_bad_then_stale_then_recovers_others_unaffected(tmp_pa
         # bad at the first failure, stale after three intervals: the bad spell is short, so it
         # is checked in the history rather than caught in the current value
         await wait_for(lambda: _current(agent)["a.x"] == (1.5, "stale"), what="a stale after 3 intervals")
-        assert (1.5, "bad") in [(r["value"], r["quality"]) for r in agent.twin.history("a.x", 0)]  # type: ignore[union-attr]
+        assert (1.5, "bad") in [(r["value"], r["quality"]) for r in _history(agent, "a.x")]
         await wait_for(lambda: _current(agent)["b.x"] == (3.5, "good"), what="b unaffected")
         assert agent.runners["a"].status.state == "down"
-        assert agent.runners["a"].status.last_error == "a: connection refused"
+        assert agent.runners["a"].status.last_error == 'device "a": connection refused'
         FakeDriver.devices["a"].online = True
         FakeDriver.devices["a"].values["a.x"] = 4.5
         await wait_for(lambda: _current(agent)["a.x"] == (4.5, "good"), what="a recovered")
         assert agent.runners["a"].status.state == "up"
-        qualities = [r["quality"] for r in agent.twin.history("a.x", 0)]  # type: ignore[union-attr]
+        qualities = [r["quality"] for r in _history(agent, "a.x")]
         assert qualities[0] == "good" and "bad" in qualities and "stale" in qualities and qualities[-1] == "good"
         assert qualities.index("bad") < qualities.index("stale")
     finally:
@@ -130,9 +136,7 @@ async def test_stop_flushes_pending_readings(tmp_path: Path) -> None:
     await wait_for(lambda: agent.stored > 0, what="first flush")
     agent.submit([Reading("a.x", 99.0, "good", time.time())])
     await agent.stop()
-    from edge_agent.store.twin import Twin
-
-    twin = Twin.open(tmp_path / "twin.db", readonly=True)
+    twin = TwinView.open(tmp_path / "twin.db")
     assert {r["name"]: r["value"] for r in twin.current()}["a.x"] == 99.0
     twin.close()
 

@@ -31,6 +31,7 @@ from drivers.base import Driver, Reading
 from edge_agent import config
 from edge_agent.agent import Agent
 from edge_agent.errors import ConnectError
+from edge_agent.store.views import TwinView
 from tests.helpers import wait_for
 from tests.mqtt_broker import (  # noqa: F401
     AGENT_CN,
@@ -58,7 +59,7 @@ class FakeDevice(Driver):
 
     async def connect(self) -> None:
         if getattr(self.device, "host", "") == UNREACHABLE:
-            raise ConnectError(f"{self.device.name}: {UNREACHABLE} unreachable (test)")
+            raise ConnectError(self.device.name, f"{UNREACHABLE} unreachable (test)")
 
     async def read(self) -> list[Reading]:
         now = time.time()
@@ -201,8 +202,7 @@ class Operator:
 
 async def audit_record(agent: Agent, recorder: Recorder, command_id: str | None, code: str) -> dict[str, Any]:
     """The command's audit record, in the twin and on the events topic."""
-    assert agent.twin is not None
-    twin = agent.twin
+    twin = TwinView.open(agent.config.twin_path)
 
     def stored() -> dict[str, Any] | None:
         for event in twin.events():
@@ -308,8 +308,7 @@ async def test_roles_viewer_operator_admin(tmp_path: Path, broker: Broker, pki: 
             assert (await op.ask(envelope(keys, "bob", "set_mode", {"mode": "auto"})))["error"]["code"] == "unavailable"
             agent.record_event({"ts": time.time(), "source": "test", "kind": "alarm", "state": "raised",
                                 "message": "high level"})
-            assert agent.twin is not None
-            twin = agent.twin
+            twin = TwinView.open(agent.config.twin_path)
             alarm = await wait_for(lambda: [e for e in twin.events() if e["kind"] == "alarm"], what="alarm stored")
             acked = await op.ask(envelope(keys, "bob", "ack", {"event": alarm[0]["id"]}))
             assert acked["ok"] and acked["result"]["acked_by"] == "bob", acked
@@ -373,8 +372,7 @@ async def test_write_goes_through_the_gate_and_answers_verdict_and_readback(tmp_
             detail = too_high["error"]["detail"]
             assert detail["result"] == "rejected" and detail["written"] is None
             assert FakeDevice.values["dev.sp"] == 7.5
-            assert agent.twin is not None
-            twin = agent.twin
+            twin = TwinView.open(agent.config.twin_path)
             writes = await wait_for(lambda: twin.writes() if len(twin.writes()) >= 2 else None, what="writes stored")
             assert [(w["actor"], w["source"], w["result"]) for w in writes] == [
                 ("bob", "operator", "applied"), ("bob", "operator", "rejected")]
@@ -425,8 +423,7 @@ async def test_set_config_applied_refused_noop_and_rolled_back(tmp_path: Path, b
             assert time.monotonic() - began >= 2.0  # it waited config_deadline for the device
             assert path.read_text() == slower and agent.config.devices[0].host == "127.0.0.1"  # type: ignore[attr-defined]
             await wait_for(lambda: agent.runners["dev"].status.state == "up", what="the device up again")
-            assert agent.twin is not None
-            twin = agent.twin
+            twin = TwinView.open(agent.config.twin_path)
             await wait_for(lambda: [e for e in twin.events() if e["kind"] == "config" and e["state"] == "rolled_back"],
                            what="the rollback event")
         finally:

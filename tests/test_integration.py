@@ -14,12 +14,13 @@ from typing import Any
 from edge_agent.agent import Agent
 from edge_agent.demo.plant import Plant
 from edge_agent.demo.runner import demo_config
+from edge_agent.store.views import TwinView
 from tests.helpers import free_port, wait_for, wait_for_sync
 
 
 def _current(agent: Agent) -> dict[str, dict[str, Any]]:
-    assert agent.twin is not None
-    return {r["name"]: r for r in agent.twin.current()}
+    with TwinView.open(agent.config.twin_path) as twin:
+        return {r["name"]: r for r in twin.current()}
 
 
 def _qualities(agent: Agent, device: str) -> set[str]:

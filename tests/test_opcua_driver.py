@@ -168,7 +168,7 @@ def test_registry_maps_opcua_to_this_driver() -> None:
 async def test_connect_to_a_closed_port_raises_connect_error(tmp_path: Path) -> None:
     endpoint = f"opc.tcp://127.0.0.1:{free_port()}/nothing/"
     driver = OpcUaDriver(device(endpoint, [point("t", "ns=2;s=Line1.Temp")]), tmp_path)
-    with pytest.raises(ConnectError, match=f"plc1: cannot connect to {endpoint}") as info:
+    with pytest.raises(ConnectError, match=f"device \"plc1\": cannot connect to {endpoint}") as info:
         await driver.connect()
     assert isinstance(info.value.__cause__, OSError)
     with pytest.raises(ReadError, match="not connected"):
@@ -208,7 +208,7 @@ async def test_subscribe_delivers_changes_with_source_timestamp_then_detects_ser
 
         await p.stop()
         await wait_for(lambda: _raises(driver.check, ReadError), what="check() to raise after server stop")
-        with pytest.raises(ReadError, match=r"plc1: read from .* failed"):
+        with pytest.raises(ReadError, match=r"device \"plc1\": read from .* failed"):
             await driver.read()
         await driver.close()
 
@@ -244,17 +244,17 @@ async def test_write_uses_the_node_type_and_sends_no_timestamps(tmp_path: Path) 
             for written in (ratio, count, running, temp, level):
                 assert written.SourceTimestamp is None and written.ServerTimestamp is None
 
-            with pytest.raises(WriteError, match=r'"count": expected an integer .* Int32, got 2\.5'):
+            with pytest.raises(WriteError, match=r'point "count": expected an integer .* Int32, got 2\.5'):
                 await driver.write("count", 2.5)
-            with pytest.raises(WriteError, match='"speed" refused by the server: BadUserAccessDenied'):
+            with pytest.raises(WriteError, match=r'point "speed": write of .* refused by the server: BadUserAccess'):
                 await driver.write("speed", 5)
-            with pytest.raises(WriteError, match='"broken" is not a writable point'):
+            with pytest.raises(WriteError, match='point "broken": is not a writable point'):
                 await driver.write("broken", 1.0)
             assert p.value("Count").Value.Value == 12
             assert p.value("Speed").Value.Value == 1200
 
             await p.stop()
-            with pytest.raises(WriteError, match='write to "count" failed'):
+            with pytest.raises(WriteError, match='point "count": write failed'):
                 await driver.write("count", 1)
 
 
@@ -309,7 +309,7 @@ async def test_sign_and_encrypt_with_a_generated_and_reused_client_certificate(t
         assert (cert_file.read_bytes(), key_file.read_bytes()) == first  # reused, not regenerated
 
         none_only = device(p.endpoint, [point("temp", p.node_id("Temp"))])
-        with pytest.raises(ConnectError, match="plc1: cannot connect"):
+        with pytest.raises(ConnectError, match="device \"plc1\": cannot connect"):
             await OpcUaDriver(none_only, tmp_path).connect()
 
     assert len(presented) == 2
@@ -333,7 +333,7 @@ async def test_username_and_password(tmp_path: Path) -> None:
                                tmp_path) as driver:
             assert (await driver.read())[0].value == -7
         wrong = OpcUaDriver(device(p.endpoint, points, username="operator", password="guess"), tmp_path)
-        with pytest.raises(ConnectError, match="plc1: cannot connect"):
+        with pytest.raises(ConnectError, match="device \"plc1\": cannot connect"):
             await wrong.connect()
 
 

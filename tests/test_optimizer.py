@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.demo.plant import Plant
-from edge_agent.store.twin import Twin
+from edge_agent.store.views import TwinView
 from tests.helpers import free_port, wait_for
 from tests.onnx_models import linear_model, zscore_model
 from tests.test_gate import SPEED, WriteLog, opcua_setpoint, plant_config, reader, running
@@ -33,7 +33,7 @@ def _models(tmp_path: Path) -> None:
     zscore_model(tmp_path / "watch.onnx", mean=[7.0], scale=[0.1], inputs=["chiller1.supply_temp"])
 
 
-def _events(twin: Twin, kind: str) -> list[dict[str, Any]]:
+def _events(twin: TwinView, kind: str) -> list[dict[str, Any]]:
     return [e for e in twin.events() if e["kind"] == kind]
 
 

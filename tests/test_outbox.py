@@ -16,7 +16,10 @@ import pytest
 
 from edge_agent.errors import TwinError
 from edge_agent.pacing import TokenBucket
-from edge_agent.store.outbox import Draft, Gap, Outbox, OutboxLimits, Stamp, file_bytes, read_stats
+from edge_agent.store.messages import Draft, Gap, OutboxLimits, Stamp
+from edge_agent.store.outbox import Outbox
+from edge_agent.store.sqlite import file_bytes
+from edge_agent.store.views import read_stats
 from tests.helpers import wait_for_sync
 
 TOPIC = "edge/site/gw/telemetry"
@@ -260,7 +263,8 @@ def test_read_stats_while_the_writer_is_open(tmp_path: Path) -> None:
 CHILD = r"""
 import json, os, sys
 from pathlib import Path
-from edge_agent.store.outbox import Draft, Outbox, OutboxLimits
+from edge_agent.store.messages import Draft, OutboxLimits
+from edge_agent.store.outbox import Outbox
 
 def build(stamp):
     body = {"seq": stamp.seq, "pad": "x" * (stamp.seq % 50 if stamp.seq else 0)}

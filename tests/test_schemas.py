@@ -19,7 +19,7 @@ import pytest
 
 from drivers.base import Reading
 from edge_agent.cloud import payloads
-from edge_agent.store.outbox import Gap, Stamp
+from edge_agent.store.messages import Gap, Stamp
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "docs" / "schemas"
 TOPICS = ("state", "telemetry", "twin", "events")

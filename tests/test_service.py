@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from edge_agent.demo.runner import demo_config
-from edge_agent.store.twin import Twin
+from edge_agent.store.views import TwinView
 from tests.helpers import NotifyReceiver, free_port, wait_for_sync
 from tests.mqtt_broker import Pki, pki_fixture  # noqa: F401  (the "pki" fixture: cert files only, no broker)
 
@@ -183,7 +183,7 @@ def twin_rows(config: Path) -> dict[str, dict[str, Any]]:
 
 def twin_points(config: Path) -> set[str]:
     """The points table, read from the twin file itself (works while the config file is broken)."""
-    twin = Twin.open(config.parent / "twin.db", readonly=True)
+    twin = TwinView.open(config.parent / "twin.db")
     try:
         return {row["name"] for row in twin.current()}
     finally:
@@ -195,11 +195,8 @@ def history_count(config: Path, prefix: str = "") -> int:
     path = config.parent / "twin.db"
     if not path.exists():
         return 0
-    twin = Twin.open(path, readonly=True)
-    try:
-        row = twin.conn.execute("SELECT count(*) FROM history WHERE point LIKE ?", (prefix + "%",)).fetchone()
-    finally:
-        twin.close()
+    with TwinView.open(path) as twin:
+        row = twin.db.execute("SELECT count(*) FROM history WHERE point LIKE ?", (prefix + "%",)).fetchone()
     return int(row[0])
 
 

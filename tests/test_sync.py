@@ -29,7 +29,7 @@ import pytest
 from drivers.base import Driver, Reading
 from edge_agent import config
 from edge_agent.agent import Agent
-from edge_agent.store.outbox import read_stats
+from edge_agent.store.views import TwinView, read_stats
 from tests.helpers import free_port, wait_for, wait_for_sync
 from tests.mqtt_broker import (  # noqa: F401
     AGENT_CN,
@@ -476,8 +476,8 @@ async def test_bad_tls_is_reported_clearly_and_the_agent_keeps_buffering(tmp_pat
     with Recorder(broker, f"{PREFIX}/#") as recorder:
         agent = Agent(agent_config(tmp_path, broker, pki, **options), driver_factory=CountingDriver)
         await agent.start()
-        assert agent.outbox is not None and agent.sync is not None and agent.twin is not None
-        outbox, link, twin = agent.outbox, agent.sync.link, agent.twin
+        assert agent.outbox is not None and agent.sync is not None
+        outbox, link, twin = agent.outbox, agent.sync.link, TwinView.open(agent.config.twin_path)
         try:
             def p0() -> Any:
                 return {r["name"]: r["value"] for r in twin.current()}["dev.p0"]

@@ -14,6 +14,7 @@ from pathlib import Path
 from drivers.base import Reading
 from edge_agent import config
 from edge_agent.store.twin import MIGRATIONS, Twin
+from edge_agent.store.views import TwinView
 from tests.helpers import wait_for_sync
 
 
@@ -52,7 +53,7 @@ def test_schema_wal_and_current_values(tmp_path: Path) -> None:
     assert rows["pump1.flow"] == {"name": "pump1.flow", "device": "pump1", "value": 13.0, "quality": "good",
                                   "ts": 101.0, "received_ts": 101.5, "unit": "m3/h"}
     assert rows["pump1.speed"]["value"] == 1450
-    assert [r["value"] for r in twin.history("pump1.flow", 0)] == [12.5, 13.0]
+    assert [r["value"] for r in _history(cfg.twin_path, "pump1.flow")] == [12.5, 13.0]
     twin.close()
 
 
@@ -62,7 +63,7 @@ def test_deadband_keeps_only_moves_beyond_it_and_quality_changes(tmp_path: Path)
     twin.sync_points(cfg)
     values = [(10.0, "good"), (10.3, "good"), (10.6, "good"), (10.6, "bad"), (10.6, "good"), (9.9, "good")]
     twin.write_batch([(float(i), [Reading("pump1.flow", v, q, float(i))]) for i, (v, q) in enumerate(values)])
-    kept = [(r["value"], r["quality"]) for r in twin.history("pump1.flow", 0)]
+    kept = [(r["value"], r["quality"]) for r in _history(cfg.twin_path, "pump1.flow")]
     assert kept == [(10.0, "good"), (10.6, "good"), (10.6, "bad"), (10.6, "good"), (9.9, "good")]
     # the current value always follows the latest reading, deadband or not
     assert {r["name"]: r["value"] for r in twin.current()}["pump1.flow"] == 9.9
@@ -75,7 +76,7 @@ def test_prune_removes_only_old_history(tmp_path: Path) -> None:
     twin.sync_points(cfg)
     twin.write_batch([(0.0, [Reading("pump1.flow", float(i), "good", float(i)) for i in range(100)])])
     assert twin.prune(before=60.0, chunk=7) == 60
-    assert [r["ts"] for r in twin.history("pump1.flow", 0)] == [float(i) for i in range(60, 100)]
+    assert [r["ts"] for r in _history(cfg.twin_path, "pump1.flow")] == [float(i) for i in range(60, 100)]
     twin.close()
 
 
@@ -95,7 +96,8 @@ def test_removed_point_leaves_points_table(tmp_path: Path) -> None:
           address = 2
         """), cfg.source)
     twin.sync_points(smaller)
-    assert twin.point_names() == {"pump1.speed"}
+    with TwinView.open(cfg.twin_path) as view:
+        assert view.point_names() == {"pump1.speed"}
     twin.close()
 
 
@@ -103,7 +105,7 @@ def test_readonly_open_of_missing_twin_names_the_file(tmp_path: Path) -> None:
     from edge_agent.errors import TwinError
 
     try:
-        Twin.open(tmp_path / "nope.db", readonly=True)
+        TwinView.open(tmp_path / "nope.db")
     except TwinError as exc:
         assert "nope.db" in str(exc)
     else:
@@ -158,6 +160,11 @@ def test_twin_survives_kill_9_during_writes(tmp_path: Path) -> None:
         values = {r["value"] for r in twin.current()}
         assert len(values) == 1
         twin.close()
+
+
+def _history(path: Path, point: str) -> list[dict[str, object]]:
+    with TwinView.open(path) as view:
+        return view.history(point, 0)
 
 
 def _rows(db: Path) -> int:

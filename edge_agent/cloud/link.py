@@ -30,13 +30,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.config import MqttSection
 from edge_agent.device import backoff
-from edge_agent.errors import EdgeAgentError
+from edge_agent.errors import LinkError
 
 log = logging.getLogger(__name__)
-
-
-class LinkError(EdgeAgentError):
-    """The MQTT link is down or refused an operation."""
 
 
 OnMessage = Callable[[paho.MQTTMessage], None]

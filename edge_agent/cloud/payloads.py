@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from drivers.base import Reading
-from edge_agent.store.outbox import Stamp
+from edge_agent.store.messages import Stamp
 
 VERSION = 1
 

@@ -29,11 +29,12 @@ from typing import Any
 
 from drivers.base import Reading
 from edge_agent.cloud import payloads
-from edge_agent.cloud.link import LinkError, MqttLink, OnMessage
+from edge_agent.cloud.link import MqttLink, OnMessage
 from edge_agent.config import AgentConfig
-from edge_agent.errors import TwinError
+from edge_agent.errors import LinkError, TwinError
 from edge_agent.pacing import TokenBucket
-from edge_agent.store.outbox import Draft, Message, Outbox
+from edge_agent.store.messages import Draft, Message
+from edge_agent.store.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,14 @@ class Sync:
         """
         return Draft(kind="response", topic=topic or self.topics.cmd_response, payload=payload,
                      correlation=correlation)
+
+    async def respond(self, topic: str | None, payload: bytes, correlation: bytes | None) -> None:
+        """Store one command response in the outbox (see :meth:`response`)."""
+        await self.append([self.response(topic, payload, correlation)])
+
+    async def append_event(self, kind: str, fields: dict[str, Any]) -> None:
+        """Store one ``events`` message in the outbox (the twin writer's records go out this way)."""
+        await self.append([self.event(kind, fields)])
 
     async def append(self, drafts: list[Draft]) -> None:
         """Store messages in the outbox (off the event loop) and wake the drain."""

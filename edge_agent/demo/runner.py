@@ -171,15 +171,12 @@ def _save(data_dir: Path, effective: str) -> None:
 
 def _summary(agent: Agent, config: config_mod.AgentConfig, timeline: Timeline, snap: dict[str, Any],
              out: TextIO) -> None:
-    from edge_agent.store.twin import Twin
+    from edge_agent.store.views import TwinView
 
-    twin = Twin.open(config.twin_path, readonly=True)
-    try:
+    with TwinView.open(config.twin_path) as twin:
         points = {p["name"]: p for p in twin.current()}
-        history = twin.conn.execute("SELECT count(*) FROM history").fetchone()[0]
+        history = twin.history_count()
         events = twin.events(0.0)
-    finally:
-        twin.close()
     device_points = [p.name for _, p in config.points()]
     good = sum(1 for name in device_points if points.get(name, {}).get("quality") == "good")
     out.write(f"\nsummary: ran {timeline.now():.0f} s; {good}/{len(device_points)} device points good; "
@@ -197,17 +194,14 @@ def _summary(agent: Agent, config: config_mod.AgentConfig, timeline: Timeline, s
 
 def _optimiser_summary(agent: Agent, config: config_mod.AgentConfig, snap: dict[str, Any], timeline: Timeline,
                        out: TextIO) -> None:
-    from edge_agent.store.twin import Twin
+    from edge_agent.store.views import TwinView
 
     if config.optimizer is None:
         return
-    twin = Twin.open(config.twin_path, readonly=True)
-    try:
+    with TwinView.open(config.twin_path) as twin:
         writes = twin.writes(timeline.started)
-        hottest = twin.conn.execute("SELECT max(value) FROM history WHERE point = 'chiller1.supply_temp' AND ts >= ?",
-                                    (timeline.started,)).fetchone()[0]
-    finally:
-        twin.close()
+        hottest = max((r["value"] for r in twin.history("chiller1.supply_temp", timeline.started)
+                       if isinstance(r["value"], float)), default=None)
     limit = next((c.max for c in config.optimizer.constraints if c.name == "chiller1.supply_temp"), None)
     minutes = snap["elapsed_s"] / 60
     out.write(f"  optimiser ({agent.optimizer.mode if agent.optimizer else '-'} at the end): energy "

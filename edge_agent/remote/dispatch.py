@@ -1,13 +1,11 @@
 """Remote management: signed commands over MQTT, checked, authorised, executed and audited.
 
-A command arrives on ``{topic_prefix}/{site}/{gateway_id}/cmd`` as one JSON object::
+A command arrives on ``{topic_prefix}/{site}/{gateway_id}/cmd`` as one JSON object (the envelope,
+see :mod:`edge_agent.remote.envelope`)::
 
     {"id", "name", "args": {...}, "operator", "issued_at", "expires_at", "sig"}
 
-``sig`` is the base64 Ed25519 signature of :func:`canonical` (the UTF-8 bytes of
-``json.dumps(every field but sig, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``),
-checked against the operator's public key from ``[[commands.operators]]``. Checks run in this
-order and the first failure answers with its error code:
+Checks run in this order and the first failure answers with its error code:
 
 ==================  =====================================================================
 code                meaning
@@ -43,308 +41,36 @@ happen before the signature is verified are rate limited (anyone with publish ri
 ``cmd`` topic could otherwise fill the outbox, where events and responses are never dropped).
 
 Responses go through the outbox (never straight to paho): to the request's MQTT 5 Response
-Topic with its Correlation Data when present, else to ``.../cmd/response``.
+Topic with its Correlation Data when present, else to ``.../cmd/response``. What each command
+does is in :mod:`edge_agent.remote.handlers` and :mod:`edge_agent.remote.admin`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import contextlib
 import hashlib
 import json
 import logging
-import math
-import os
-import sqlite3
-import threading
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-from edge_agent import __version__
-from edge_agent.config import ROLES, AgentConfig, Operator
-from edge_agent.config.table import parse_duration
-from edge_agent.errors import ConfigError, EdgeAgentError, ModelError, TwinError
+from edge_agent.config import ROLES, Operator
+from edge_agent.errors import CommandError, ConfigError, ModelError, TwinError
 from edge_agent.pacing import TokenBucket
-from edge_agent.service import status as health
-from edge_agent.store.twin import Twin
+from edge_agent.remote.call import Call, Spec
+from edge_agent.remote.envelope import Envelope, Keyring, echo_id, parse, response, valid_topic, verify
+from edge_agent.remote.gateway import Gateway
+from edge_agent.remote.handlers import COMMANDS
+from edge_agent.remote.replay import REPLAY_FILE, REPLAY_MARGIN, ReplayStore
 
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
 
-    from edge_agent.agent import Agent
-
 log = logging.getLogger(__name__)
 
-FIELDS = ("id", "name", "args", "operator", "issued_at", "expires_at", "sig")
-MAX_ID = 128  # characters of a command id
 MAX_IN_FLIGHT = 32  # commands handled at once; more are dropped (logged)
-REPLAY_MARGIN = 86400.0  # ids are kept this long after expires_at + clock_skew
-REPLAY_FILE = "commands.db"
-
-
-class CommandError(EdgeAgentError):
-    """A command refused or failed: ``code`` is one of the stable codes in the module docstring."""
-
-    def __init__(self, code: str, message: str, detail: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.detail = detail
-
-
-def canonical(envelope: dict[str, Any]) -> bytes:
-    """The bytes an operator signs: every field but ``sig``, sorted, compact, UTF-8."""
-    body = {k: v for k, v in envelope.items() if k != "sig"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def response(command_id: Any, *, result: Any = None, error: CommandError | None = None) -> dict[str, Any]:
-    """The response body: ``{"v":1,"id","ok":true,"result"}`` or ``{"v":1,"id","ok":false,"error"}``."""
-    if error is None:
-        return {"v": 1, "id": command_id, "ok": True, "result": result}
-    body: dict[str, Any] = {"code": error.code, "message": error.message}
-    if error.detail is not None:
-        body["detail"] = error.detail
-    return {"v": 1, "id": command_id, "ok": False, "error": body}
-
-
-# --------------------------------------------------------------------------- envelope
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """A parsed, well-typed command (not yet verified)."""
-
-    id: str
-    name: str
-    args: dict[str, Any]
-    operator: str
-    issued_at: float
-    expires_at: float
-    sig: bytes
-    raw: dict[str, Any] = field(repr=False)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def parse(payload: bytes, max_payload: int) -> Envelope:
-    """Decode and type-check an envelope; CommandError (too_large, bad_json, missing_field, bad_field)."""
-    if len(payload) > max_payload:
-        raise CommandError("too_large", f"payload of {len(payload)} bytes is over the limit of {max_payload}")
-    try:
-        doc = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
-        canonical(doc if isinstance(doc, dict) else {})  # lone surrogates cannot be signed: refuse them here
-    except (UnicodeError, ValueError, RecursionError) as exc:
-        raise CommandError("bad_json", f"not a JSON document: {exc}") from None
-    if not isinstance(doc, dict):
-        raise CommandError("bad_json", f"expected a JSON object, got {type(doc).__name__}")
-    missing = [f for f in FIELDS if f not in doc]
-    if missing:
-        raise CommandError("missing_field", f"missing field(s): {', '.join(missing)}")
-    for name in ("id", "name", "operator", "sig"):
-        if not isinstance(doc[name], str) or not doc[name]:
-            raise CommandError("bad_field", f"{name}: expected a non-empty string")
-    if len(doc["id"]) > MAX_ID:
-        raise CommandError("bad_field", f"id: expected at most {MAX_ID} characters")
-    if not isinstance(doc["args"], dict):
-        raise CommandError("bad_field", "args: expected an object")
-    for name in ("issued_at", "expires_at"):
-        value = doc[name]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not finite(value):
-            raise CommandError("bad_field", f"{name}: expected unix seconds (a number)")
-    try:
-        sig = base64.b64decode(doc["sig"], validate=True)
-    except (binascii.Error, ValueError):
-        raise CommandError("bad_field", "sig: expected base64") from None
-    if len(sig) != 64:
-        raise CommandError("bad_field", f"sig: expected a 64-byte Ed25519 signature, got {len(sig)} bytes")
-    return Envelope(doc["id"], doc["name"], doc["args"], doc["operator"], float(doc["issued_at"]),
-                    float(doc["expires_at"]), sig, doc)
-
-
-def finite(value: int | float) -> bool:
-    """A number that is a finite float (a huge JSON integer is not: float() overflows)."""
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
-def _echo_id(payload: bytes) -> str | None:
-    """The request's id when it can be read at all, to correlate an early rejection."""
-    try:
-        doc = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
-        value = doc.get("id") if isinstance(doc, dict) else None
-        if isinstance(value, str) and len(value) <= MAX_ID:
-            value.encode("utf-8")
-            return value
-    except (UnicodeError, ValueError, RecursionError):
-        pass
-    return None
-
-
-class Keyring:
-    """Operators' public keys, read on first use and again when the file changes."""
-
-    def __init__(self) -> None:
-        self._cache: dict[Path, tuple[int, Ed25519PublicKey]] = {}
-
-    def key(self, operator: Operator) -> Ed25519PublicKey:
-        """The operator's key; CommandError(unknown_operator) when it cannot be read."""
-        try:
-            stamp = operator.public_key.stat().st_mtime_ns
-            cached = self._cache.get(operator.public_key)
-            if cached is not None and cached[0] == stamp:
-                return cached[1]
-            key = serialization.load_pem_public_key(operator.public_key.read_bytes())
-        except (OSError, ValueError) as exc:
-            log.error('commands: operator "%s": cannot read public key %s: %s', operator.name,
-                      operator.public_key, exc)
-            raise CommandError("unknown_operator", f'operator "{operator.name}" has no usable public key') from None
-        if not isinstance(key, Ed25519PublicKey):
-            log.error('commands: operator "%s": %s is not an Ed25519 key', operator.name, operator.public_key)
-            raise CommandError("unknown_operator", f'operator "{operator.name}" has no usable public key')
-        self._cache[operator.public_key] = (stamp, key)
-        return key
-
-
-def verify(envelope: Envelope, config: AgentConfig, keyring: Keyring, now: float) -> Operator:
-    """Operator, signature, validity window; returns the operator or raises CommandError."""
-    settings = config.commands
-    if not settings.enabled:  # turned off by a reload since the link subscribed
-        raise CommandError("unavailable", "remote commands are disabled on this gateway")
-    operator = next((o for o in settings.operators if o.name == envelope.operator), None)
-    if operator is None:
-        raise CommandError("unknown_operator", f'no operator "{envelope.operator}" on this gateway')
-    try:
-        keyring.key(operator).verify(envelope.sig, canonical(envelope.raw))
-    except InvalidSignature:
-        raise CommandError("bad_signature", f'signature does not verify with the key of "{operator.name}"') from None
-    if envelope.expires_at <= envelope.issued_at or envelope.expires_at - envelope.issued_at > settings.max_validity:
-        raise CommandError("bad_validity", f"expires_at must be after issued_at and at most "
-                                           f"{settings.max_validity:g} s later")
-    if envelope.issued_at > now + settings.clock_skew:
-        raise CommandError("not_yet_valid", f"issued {envelope.issued_at - now:.0f} s in the future (allowed "
-                                            f"clock skew {settings.clock_skew:g} s)")
-    if envelope.expires_at < now - settings.clock_skew:
-        raise CommandError("expired", f"expired {now - envelope.expires_at:.0f} s ago")
-    return operator
-
-
-# --------------------------------------------------------------------------- replay store
-
-
-class ReplayStore:
-    """Ids of accepted commands, in ``data_dir/commands.db``, kept past their expiry across restarts.
-
-    An id is claimed (committed) before its command runs, so a crash mid-command cannot make
-    it usable again. Ids are removed ``REPLAY_MARGIN`` s after they could no longer pass the
-    expiry check anyway. Thread-safe; call from a worker thread.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._claims = 0
-        self._conn: sqlite3.Connection | None = None
-
-    def _open(self) -> sqlite3.Connection:
-        if self._conn is None:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-                conn.execute("PRAGMA busy_timeout = 5000")
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, operator TEXT NOT NULL, "
-                             "name TEXT NOT NULL, expires_at REAL NOT NULL, received REAL NOT NULL)")
-            except (sqlite3.Error, OSError) as exc:
-                raise TwinError(f"{self.path}: cannot open the command replay store: {exc}") from exc
-            self._conn = conn
-        return self._conn
-
-    def claim(self, envelope: Envelope, keep_until: float, now: float) -> bool:
-        """Record the id; False when it was seen before. A store that cannot be written refuses (TwinError)."""
-        with self._lock:
-            conn = self._open()
-            try:
-                cur = conn.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?, ?)",
-                                        (envelope.id, envelope.operator, envelope.name, keep_until, now))
-                self._claims += 1
-                if self._claims % 100 == 1:
-                    conn.execute("DELETE FROM seen WHERE expires_at < ?", (now,))
-            except sqlite3.Error as exc:
-                raise TwinError(f"{self.path}: cannot record command {envelope.id!r}: {exc}") from exc
-            return cur.rowcount == 1
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.close()
-                self._conn = None
-
-
-class TwinReader:
-    """A connection of our own to the twin file for command queries and acks (thread-safe).
-
-    The agent's connection belongs to its writer; sharing it across threads would let a query
-    run inside, or an ack join, the writer's transaction.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._twin: Twin | None = None
-
-    def call(self, path: Path, fn: Callable[[Twin], Any]) -> Any:
-        with self._lock:
-            if self._twin is None or self._twin.path != path:
-                self.close_locked()
-                try:
-                    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-                    conn.execute("PRAGMA busy_timeout = 5000")
-                except sqlite3.Error as exc:
-                    raise TwinError(f"{path}: cannot open the twin: {exc}") from exc
-                self._twin = Twin(conn, path)
-            return fn(self._twin)
-
-    def close_locked(self) -> None:
-        if self._twin is not None:
-            self._twin.close()
-            self._twin = None
-
-    def close(self) -> None:
-        with self._lock:
-            self.close_locked()
-
-
-def ack_event(twin: Twin, event_id: int, operator: str, now: float) -> dict[str, Any]:
-    """Mark an event acknowledged (first ack wins); CommandError(bad_args) for an unknown id."""
-    try:
-        with twin.transaction() as conn:
-            row = conn.execute("SELECT acked_by, acked_ts FROM events WHERE id = ?", (event_id,)).fetchone()
-            if row is None:
-                raise CommandError("bad_args", f"event: no event {event_id}")
-            already = row[0] is not None
-            if not already:
-                conn.execute("UPDATE events SET acked_by = ?, acked_ts = ? WHERE id = ?", (operator, now, event_id))
-                row = (operator, now)
-    except sqlite3.Error as exc:
-        raise TwinError(f"{twin.path}: cannot acknowledge event {event_id}: {exc}") from exc
-    return {"event": event_id, "acked_by": row[0], "acked_ts": row[1], "already_acked": already}
-
-
-# --------------------------------------------------------------------------- handling
 
 
 @dataclass(frozen=True)
@@ -356,63 +82,15 @@ class Reply:
     correlation: bytes | None
 
 
-Handler = Callable[["Call"], Awaitable[Any]]
-
-
-@dataclass(frozen=True)
-class Spec:
-    """A command: the lowest role allowed, its arguments, and the coroutine that runs it."""
-
-    role: str
-    run: Handler
-    required: tuple[str, ...] = ()
-    optional: tuple[str, ...] = ()
-
-
-@dataclass
-class Call:
-    """One authorised command being run."""
-
-    handler: CommandHandler
-    envelope: Envelope
-    operator: Operator
-
-    @property
-    def agent(self) -> Agent:
-        return self.handler.agent
-
-    @property
-    def args(self) -> dict[str, Any]:
-        return self.envelope.args
-
-    def arg(self, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-        value = self.args.get(name, default)
-        if value is None and default is None and name not in self.args:
-            return None
-        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-            raise CommandError("bad_args", f"{name}: expected {_kind_name(kind)}, got a boolean")
-        if not isinstance(value, kind):
-            raise CommandError("bad_args", f"{name}: expected {_kind_name(kind)}, got {type(value).__name__}")
-        return value
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
 class CommandHandler:
-    """Receives commands for one agent; created by the agent when ``[commands] enabled``."""
+    """Receives commands for one gateway; created by the agent when ``[commands] enabled``."""
 
-    def __init__(self, agent: Agent, *, flood_rate: float = 1.0, flood_burst: float = 60.0) -> None:
-        from edge_agent.remote.handlers import COMMANDS  # the handlers import this module
-
-        self.agent = agent
+    def __init__(self, gateway: Gateway, *, commands: Mapping[str, Spec] = COMMANDS, flood_rate: float = 1.0,
+                 flood_burst: float = 60.0) -> None:
+        self.gateway = gateway
         self.keyring = Keyring()
-        self.replay = ReplayStore(agent.config.agent.data_dir / REPLAY_FILE)
-        self.reader = TwinReader()
-        self.commands: dict[str, Spec] = COMMANDS
+        self.replay = ReplayStore(gateway.config.agent.data_dir / REPLAY_FILE)
+        self.commands = dict(commands)
         self.config_lock = asyncio.Lock()
         self.handled = 0
         self.dropped = 0
@@ -426,7 +104,7 @@ class CommandHandler:
     def attach(self) -> None:
         """Tie in-flight commands to the agent's life: they are cancelled when it stops."""
         if self._guard is None or self._guard.done():
-            self._guard = self.agent._spawn(self._guarding(), "commands")
+            self._guard = self.gateway.spawn(self._guarding(), "commands")
 
     async def _guarding(self) -> None:
         try:
@@ -436,7 +114,6 @@ class CommandHandler:
                 task.cancel()
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=5.0)
-            await asyncio.to_thread(self.reader.close)
             await asyncio.to_thread(self.replay.close)
 
     # ------------------------------------------------------------------ input
@@ -473,17 +150,18 @@ class CommandHandler:
         received = time.time()
         envelope: Envelope | None = None
         operator: Operator | None = None
+        config = self.gateway.config
         try:
             envelope = await self._parse(payload)
-            operator = verify(envelope, self.agent.config, self.keyring, received)
-            keep_until = envelope.expires_at + self.agent.config.commands.clock_skew + REPLAY_MARGIN
+            operator = verify(envelope, config, self.keyring, received)
+            keep_until = envelope.expires_at + config.commands.clock_skew + REPLAY_MARGIN
             if not await asyncio.to_thread(self.replay.claim, envelope, keep_until, received):
                 raise CommandError("replayed", f"command {envelope.id!r} was already received")
             spec = self._authorise(envelope, operator)
-            result = await spec.run(Call(self, envelope, operator))
+            result = await spec.run(Call(self.gateway, envelope, operator, self.keyring, self.config_lock))
             body = response(envelope.id, result=result)
         except CommandError as exc:
-            echo = envelope.id if envelope else None if exc.code == "too_large" else _echo_id(payload)
+            echo = envelope.id if envelope else None if exc.code == "too_large" else echo_id(payload)
             body = response(echo, error=exc)
         except (TwinError, ModelError, ConfigError) as exc:
             body = response(envelope.id if envelope else None, error=CommandError("failed", str(exc)))
@@ -501,7 +179,7 @@ class CommandHandler:
         return await self._answer(body, response_topic, correlation)
 
     async def _parse(self, payload: bytes) -> Envelope:
-        limit = self.agent.config.commands.max_payload
+        limit = self.gateway.config.commands.max_payload
         if len(payload) > 64 * 1024:  # a model update: decode off the event loop
             return await asyncio.to_thread(parse, payload, limit)
         return parse(payload, limit)
@@ -540,32 +218,20 @@ class CommandHandler:
         if self._suppressed and operator is None:
             record["suppressed_before"], self._suppressed = self._suppressed, 0
         log.log(logging.INFO if body["ok"] else logging.WARNING, "commands: %s", record["message"])
-        self.agent.record_event(record)
+        self.gateway.record_event(record)
 
     async def _answer(self, body: dict[str, Any], topic: str | None, correlation: bytes | None) -> Reply:
         if topic is not None and not valid_topic(topic):
             log.warning("commands: response topic %r is not a topic name; answering on .../cmd/response", topic)
             topic = None
         reply = Reply(body, topic, correlation)
-        sync = self.agent.sync
-        if sync is None:
-            log.debug("commands: no MQTT link; response to %s not sent", body["id"])
-            return reply
         payload = json.dumps(body, ensure_ascii=False, default=str).encode("utf-8", "backslashreplace")
         try:
-            await sync.append([sync.response(topic, payload, correlation)])
+            if not await self.gateway.respond(topic, payload, correlation):
+                log.debug("commands: no MQTT link; response to %s not sent", body["id"])
         except TwinError as exc:
             log.error("%s; response to command %s lost", exc, body["id"])
         return reply
-
-
-def valid_topic(topic: str) -> bool:
-    """A topic name we may publish to: non-empty, no wildcards or NUL, at most 65535 UTF-8 bytes."""
-    try:
-        size = len(topic.encode("utf-8"))
-    except UnicodeError:
-        return False
-    return 0 < size <= 65535 and not any(c in topic for c in "+#\0")
 
 
 def _summarise(args: dict[str, Any]) -> dict[str, Any]:
@@ -579,49 +245,3 @@ def _summarise(args: dict[str, Any]) -> dict[str, Any]:
         else:
             summary[key] = value
     return summary
-
-
-def atomic_write(path: Path, data: bytes, *, backup: Path | None = None) -> None:
-    """Replace ``path`` atomically (temp file, fsync, rename); copy the old one to ``backup`` first."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if backup is not None and path.exists():
-        backup_tmp = backup.with_name(f".{backup.name}.tmp")
-        backup_tmp.write_bytes(path.read_bytes())
-        os.replace(backup_tmp, backup)
-    with contextlib.suppress(OSError):
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-    os.replace(tmp, path)
-
-
-def since_arg(call: Call, default: str) -> float:
-    """``since`` as unix seconds (a number) or a duration back from now ("10m")."""
-    value = call.arg("since", (int, float, str), default)
-    if isinstance(value, int | float) and not finite(value):
-        raise CommandError("bad_args", "since: expected unix seconds or a duration")
-    if isinstance(value, str):
-        try:
-            return time.time() - parse_duration(value)
-        except ValueError:
-            raise CommandError("bad_args", f'since: expected unix seconds or a duration like "10m", '
-                                           f'got "{value}"') from None
-    return float(value)
-
-
-def limit_arg(call: Call, default: int, most: int) -> int:
-    value = call.arg("limit", int, default)
-    if not 1 <= value <= most:
-        raise CommandError("bad_args", f"limit: expected 1..{most}, got {value}")
-    return int(value)
-
-
-def status(agent: Agent) -> dict[str, Any]:
-    """health.snapshot plus the optimiser's mode."""
-    snap = health.snapshot(agent)
-    snap["optimizer"] = {"mode": agent.optimizer.mode} if agent.optimizer is not None else None
-    snap["version"] = __version__
-    return snap
-

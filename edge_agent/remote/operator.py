@@ -10,8 +10,9 @@ it as JSON. VALUE is parsed as JSON when it parses (``value=7.5`` is a number), 
 string; ``key=@FILE`` reads a text file, ``key=b64@FILE`` a binary one as base64 (for
 ``update_model onnx=b64@model.onnx``, whose ``sha256`` is then computed when not given).
 
-Exit status: 0 when the gateway answered ok, 1 when it answered an error or did not answer in
-time (or the broker could not be reached), 2 for bad usage (a bad ARG, an unreadable key).
+The CLI prints the answer; its exit status is 0 when the gateway answered ok, 1 when it answered
+an error or did not answer in time (or the broker could not be reached), 2 for bad usage (a bad
+ARG, an unreadable key).
 """
 
 from __future__ import annotations
@@ -21,23 +22,19 @@ import base64
 import hashlib
 import json
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from edge_agent.errors import LinkError, UsageError
 
 # cryptography, paho and the command module are imported where they are used, so that building
 # the CLI's argument parser (every `edge-agent` invocation) loads none of them
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 VALIDITY = 300  # seconds a command stays valid after it is signed
-
-
-class UsageError(Exception):
-    """A bad argument on the command line."""
 
 
 def add_parsers(sub: Any) -> None:
@@ -63,21 +60,11 @@ def add_parsers(sub: Any) -> None:
                      "reads a text file, b64@FILE a binary file as base64")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``keys ...`` or ``command ...``; returns the exit status."""
-    try:
-        if args.command == "keys":
-            return new_keys(args.name, Path(args.dir))
-        return send(args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-
-
 # --------------------------------------------------------------------------- keys
 
 
-def new_keys(name: str, directory: Path) -> int:
+def new_keys(name: str, directory: Path) -> tuple[Path, Path]:
+    """Write a new key pair; returns (private key file, public key file). UsageError when it cannot."""
     if not name or "/" in name or name.startswith("."):
         raise UsageError(f"NAME: expected a plain name, got {name!r}")
     private, public = directory / f"{name}.key", directory / f"{name}.pub"
@@ -96,9 +83,7 @@ def new_keys(name: str, directory: Path) -> int:
     private.write_bytes(pem)
     public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                      serialization.PublicFormat.SubjectPublicKeyInfo))
-    print(f"private key {private} (keep it secret)\npublic key  {public} (put it in the gateway's "
-          f"[[commands.operators]] public_key)")
-    return EXIT_OK
+    return private, public
 
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
@@ -150,13 +135,14 @@ def sign(key: Ed25519PrivateKey, operator: str, name: str, args: dict[str, Any],
     issued = int(time.time() if now is None else now)
     envelope: dict[str, Any] = {"id": command_id or uuid.uuid4().hex, "name": name, "args": args,
                                 "operator": operator, "issued_at": issued, "expires_at": issued + validity}
-    from edge_agent.remote.dispatch import canonical
+    from edge_agent.remote.envelope import canonical
 
     envelope["sig"] = base64.b64encode(key.sign(canonical(envelope))).decode()
     return envelope
 
 
-def send(args: argparse.Namespace) -> int:
+def send(args: argparse.Namespace) -> dict[str, Any]:
+    """Sign the command, publish it, return the gateway's answer. UsageError, or LinkError when no answer."""
     key = load_signing_key(Path(args.signing_key))
     host, sep, port = args.broker.rpartition(":")
     if not sep or not port.isdigit():
@@ -178,7 +164,5 @@ def send(args: argparse.Namespace) -> int:
         answer = exchange.request(f"{base}/cmd", f"{base}/cmd/response/{uuid.uuid4().hex}", envelope,
                                   timeout=args.timeout)
     except (OSError, TimeoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAIL
-    print(json.dumps(answer, indent=1, ensure_ascii=False))
-    return EXIT_OK if answer.get("ok") is True else EXIT_FAIL
+        raise LinkError(str(exc)) from exc
+    return answer

@@ -9,10 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-if TYPE_CHECKING:
-    from edge_agent.agent import Agent
+from edge_agent.service.status import GatewayStatus
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +20,7 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(agent: Agent) -> str:
+def render(status: GatewayStatus) -> str:
     """The current metrics in Prometheus text exposition format 0.0.4."""
     lines: list[str] = []
 
@@ -30,45 +29,45 @@ def render(agent: Agent) -> str:
         lines.append(f"# TYPE edge_agent_{name} {kind}")
         lines.extend(f"edge_agent_{name}{labels} {value:.9g}" for labels, value in samples)
 
-    devices = list(agent.runners.values())
-    metric("points_read_total", "counter", "Readings received from devices and models.", [("", agent.received)])
-    metric("history_rows_total", "counter", "Samples stored in the twin's history.", [("", agent.stored)])
+    devices, twin = status.devices, status.twin
+    metric("points_read_total", "counter", "Readings received from devices and models.", [("", twin.received)])
+    metric("history_rows_total", "counter", "Samples stored in the twin's history.", [("", twin.stored)])
     metric("device_up", "gauge", "1 while the device's link is up.",
-           [(f'{{device="{_label(r.device.name)}"}}', float(r.status.state == "up")) for r in devices])
+           [(f'{{device="{_label(d.name)}"}}', float(d.state == "up")) for d in devices])
     metric("device_read_errors_total", "counter", "Failed connects and reads per device.",
-           [(f'{{device="{_label(r.device.name)}"}}', r.status.read_errors) for r in devices])
-    average = agent.flush_seconds / agent.flushes if agent.flushes else 0.0
-    metric("twin_write_seconds", "gauge", "Duration of the last twin flush.", [("", agent.last_flush_seconds)])
+           [(f'{{device="{_label(d.name)}"}}', d.read_errors) for d in devices])
+    average = twin.flush_seconds / twin.flushes if twin.flushes else 0.0
+    metric("twin_write_seconds", "gauge", "Duration of the last twin flush.", [("", twin.last_flush_seconds)])
     metric("twin_write_seconds_average", "gauge", "Average twin flush duration since start.", [("", average)])
-    metric("twin_pending_readings", "gauge", "Readings waiting for the next flush.", [("", agent.pending_count)])
-    if agent.sync is not None and agent.outbox is not None:
-        stats = agent.outbox.stats()
-        metric("mqtt_connected", "gauge", "1 while connected to the broker.",
-               [("", float(agent.sync.link.connected.is_set()))])
+    metric("twin_pending_readings", "gauge", "Readings waiting for the next flush.", [("", twin.pending)])
+    link = status.mqtt
+    if link is not None and link.outbox is not None:
+        stats = link.outbox
+        metric("mqtt_connected", "gauge", "1 while connected to the broker.", [("", float(link.connected))])
         metric("outbox_depth", "gauge", "Messages in the outbox not yet acknowledged.", [("", stats.depth)])
         metric("outbox_bytes", "gauge", "Payload bytes in the outbox.", [("", stats.bytes)])
         metric("outbox_oldest_age_seconds", "gauge", "Age of the oldest outbox message.",
                [("", stats.oldest_age_s or 0.0)])
-        metric("mqtt_published_total", "counter", "Messages handed to the broker.", [("", agent.sync.published)])
-        metric("mqtt_acked_total", "counter", "Messages the broker acknowledged.", [("", agent.sync.acked)])
+        metric("mqtt_published_total", "counter", "Messages handed to the broker.", [("", link.published)])
+        metric("mqtt_acked_total", "counter", "Messages the broker acknowledged.", [("", link.acked)])
         metric("outbox_dropped_messages_total", "counter", "Telemetry messages dropped when the outbox was full.",
                [("", stats.dropped_messages)])
         metric("outbox_dropped_samples_total", "counter", "Samples in dropped telemetry messages.",
                [("", stats.dropped_samples)])
-    models = list(agent.models.items())
+    models = status.models
     if models:
         metric("model_evaluation_cpu_seconds", "gauge", "CPU of the last evaluation, inputs gathered included.",
-               [(f'{{model="{_label(n)}"}}', m.status.cpu_us / 1e6) for n, m in models])
+               [(f'{{model="{_label(m.name)}"}}', m.cpu_us / 1e6) for m in models])
         metric("model_evaluations_total", "counter", "Evaluations per model.",
-               [(f'{{model="{_label(n)}"}}', m.status.evaluations) for n, m in models])
+               [(f'{{model="{_label(m.name)}"}}', m.evaluations) for m in models])
         metric("model_skips_total", "counter", "Evaluations skipped by the data-quality gate.",
-               [(f'{{model="{_label(n)}"}}', sum(m.status.skips.values())) for n, m in models])
+               [(f'{{model="{_label(m.name)}"}}', m.skips) for m in models])
         metric("model_anomaly_active", "gauge", "1 while the model's anomaly is raised.",
-               [(f'{{model="{_label(n)}"}}', float(m.anomaly_active)) for n, m in models])
+               [(f'{{model="{_label(m.name)}"}}', float(m.anomaly)) for m in models])
     return "\n".join(lines) + "\n"
 
 
-async def serve(agent: Agent, host: str, port: int) -> None:
+async def serve(status: Callable[[], GatewayStatus], host: str, port: int) -> None:
     """Serve ``/metrics`` until cancelled."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -79,10 +78,10 @@ async def serve(agent: Agent, host: str, port: int) -> None:
                     pass  # headers: not needed
             parts = request.decode("latin-1").split()
             if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
-                body, status = render(agent).encode(), "200 OK"
+                body, code = render(status()).encode(), "200 OK"
             else:
-                body, status = b"only GET /metrics is served here\n", "404 Not Found"
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                body, code = b"only GET /metrics is served here\n", "404 Not Found"
+            writer.write(f"HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
             await writer.drain()
         except (TimeoutError, ConnectionError, UnicodeDecodeError) as exc:

@@ -51,18 +51,25 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, get_args
 
 from edge_agent.errors import TwinError
+from edge_agent.store import sqlite
+from edge_agent.store.messages import (
+    SNAPSHOT_KINDS,
+    Appended,
+    Build,
+    Draft,
+    Gap,
+    Message,
+    OutboxLimits,
+    OutboxStats,
+    Stamp,
+)
 
 log = logging.getLogger(__name__)
-
-Kind = Literal["telemetry", "event", "state", "twin", "response"]
-KINDS: frozenset[str] = frozenset(get_args(Kind))
-SNAPSHOT_KINDS: frozenset[str] = frozenset({"state", "twin"})  # a newer one replaces the pending older one
 
 # Each entry moves the schema one version up (PRAGMA user_version). Append, never edit.
 MIGRATIONS: list[str] = [
@@ -103,117 +110,11 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-_META_COLUMNS = ("next_telemetry_seq, next_event_seq, dropped_messages, dropped_samples, "
+META_COLUMNS = ("next_telemetry_seq, next_event_seq, dropped_messages, dropped_samples, "
                  "gap_from, gap_to, gap_messages, gap_samples")
 _INSERT = ("INSERT INTO messages (kind, topic, payload, qos, retain, created, seq, samples, "
            "gap_from, gap_to, gap_messages, gap_samples, correlation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _SELECT = "SELECT id, kind, topic, payload, qos, retain, created, seq, samples, correlation FROM messages"
-
-
-@dataclass(frozen=True)
-class OutboxLimits:
-    """Bounds on what the outbox holds; past them the oldest telemetry is dropped.
-
-    ``max_rows`` counts messages of every kind, ``max_bytes`` their payload bytes (the file is
-    somewhat larger: SQLite pages, indexes, the WAL). Events and snapshots may exceed both.
-    """
-
-    max_rows: int = 1_000_000
-    max_bytes: int = 256 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Gap:
-    """Telemetry dropped and not yet reported: seq range, how many messages and samples."""
-
-    from_seq: int
-    to_seq: int
-    messages: int
-    samples: int
-
-    def record(self) -> dict[str, dict[str, int]]:
-        """The gap record a telemetry payload carries: ``{"gap": {...}}``."""
-        return {"gap": {"from_seq": self.from_seq, "to_seq": self.to_seq,
-                        "messages": self.messages, "samples": self.samples}}
-
-    def merge(self, other: Gap | None) -> Gap:
-        if other is None:
-            return self
-        return Gap(min(self.from_seq, other.from_seq), max(self.to_seq, other.to_seq),
-                   self.messages + other.messages, self.samples + other.samples)
-
-
-@dataclass(frozen=True, slots=True)
-class Stamp:
-    """What the outbox tells a payload builder: the message's seq and, for telemetry, the gap to report."""
-
-    seq: int | None
-    gap: Gap | None = None
-
-
-Build = Callable[[Stamp], bytes]
-
-
-@dataclass(frozen=True, slots=True)
-class Draft:
-    """A message to append. ``payload`` is bytes, or a builder called with the message's Stamp.
-
-    ``correlation`` is the MQTT 5 Correlation Data a command ``response`` echoes to its requester.
-    """
-
-    kind: Kind
-    topic: str
-    payload: bytes | Build
-    samples: int = 0
-    qos: int = 1
-    retain: bool = False
-    correlation: bytes | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"outbox message kind must be one of {sorted(KINDS)}, got {self.kind!r}")
-        if self.qos not in (0, 1, 2):
-            raise ValueError(f"qos must be 0, 1 or 2, got {self.qos!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class Appended:
-    """The outcome of one Draft: its row id (None when refused because the outbox is full) and seq."""
-
-    id: int | None
-    seq: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A stored message, as handed to the MQTT link."""
-
-    id: int
-    kind: str
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    created: float
-    seq: int | None
-    samples: int
-    correlation: bytes | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxStats:
-    """Depth and health of the outbox, for ``edge-agent twin outbox`` and metrics."""
-
-    depth: int
-    bytes: int
-    inflight: int
-    oldest_age_s: float | None
-    dropped_messages: int
-    dropped_samples: int
-    next_telemetry_seq: int
-    next_event_seq: int
-    pending_gap: Gap | None
-    file_bytes: int
 
 
 @dataclass(slots=True)
@@ -260,10 +161,8 @@ class Outbox:
             raise ValueError(f"max_inflight must be at least 1, got {max_inflight}")
         if synchronous.upper() not in ("NORMAL", "FULL"):  # [mqtt] outbox_sync spells them in lower case
             raise ValueError(f"synchronous must be normal or full, got {synchronous!r}")
+        conn = sqlite.connect(path, "the outbox", wal=False)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            conn.execute("PRAGMA busy_timeout = 5000")
             if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
                 # Only takes effect before the first table exists, or through VACUUM; on a new
                 # file the VACUUM is instant.
@@ -276,14 +175,17 @@ class Outbox:
             # every acknowledged payload with zeros: twice the disk writes for nothing here
             # (measured: drain 0.91 -> 0.54 us per sample).
             conn.execute("PRAGMA secure_delete = OFF")
-            _migrate(conn, path)
+            sqlite.migrate(conn, path, MIGRATIONS, "outbox")
             return cls(conn, path, limits=limits or OutboxLimits(), max_inflight=max_inflight,
                        maintain_every=maintain_every, clock=clock)
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, TwinError) as exc:
+            conn.close()
+            if isinstance(exc, TwinError):
+                raise
             raise TwinError(f"{path}: cannot open the outbox: {exc}") from exc
 
     def _load_state(self) -> _State:
-        meta = self.conn.execute(f"SELECT {_META_COLUMNS} FROM meta").fetchone()
+        meta = self.conn.execute(f"SELECT {META_COLUMNS} FROM meta").fetchone()
         gap = Gap(meta[4], meta[5], meta[6], meta[7]) if meta[4] is not None else None
         state = _State({"telemetry": meta[0], "event": meta[1]}, meta[2], meta[3], gap, 0, 0, 0, 0)
         for kind, rows, size in self.conn.execute(
@@ -590,54 +492,4 @@ class Outbox:
                 oldest_age_s=max(0.0, self._clock() - oldest[0]) if oldest else None,
                 dropped_messages=s.dropped_messages, dropped_samples=s.dropped_samples,
                 next_telemetry_seq=s.next_seq["telemetry"], next_event_seq=s.next_seq["event"],
-                pending_gap=s.gap, file_bytes=file_bytes(self.path))
-
-
-def read_stats(path: Path, *, clock: Callable[[], float] = time.time) -> OutboxStats:
-    """Stats of an outbox file another process (the agent) may be writing: opened read-only."""
-    if not path.exists():
-        raise TwinError(f"{path}: no outbox yet (has the agent run with MQTT configured?)")
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            conn.execute("PRAGMA busy_timeout = 5000")
-            meta = conn.execute(f"SELECT {_META_COLUMNS} FROM meta").fetchone()
-            depth, size, oldest = conn.execute(
-                "SELECT count(*), coalesce(sum(length(payload)), 0), min(created) FROM messages").fetchone()
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        raise TwinError(f"{path}: cannot read the outbox: {exc}") from exc
-    gap = Gap(meta[4], meta[5], meta[6], meta[7]) if meta[4] is not None else None
-    return OutboxStats(depth=depth, bytes=size, inflight=0,
-                       oldest_age_s=max(0.0, clock() - oldest) if oldest is not None else None,
-                       dropped_messages=meta[2], dropped_samples=meta[3], next_telemetry_seq=meta[0],
-                       next_event_seq=meta[1], pending_gap=gap, file_bytes=file_bytes(path))
-
-
-def file_bytes(path: Path) -> int:
-    """Size of the database file plus its WAL, as the disk sees it."""
-    total = 0
-    for p in (path, path.with_name(path.name + "-wal")):
-        with suppress(FileNotFoundError):  # no WAL right after a truncating checkpoint or close
-            total += p.stat().st_size
-    return total
-
-
-def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(MIGRATIONS):
-        raise TwinError(f"{path}: outbox schema version {version} is newer than this edge-agent knows "
-                        f"({len(MIGRATIONS)}); upgrade edge-agent")
-    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in script.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number}")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        log.info("outbox %s migrated to schema version %d", path, number)
+                pending_gap=s.gap, file_bytes=sqlite.file_bytes(self.path))

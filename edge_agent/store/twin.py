@@ -1,13 +1,16 @@
 """The local twin: one SQLite file (WAL) with every point's current value and its history.
 
-Schema (documented in docs/twin-schema.md; open it with sqlite3, sqlite-utils or Datasette):
+Schema (documented in the README; open it with sqlite3, sqlite-utils or Datasette):
 
 - ``points``: one row per configured point, its current value and quality.
 - ``history``: samples over time, pruned past ``twin.history_retention``.
+- ``events``, ``desired``, ``writes``: anomalies and outages, the safety gate's desired state and
+  every write attempt.
 
-Readings arrive in batches and each batch is one transaction, never one per value. The hot
-insert path hands the driver's Reading tuples straight to ``executemany``; sqlite-utils is
-used for the schema check and for queries.
+:class:`Twin` is the agent's own connection, used by its writer only. Readings arrive in batches
+and each batch is one transaction, never one per value; the hot insert path hands the driver's
+Reading tuples straight to ``executemany``. Viewers (the CLI, remote queries, the demo) read
+through :class:`edge_agent.store.views.TwinView` instead.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
@@ -25,6 +28,7 @@ from typing import Any
 from drivers.base import Reading
 from edge_agent.config import AgentConfig
 from edge_agent.errors import TwinError
+from edge_agent.store import sqlite
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,8 @@ MIGRATIONS: list[str] = [
 
 Chunk = tuple[float, Sequence[Reading]]  # (received_ts, readings)
 
+CURRENT = "SELECT name, device, value, quality, source_ts AS ts, received_ts, unit FROM points ORDER BY name"
+
 _INSERT_HISTORY = "INSERT INTO history (point, value, quality, ts) VALUES (?, ?, ?, ?)"
 # Numbered parameters let SQLite take the driver's Reading tuples (point, value, quality, ts)
 # as they are, plus the received time: no per-row reshaping in Python.
@@ -114,72 +120,33 @@ class Twin:
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self.conn = conn
         self.path = path
-        self._db: Any = None
         self._deadband: dict[str, float] = {}
         self._unsynced: dict[str, tuple[Any, ...]] = {}  # latest reading per point, not yet in `points`
         self._last_kept: dict[str, tuple[Any, str]] = {}
 
-    @property
-    def db(self) -> Any:
-        """A sqlite-utils view of the same connection, for queries and tooling.
-
-        Imported on first use: sqlite-utils imports numpy when it is installed, and the daemon
-        should not carry numpy's memory unless a model needs it.
-        """
-        if self._db is None:
-            import sqlite_utils
-
-            self._db = sqlite_utils.Database(self.conn)
-        return self._db
-
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: Path, *, readonly: bool = False) -> Twin:
-        """Open (and for the writer, create or migrate) the twin database."""
+    def open(cls, path: Path) -> Twin:
+        """Open, creating or migrating, the twin database (the agent's writer connection)."""
+        # NORMAL in WAL mode: a killed process loses nothing committed; only an OS crash or
+        # power cut may lose the last few batches, never corrupt the file.
+        conn = sqlite.connect(path, "the twin database", pragmas=("synchronous = NORMAL",))
         try:
-            if readonly:
-                if not path.exists():
-                    raise TwinError(f"{path}: no twin database yet (has the agent run with this config?)")
-                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-                conn.execute("PRAGMA busy_timeout = 5000")
-                return cls(conn, path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            conn.execute("PRAGMA busy_timeout = 5000")
-            conn.execute("PRAGMA journal_mode = WAL")
-            # NORMAL in WAL mode: a killed process loses nothing committed; only an OS crash or
-            # power cut may lose the last few batches, never corrupt the file.
-            conn.execute("PRAGMA synchronous = NORMAL")
-            twin = cls(conn, path)
-            twin._migrate()
-            return twin
-        except (sqlite3.Error, OSError) as exc:
-            raise TwinError(f"{path}: cannot open the twin database: {exc}") from exc
-
-    def _migrate(self) -> None:
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise TwinError(f"{self.path}: schema version {version} is newer than this edge-agent "
-                            f"knows ({len(MIGRATIONS)}); upgrade edge-agent")
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            with self.transaction():
-                for statement in script.split(";"):
-                    if statement.strip():
-                        self.conn.execute(statement)
-                self.conn.execute(f"PRAGMA user_version = {number}")
-            log.info("twin %s migrated to schema version %d", self.path, number)
+            sqlite.migrate(conn, path, MIGRATIONS, "twin")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise TwinError(f"{path}: cannot migrate the twin database: {exc}") from exc
+        except TwinError:
+            conn.close()
+            raise
+        return cls(conn, path)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+        with sqlite.transaction(self.conn) as conn:
+            yield conn
 
     def close(self) -> None:
         """Close the connection (checkpointing the WAL when we are the writer)."""
@@ -290,32 +257,6 @@ class Twin:
             raise TwinError(f"{self.path}: cannot record a write: {exc}") from exc
         return int(cur.lastrowid or 0)
 
-    def writes(self, since: float = 0.0, *, limit: int | None = None) -> list[dict[str, Any]]:
-        """Write attempts at or after ``since``, oldest first."""
-        sql = "SELECT * FROM writes WHERE ts >= ? ORDER BY id"
-        params: list[Any] = [since]
-        if limit is not None:
-            sql = f"SELECT * FROM ({sql} DESC LIMIT ?) ORDER BY id"
-            params.append(limit)
-        return self._query(sql, params)
-
-    def desired(self) -> list[dict[str, Any]]:
-        """The desired state of every point that was ever requested."""
-        return self._query("SELECT * FROM desired ORDER BY point")
-
-    def events(self, since: float = 0.0, *, limit: int | None = None) -> list[dict[str, Any]]:
-        """Events at or after ``since``, oldest first."""
-        sql = ("SELECT id, ts, source, kind, state, score, equipment, message, detail, acked_by, acked_ts "
-               "FROM events WHERE ts >= ? ORDER BY id")
-        params: list[Any] = [since]
-        if limit is not None:
-            sql = f"SELECT * FROM ({sql} DESC LIMIT ?) ORDER BY id"
-            params.append(limit)
-        rows = self._query(sql, params)
-        for row in rows:
-            row["detail"] = json.loads(row["detail"]) if row["detail"] else {}
-        return rows
-
     def prune(self, before: float, *, chunk: int = 20_000) -> int:
         """Delete history older than ``before`` (unix seconds), in small transactions."""
         removed = 0
@@ -334,30 +275,11 @@ class Twin:
     # ------------------------------------------------------------------ reading
 
     def current(self) -> list[dict[str, Any]]:
-        """Every point: name, device, value, quality, ts (source), received_ts, unit."""
-        return self._query(
-            "SELECT name, device, value, quality, source_ts AS ts, received_ts, unit "
-            "FROM points ORDER BY name")
+        """Every point: name, device, value, quality, ts (source), received_ts, unit (for the agent's start)."""
+        return self._query(CURRENT)
 
-    def history(self, point: str, since: float, *, limit: int | None = None) -> list[dict[str, Any]]:
-        """Samples of one point at or after ``since`` (unix seconds), oldest first."""
-        sql = "SELECT ts, value, quality FROM history WHERE point = ? AND ts >= ? ORDER BY ts"
-        params: list[Any] = [point, since]
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
-        return self._query(sql, params)
-
-    def point_names(self) -> set[str]:
-        return {row["name"] for row in self._query("SELECT name FROM points")}
-
-    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
-        try:
-            cursor = self.conn.execute(sql, list(params))
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor]
-        except sqlite3.Error as exc:
-            raise TwinError(f"{self.path}: query failed: {exc}") from exc
+    def _query(self, sql: str) -> list[dict[str, Any]]:
+        return sqlite.query(self.conn, self.path, sql)
 
 
 def wall_time() -> float:

@@ -1,0 +1,76 @@
+"""The replay store: ids of accepted commands, kept past their expiry across restarts."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edge_agent.errors import TwinError
+from edge_agent.remote.envelope import Envelope
+from edge_agent.store import sqlite
+
+if TYPE_CHECKING:
+    import sqlite_utils
+
+REPLAY_FILE = "commands.db"
+REPLAY_MARGIN = 86400.0  # ids are kept this long after expires_at + clock_skew
+
+
+def _seen(db: sqlite_utils.Database) -> None:
+    # if_not_exists: stores written before schema versions were kept have the table already
+    db.table("seen").create({"id": str, "operator": str, "name": str, "expires_at": float, "received": float},
+                      pk="id", not_null={"operator", "name", "expires_at", "received"}, if_not_exists=True)
+
+
+# Each entry moves the schema one version up (PRAGMA user_version). Append, never edit.
+MIGRATIONS: list[sqlite.Step] = [_seen]
+
+
+class ReplayStore:
+    """Ids of accepted commands, in ``data_dir/commands.db``, kept past their expiry across restarts.
+
+    An id is claimed (committed) before its command runs, so a crash mid-command cannot make
+    it usable again. Ids are removed ``REPLAY_MARGIN`` s after they could no longer pass the
+    expiry check anyway. Thread-safe; call from a worker thread.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._claims = 0
+        self._conn: sqlite3.Connection | None = None
+
+    def _open(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite.connect(self.path, "the command replay store")
+            try:
+                sqlite.migrate(conn, self.path, MIGRATIONS, "replay store")
+            except (sqlite3.Error, TwinError) as exc:
+                conn.close()
+                raise TwinError(f"{self.path}: cannot open the command replay store: {exc}") from exc
+            self._conn = conn
+        return self._conn
+
+    def claim(self, envelope: Envelope, keep_until: float, now: float) -> bool:
+        """Record the id; False when it was seen before. A store that cannot be written refuses (TwinError)."""
+        with self._lock:
+            conn = self._open()
+            try:
+                cur = conn.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?, ?)",
+                                   (envelope.id, envelope.operator, envelope.name, keep_until, now))
+                self._claims += 1
+                if self._claims % 100 == 1:
+                    conn.execute("DELETE FROM seen WHERE expires_at < ?", (now,))
+            except sqlite3.Error as exc:
+                raise TwinError(f"{self.path}: cannot record command {envelope.id!r}: {exc}") from exc
+            return cur.rowcount == 1
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.close()
+                self._conn = None

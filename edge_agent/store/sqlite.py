@@ -1,0 +1,138 @@
+"""One way to open and migrate every SQLite file of the agent: the twin, the outbox, the replay store.
+
+:func:`connect` opens a file with the settings all of them share (autocommit mode so transactions
+are explicit, a busy timeout, WAL for writers, read-only URIs for viewers) and maps every failure
+to :class:`~edge_agent.errors.TwinError` naming the file. :func:`migrate` brings a file's schema
+up to date: each step moves ``PRAGMA user_version`` one up, in its own transaction.
+
+A step is SQL text (the early, hand-written schemas, kept as they shipped) or a function of a
+``sqlite_utils.Database`` (``create``, ``transform``, ``create_index``, ``add_column``), so the
+files are visibly sqlite-utils databases and later migrations need no hand-written DDL.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edge_agent.errors import TwinError
+
+if TYPE_CHECKING:
+    import sqlite_utils
+
+log = logging.getLogger(__name__)
+
+Step = str | Callable[["sqlite_utils.Database"], None]
+BUSY_TIMEOUT_MS = 5000
+
+
+def connect(path: Path, what: str, *, readonly: bool = False, wal: bool = True,
+            pragmas: Sequence[str] = ()) -> sqlite3.Connection:
+    """Open ``path`` (``what`` names it in errors: "the twin", "the outbox", ...).
+
+    Writers get the parent folder created, WAL mode (unless ``wal`` is false) and then each of
+    ``pragmas`` ("synchronous = NORMAL", ...). A read-only connection never creates the file and
+    never changes the journal mode, so a viewer cannot disturb the agent that writes it.
+    """
+    try:
+        if readonly:
+            if not path.exists():
+                raise TwinError(f"{path}: no {what} yet (has the agent run with this config?)")
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if not readonly:
+            for pragma in pragmas:
+                conn.execute(f"PRAGMA {pragma}")
+            if wal:
+                conn.execute("PRAGMA journal_mode = WAL")
+    except (sqlite3.Error, OSError) as exc:
+        raise TwinError(f"{path}: cannot open {what}: {exc}") from exc
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (the connection is in autocommit mode)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def sqlite_utils_module() -> Any:
+    """The sqlite_utils module, imported without numpy and pandas when they are not loaded already.
+
+    sqlite-utils imports both, when installed, only to map their scalar types to column types,
+    which the agent never stores. numpy alone costs a gateway without models about 16 MB of
+    memory for its whole life; a model loads numpy anyway and then finds sqlite-utils working.
+    """
+    import sys
+
+    if "sqlite_utils" in sys.modules:
+        return sys.modules["sqlite_utils"]
+    masked = [name for name in ("numpy", "pandas") if name not in sys.modules]
+    for name in masked:
+        sys.modules[name] = None  # type: ignore[assignment]  # makes "import numpy" raise ImportError
+    try:
+        import sqlite_utils
+    finally:
+        for name in masked:
+            if sys.modules.get(name) is None:
+                del sys.modules[name]
+    return sqlite_utils
+
+
+def migrate(conn: sqlite3.Connection, path: Path, steps: Sequence[Step], what: str) -> int:
+    """Run the steps after the file's ``user_version``, one transaction each; returns the new version.
+
+    A file from a newer edge-agent (a version above ``len(steps)``) is refused: its schema may
+    mean things this version does not know.
+    """
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > len(steps):
+        raise TwinError(f"{path}: {what} schema version {version} is newer than this edge-agent knows "
+                        f"({len(steps)}); upgrade edge-agent")
+    db: Any = None
+    for number, step in enumerate(steps[version:], start=version + 1):
+        with transaction(conn):
+            if isinstance(step, str):
+                for statement in step.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            else:
+                if db is None:
+                    db = sqlite_utils_module().Database(conn)
+                step(db)
+            conn.execute(f"PRAGMA user_version = {number}")
+        log.info("%s %s migrated to schema version %d", what, path, number)
+        version = number
+    return version
+
+
+def query(conn: sqlite3.Connection, path: Path, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """Rows as dicts; TwinError naming the file when the query fails."""
+    try:
+        cursor = conn.execute(sql, list(params))
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor]
+    except sqlite3.Error as exc:
+        raise TwinError(f"{path}: query failed: {exc}") from exc
+
+
+def file_bytes(path: Path) -> int:
+    """Size of the database file plus its WAL, as the disk sees it."""
+    total = 0
+    for p in (path, path.with_name(path.name + "-wal")):
+        with suppress(FileNotFoundError):  # no WAL right after a truncating checkpoint or close
+            total += p.stat().st_size
+    return total

@@ -1,0 +1,175 @@
+"""The twin as its viewers see it: the CLI, remote queries, the demo summary (a sqlite-utils database).
+
+:class:`TwinView` opens the twin file with a connection of its own (read-only for the CLI) and
+answers the read-side questions with sqlite-utils; the agent's writer connection
+(:class:`edge_agent.store.twin.Twin`) is never shared, so a query can neither run inside the
+writer's transaction nor block it for longer than SQLite's WAL readers do.
+
+:class:`TwinReader` keeps one read-write view open for the agent's remote commands, which query
+from worker threads and acknowledge events (the one write a viewer makes).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from edge_agent.errors import TwinError
+from edge_agent.store import sqlite
+from edge_agent.store.messages import Gap, OutboxStats
+from edge_agent.store.outbox import META_COLUMNS
+from edge_agent.store.twin import CURRENT
+
+if TYPE_CHECKING:
+    import sqlite_utils
+
+T = TypeVar("T")
+
+EVENT_COLUMNS = "id, ts, source, kind, state, score, equipment, message, detail, acked_by, acked_ts"
+
+
+class TwinView:
+    """Read-side queries on a twin file, through a connection of its own."""
+
+    def __init__(self, db: sqlite_utils.Database, path: Path) -> None:
+        self.db = db
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path, *, readonly: bool = True) -> TwinView:
+        """Open an existing twin; TwinError when there is none (or it cannot be read)."""
+        if not path.exists():
+            raise TwinError(f"{path}: no twin database yet (has the agent run with this config?)")
+        conn = sqlite.connect(path, "the twin database", readonly=readonly, wal=False)
+        return cls(sqlite.sqlite_utils_module().Database(conn), path)
+
+    def close(self) -> None:
+        try:
+            self.db.conn.close()
+        except sqlite3.Error as exc:
+            raise TwinError(f"{self.path}: close failed: {exc}") from exc
+
+    def __enter__(self) -> TwinView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _rows(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        try:
+            return list(self.db.query(sql, list(params)))
+        except sqlite3.Error as exc:
+            raise TwinError(f"{self.path}: query failed: {exc}") from exc
+
+    @staticmethod
+    def _newest(sql: str, params: list[Any], limit: int | None) -> tuple[str, list[Any]]:
+        """``sql`` (ordered by id) cut to its newest ``limit`` rows, still oldest first."""
+        if limit is None:
+            return sql, params
+        return f"SELECT * FROM ({sql} DESC LIMIT ?) ORDER BY id", [*params, limit]
+
+    # ------------------------------------------------------------------ reads
+
+    def current(self) -> list[dict[str, Any]]:
+        """Every point: name, device, value, quality, ts (source), received_ts, unit."""
+        return self._rows(CURRENT)
+
+    def point_names(self) -> set[str]:
+        return {row["name"] for row in self._rows("SELECT name FROM points")}
+
+    def history(self, point: str, since: float, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """Samples of one point at or after ``since`` (unix seconds), oldest first."""
+        sql = "SELECT ts, value, quality FROM history WHERE point = ? AND ts >= ? ORDER BY ts"
+        params: list[Any] = [point, since]
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return self._rows(sql, params)
+
+    def history_count(self) -> int:
+        return int(self._rows("SELECT count(*) AS n FROM history")[0]["n"])
+
+    def events(self, since: float = 0.0, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """Events at or after ``since``, oldest first; ``detail`` decoded."""
+        sql, params = self._newest(f"SELECT {EVENT_COLUMNS} FROM events WHERE ts >= ? ORDER BY id", [since], limit)
+        rows = self._rows(sql, params)
+        for row in rows:
+            row["detail"] = json.loads(row["detail"]) if row["detail"] else {}
+        return rows
+
+    def writes(self, since: float = 0.0, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """Write attempts at or after ``since``, oldest first."""
+        sql, params = self._newest("SELECT * FROM writes WHERE ts >= ? ORDER BY id", [since], limit)
+        return self._rows(sql, params)
+
+    def desired(self) -> list[dict[str, Any]]:
+        """The desired state of every point that was ever requested."""
+        return list(self.db["desired"].rows_where(order_by="point"))
+
+    # ------------------------------------------------------------------ the one write
+
+    def ack_event(self, event_id: int, operator: str, now: float) -> dict[str, Any] | None:
+        """Mark an event acknowledged (the first ack wins); None when there is no such event."""
+        try:
+            with sqlite.transaction(self.db.conn) as conn:
+                row = conn.execute("SELECT acked_by, acked_ts FROM events WHERE id = ?", (event_id,)).fetchone()
+                if row is None:
+                    return None
+                already = row[0] is not None
+                if not already:
+                    conn.execute("UPDATE events SET acked_by = ?, acked_ts = ? WHERE id = ?",
+                                 (operator, now, event_id))
+                    row = (operator, now)
+        except sqlite3.Error as exc:
+            raise TwinError(f"{self.path}: cannot acknowledge event {event_id}: {exc}") from exc
+        return {"event": event_id, "acked_by": row[0], "acked_ts": row[1], "already_acked": already}
+
+
+class TwinReader:
+    """One read-write :class:`TwinView` for the agent's remote commands, opened on first use (thread-safe)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._view: TwinView | None = None
+
+    def call(self, fn: Callable[[TwinView], T]) -> T:
+        """Run ``fn`` on the view (blocking: call from a worker thread)."""
+        with self._lock:
+            if self._view is None:
+                self._view = TwinView.open(self.path, readonly=False)
+            return fn(self._view)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._view is not None:
+                view, self._view = self._view, None
+                view.close()
+
+
+# --------------------------------------------------------------------------- the outbox
+
+
+def read_stats(path: Path, *, clock: Callable[[], float] = time.time) -> OutboxStats:
+    """Stats of an outbox file another process (the agent) may be writing: opened read-only."""
+    if not path.exists():
+        raise TwinError(f"{path}: no outbox yet (has the agent run with MQTT configured?)")
+    conn = sqlite.connect(path, "the outbox", readonly=True)
+    try:
+        meta = conn.execute(f"SELECT {META_COLUMNS} FROM meta").fetchone()
+        depth, size, oldest = conn.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0), min(created) FROM messages").fetchone()
+    except sqlite3.Error as exc:
+        raise TwinError(f"{path}: cannot read the outbox: {exc}") from exc
+    finally:
+        conn.close()
+    gap = Gap(meta[4], meta[5], meta[6], meta[7]) if meta[4] is not None else None
+    return OutboxStats(depth=depth, bytes=size, inflight=0,
+                       oldest_age_s=max(0.0, clock() - oldest) if oldest is not None else None,
+                       dropped_messages=meta[2], dropped_samples=meta[3], next_telemetry_seq=meta[0],
+                       next_event_seq=meta[1], pending_gap=gap, file_bytes=sqlite.file_bytes(path))

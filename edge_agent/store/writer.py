@@ -1,0 +1,220 @@
+"""The reading buffer and the twin writer: everything devices and models report, into the twin.
+
+Data path: drivers and models -> :meth:`TwinWriter.submit` (an in-memory list of chunks, bounded)
+-> :meth:`TwinWriter.run`, which every ``twin.flush_interval`` (or sooner, when ``twin.flush_max``
+readings are waiting) stores everything pending in one SQLite transaction off the event loop,
+then hands what history kept to the cloud (:class:`Forward`). Events and write records take the
+same road. The writer also keeps the latest Reading of every point in memory for the parts that
+need current values fast (models, the safety gate).
+
+Back-pressure: once four ``flush_max`` are waiting, :meth:`room` blocks the pollers until a
+flush catches up, so memory stays bounded however slow the disk is. A flush that fails (disk
+full, file locked) keeps its readings for the next attempt: nothing in memory is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from drivers.base import Reading
+from edge_agent.config import AgentConfig, TwinSection
+from edge_agent.errors import TwinError
+from edge_agent.store.twin import Chunk, Twin
+from edge_agent.tasks import finish_in_thread
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TwinState:
+    """The reading buffer and the twin writer's counters, for status and metrics."""
+
+    stored: int  # history rows written since start
+    received: int  # readings received from devices and models since start
+    flushes: int
+    flush_errors: int
+    pending: int  # readings waiting for the next flush
+    flush_seconds: float  # total wall time in flushes
+    last_flush_seconds: float
+
+
+class Forward(Protocol):
+    """Where stored readings and records go next (the cloud sync)."""
+
+    def add(self, readings: Sequence[Reading]) -> None: ...
+
+    async def append_event(self, kind: str, fields: dict[str, Any]) -> None: ...
+
+
+class TwinWriter:
+    """Buffers readings and records on the event loop; stores them in the twin in batches."""
+
+    def __init__(self, twin: Twin, settings: TwinSection) -> None:
+        self.twin = twin
+        self.settings = settings
+        self.forward: Forward | None = None  # set while the cloud sync runs
+        self.latest: dict[str, Reading] = {}
+        self.stored = 0  # history rows written since start
+        self.received = 0  # readings received from devices and models since start
+        self.flush_seconds = 0.0  # wall time spent in twin flushes (for the average write latency)
+        self.last_flush_seconds = 0.0
+        self.flushes = 0
+        self.flush_errors = 0
+        self._pending: list[Chunk] = []
+        self._pending_count = 0
+        self._records: list[tuple[str, dict[str, Any]]] = []  # ("event" | "write", record), to store
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()  # set while the pending readings are under the high-water mark
+        self._room.set()
+        self._lock = asyncio.Lock()
+        self._points_synced = 0.0
+
+    def restore(self) -> None:
+        """Take every point's last stored value as its latest (blocking: call from a worker thread)."""
+        for row in self.twin.current():
+            if row["ts"] is not None:
+                self.latest[row["name"]] = Reading(row["name"], row["value"], row["quality"], row["ts"])
+
+    @property
+    def pending_count(self) -> int:
+        """Readings received and not yet stored in the twin."""
+        return self._pending_count
+
+    def state(self) -> TwinState:
+        return TwinState(self.stored, self.received, self.flushes, self.flush_errors, self._pending_count,
+                         self.flush_seconds, self.last_flush_seconds)
+
+    # ------------------------------------------------------------------ input (on the event loop)
+
+    def submit(self, readings: Sequence[Reading]) -> None:
+        """Accept readings from a device or a model; stored at the next flush."""
+        if not readings:
+            return
+        self._pending.append((time.time(), readings))
+        latest = self.latest
+        for r in readings:
+            latest[r[0]] = r
+        self._pending_count += len(readings)
+        self.received += len(readings)
+        flush_max = self.settings.flush_max
+        if self._pending_count >= flush_max:
+            self._wake.set()
+            if self._pending_count >= 4 * flush_max:
+                self._room.clear()
+
+    async def room(self) -> None:
+        """Wait while the twin is behind: pollers pause here so memory stays bounded (back-pressure)."""
+        await self._room.wait()
+
+    def release(self) -> None:
+        """Let every poller waiting for room go (they are being stopped)."""
+        self._room.set()
+
+    def record(self, kind: str, record: dict[str, Any]) -> None:
+        """Accept an ``event`` (anomaly, outage, command) or a ``write`` record; stored at the next flush."""
+        self._records.append((kind, record))
+        self._wake.set()
+
+    # ------------------------------------------------------------------ storing
+
+    async def run(self) -> None:
+        """Flush every ``flush_interval``, or as soon as ``flush_max`` readings or a record are waiting."""
+        while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel (gh-86296)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.flush_interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+            await self.store_records()
+
+    async def flush(self, *, final: bool = False) -> int:
+        """Store every pending reading in one transaction, off the event loop.
+
+        Shielded as a whole: a cancelled caller (stop() cancelling the writer) still lets the
+        batch be committed *and* handed to the cloud sync, never one without the other.
+        """
+        inner = asyncio.ensure_future(self._flush(final=final))
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            await asyncio.wait([inner])
+            raise
+
+    async def _flush(self, *, final: bool) -> int:
+        async with self._lock:
+            if not (self._pending or (final and self.twin.has_unsynced)):
+                return 0
+            # the points table (current values) is refreshed at most every points_interval: one
+            # UPDATE per point per refresh instead of per flush (history gets every reading)
+            now = time.monotonic()
+            update = final or now - self._points_synced >= self.settings.points_interval
+            chunks, self._pending, self._pending_count = self._pending, [], 0
+            self._room.set()
+            try:
+                began = time.perf_counter()
+                kept = await asyncio.to_thread(self.twin.write_batch, chunks, update_points=update)
+                if update:
+                    self._points_synced = now
+                self.last_flush_seconds = time.perf_counter() - began
+                self.flush_seconds += self.last_flush_seconds
+            except TwinError as exc:
+                # Keep the readings and try again at the next flush; a full disk or a locked
+                # file must not lose data that is still in memory.
+                self.flush_errors += 1
+                count = sum(len(c[1]) for c in chunks)
+                log.error("%s; %d readings kept in memory for the next attempt", exc, count)
+                self._pending[:0] = chunks
+                self._pending_count += count
+                return 0
+            self.stored += len(kept)
+            self.flushes += 1
+            if self.forward is not None:
+                self.forward.add(kept)
+            return len(kept)
+
+    async def store_records(self) -> None:
+        """Store pending events and write records in the twin, then hand them to the cloud."""
+        records, self._records = self._records, []
+        for kind, record in records:
+            store = self.twin.record_write if kind == "write" else self.twin.add_event
+            try:
+                record["id"] = await finish_in_thread(store, record)
+            except TwinError as exc:
+                log.error("%s; %s kept in memory for the next attempt", exc, kind)
+                self._records.append((kind, record))
+                continue
+            if self.forward is not None:
+                event_type = "write" if kind == "write" else str(record["kind"])
+                try:
+                    await self.forward.append_event(event_type, {k: v for k, v in record.items() if k != "kind"})
+                except TwinError as exc:
+                    log.error("%s; %s %s is in the twin but not queued for the cloud", exc, kind, record["id"])
+
+    async def sync_points(self, config: AgentConfig) -> None:
+        """Make the twin's points table match a (reloaded) config, between flushes."""
+        async with self._lock:
+            await finish_in_thread(self.twin.sync_points, config)
+
+    async def prune(self, before: float) -> None:
+        """Delete history older than ``before`` (between flushes, off the event loop)."""
+        async with self._lock:
+            try:
+                removed = await finish_in_thread(self.twin.prune, before)
+            except TwinError as exc:
+                log.error("%s", exc)
+                return
+        if removed:
+            log.info("twin: pruned %d history rows older than retention", removed)
+
+    async def close(self) -> None:
+        """Store what is pending (readings, then records) and close the twin."""
+        await self.flush(final=True)
+        await self.store_records()
+        await asyncio.to_thread(self.twin.close)
