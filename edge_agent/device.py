@@ -22,6 +22,7 @@ import drivers
 from drivers.base import BAD, STALE, Driver, Reading
 from edge_agent.config import DeviceConfig
 from edge_agent.errors import DriverError
+from edge_agent.pacing import backoff
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,6 @@ class DeviceStatus:
     reads: int = 0  # completed polls
     updates: int = 0  # readings delivered by subscription
     read_errors: int = 0
-
-
-def backoff(attempt: int, low: float, high: float, rng: random.Random) -> float:
-    """Capped exponential backoff with full jitter in [delay/2, delay]."""
-    delay = min(high, low * (2 ** min(attempt, 30)))
-    return rng.uniform(delay / 2, delay)
 
 
 class DeviceRunner:

@@ -1,7 +1,8 @@
-"""Pacing: a token bucket, used to rate-limit backlog replay and rejected-command noise."""
+"""Pacing: a token bucket (backlog replay, rejected-command noise) and the reconnect backoff."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 
@@ -48,3 +49,8 @@ class TokenBucket:
         self._tokens -= n
         return True
 
+
+def backoff(attempt: int, low: float, high: float, rng: random.Random) -> float:
+    """Capped exponential backoff with full jitter in [delay/2, delay]."""
+    delay = min(high, low * (2 ** min(attempt, 30)))
+    return rng.uniform(delay / 2, delay)

@@ -11,8 +11,8 @@ from drivers.base import Driver, Reading
 from edge_agent import config
 from edge_agent.agent import Agent
 from edge_agent.config import DeviceConfig
-from edge_agent.device import backoff
 from edge_agent.errors import ConnectError, ReadError
+from edge_agent.pacing import backoff
 from edge_agent.store.views import TwinView
 from tests.helpers import wait_for
 

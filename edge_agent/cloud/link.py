@@ -29,8 +29,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.config import MqttSection
-from edge_agent.device import backoff
 from edge_agent.errors import LinkError
+from edge_agent.pacing import backoff
 
 log = logging.getLogger(__name__)
 
