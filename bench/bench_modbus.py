@@ -146,7 +146,7 @@ async def measure_agent(config: AgentConfig, warmup: float, seconds: float, serv
     await agent.stop()
     down = [r.device.name for r in agent.runners.values() if r.status.state != "up"]
     return {"window": Window.between(start, end), "reads": reads_end - reads_start, "total": agent.stored,
-            "flush_errors": agent.flush_errors, "down": down, "rss": peak_rss_mb(),
+            "flush_errors": agent.writer.flush_errors if agent.writer else 0, "down": down, "rss": peak_rss_mb(),
             "aborted": aborted}
 
 

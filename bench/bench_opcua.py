@@ -257,14 +257,16 @@ async def measure_agent(config: AgentConfig, warmup: float, seconds: float,
     busy = (machine_end[0] - machine_start[0]) / machine_total * (os.cpu_count() or 1) if machine_total else 0.0
     down = [r.device.name for r in agent.runners.values() if r.status.state != "up"]
     return Result(window, [(b - a) / window.seconds for a, b in zip(servers_start, servers_end, strict=True)],
-                  (changes_end - changes_start) / window.seconds, busy, agent.stored, agent.flush_errors, down, rss)
+                  (changes_end - changes_start) / window.seconds, busy, agent.stored,
+                  agent.writer.flush_errors if agent.writer else 0, down, rss)
 
 
 async def next_flush(agent: Agent) -> None:
     """Return just after the agent's next flush to the twin (or after 5 s without one)."""
-    flushes, step = agent.flushes, 0.002
+    assert agent.writer is not None
+    flushes, step = agent.writer.flushes, 0.002
     for _ in range(round(5.0 / step)):  # polled: Agent offers no flush event to wait on
-        if agent.flushes != flushes:
+        if agent.writer.flushes != flushes:
             return
         await asyncio.sleep(step)
 

@@ -333,7 +333,8 @@ async def live(spec: dict[str, Any]) -> dict[str, Any]:
         history = conn.execute("SELECT count(*) FROM history").fetchone()[0]
     return {"seconds": wall1 - wall0, "cpu": cpu1 - cpu0, "stored": stored1 - stored0, "reads": reads1 - reads0,
             "acked": acked1 - acked0, "mono": [mono0, mono1], "others": cpu_delta(others0, others1), "rss": rss,
-            "aborted": aborted, "total_stored": agent.stored, "history": history, "flush_errors": agent.flush_errors,
+            "aborted": aborted, "total_stored": agent.stored, "history": history,
+            "flush_errors": agent.writer.flush_errors if agent.writer else 0,
             "down": [r.device.name for r in agent.runners.values() if r.status.state != "up"],
             "depth_at_end": depth, "after": outbox_contents(config.agent.data_dir / "outbox.db")}
 
