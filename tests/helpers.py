@@ -1,15 +1,29 @@
-"""Small helpers shared by the tests: free ports and waiting on conditions with a deadline."""
+"""Small helpers shared by the tests: free ports, waiting on conditions with a deadline, the sd_notify
+receiver, and running the real Agent against the simulated plant (start, stop, look inside)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from asyncua import Client
+
+from drivers.base import GOOD
+from edge_agent.agent import Agent
+from edge_agent.config import AgentConfig
+from edge_agent.demo.plant import NAMESPACE_URI
+from edge_agent.store.views import TwinView
+
+if TYPE_CHECKING:
+    from tests.fakes import WriteLog
 
 T = TypeVar("T")
+SPEED = 10.0  # simulated seconds per real second, for tests on the simulated plant (edge_agent.demo.plant)
 
 
 def free_port() -> int:
@@ -78,3 +92,36 @@ class NotifyReceiver:
         self._stop.set()
         self._thread.join(5)
         self.sock.close()
+
+
+# ------------------------------------------------------------------ the agent on the simulated plant
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: AgentConfig, writes: WriteLog, *, ready: tuple[str, ...] = ()) -> AsyncIterator[Agent]:
+    """The real Agent, started with recording drivers, stopped on exit; waits for ``ready`` points good."""
+    agent = Agent(cfg, driver_factory=writes.factory)
+    await agent.start()
+    try:
+        for name in ready:
+            await wait_for(lambda n=name: _good(agent, n), timeout=20, what=f"{name} good")
+        yield agent
+    finally:
+        await agent.stop()
+
+
+def _good(agent: Agent, name: str) -> bool:
+    reading = agent.latest.get(name)
+    return reading is not None and reading.quality == GOOD and reading.value is not None
+
+
+def reader(cfg: AgentConfig) -> TwinView:
+    """A read-only connection to the agent's twin, like the CLI's."""
+    return TwinView.open(cfg.twin_path)
+
+
+async def opcua_setpoint(endpoint: str) -> float:
+    """The chiller setpoint as a separate OPC UA client sees it on the server."""
+    async with Client(endpoint, timeout=5) as client:
+        ns = await client.get_namespace_index(NAMESPACE_URI)
+        return float(await client.get_node(f"ns={ns};s=Chiller1.Setpoint").read_value())

@@ -1,8 +1,9 @@
 """A real mosquitto broker with mutual TLS for the tests, and a subscriber that records every message.
 
-Use it from a test module by importing the fixtures (pytest finds them by name)::
+A test asks for the ``pki`` and ``broker`` fixtures (tests/conftest.py) by name and imports the
+classes from here::
 
-    from tests.mqtt_broker import Broker, Recorder, broker_fixture, pki_fixture  # noqa: F401
+    from tests.mqtt_broker import Broker, Recorder
 
     def test_something(broker: Broker) -> None:
         with Recorder(broker, "edge/#") as recorder:
@@ -28,7 +29,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -287,21 +288,6 @@ class Broker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-# Registered under the names "pki" and "broker"; the function names differ so that a test module can
-# import them (see the module docstring) without its test arguments shadowing the import (ruff F811).
-@pytest.fixture(scope="session", name="pki")
-def pki_fixture(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    """One throwaway PKI for the whole test session."""
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(name="broker")
-def broker_fixture(pki: Pki, tmp_path: Path) -> Iterator[Broker]:
-    """A running mosquitto with mutual TLS, stopped after the test."""
-    with Broker(pki, tmp_path / "mosquitto") as running:
-        yield running
 
 
 # ---------------------------------------------------------------------------------------- clients

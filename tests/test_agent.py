@@ -1,80 +1,31 @@
-"""Agent supervision logic with a fake driver that implements our own Driver interface."""
+"""Agent supervision logic with the fake driver (tests/fakes.py), which implements our own Driver interface."""
 
 from __future__ import annotations
 
-import textwrap
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from drivers.base import Driver, Reading
+from drivers.base import Reading
 from edge_agent import config
 from edge_agent.agent import Agent
-from edge_agent.config import DeviceConfig
-from edge_agent.errors import ConnectError, ReadError
 from edge_agent.pacing import backoff
 from edge_agent.store.views import TwinView
+from tests import builders
+from tests.fakes import FakePlant
 from tests.helpers import wait_for
 
 
-class FakeDevice:
-    """What a fake driver talks to: values, and a switch to take the device away."""
-
-    def __init__(self) -> None:
-        self.online = True
-        self.values: dict[str, float] = {}
-        self.connects = 0
+def _config(tmp_path: Path, metrics: builders.Doc | None = None) -> config.AgentConfig:
+    devices = [builders.modbus(name, [builders.point(f"{name}.x", address=0, type="float32")], interval="100ms",
+                               retry_min="50ms", retry_max="200ms") for name in ("a", "b")]
+    doc = builders.config(tmp_path, twin={"flush_interval": "50ms"}, metrics=metrics, devices=devices)
+    return builders.load(doc, tmp_path / "agent.toml")
 
 
-class FakeDriver(Driver):
-    protocol = "modbus"
-    devices: ClassVar[dict[str, FakeDevice]] = {}
-
-    def __init__(self, device: DeviceConfig, data_dir: Path) -> None:
-        super().__init__(device, data_dir)
-        self.plant = self.devices[device.name]
-
-    async def connect(self) -> None:
-        if not self.plant.online:
-            raise ConnectError(self.device.name, "connection refused")
-        self.plant.connects += 1
-
-    async def read(self) -> list[Reading]:
-        if not self.plant.online:
-            raise ReadError(self.device.name, "no response")
-        now = time.time()
-        return [Reading(p.name, self.plant.values.get(p.name), "good", now) for p in self.device.points]
-
-    async def write(self, point: str, value: Any) -> None:
-        raise AssertionError("the agent itself never writes")
-
-    async def close(self) -> None:
-        pass
-
-
-def _config(tmp_path: Path) -> config.AgentConfig:
-    text = f"""
-    [agent]
-    id = "gw"
-    data_dir = "{tmp_path}"
-    [twin]
-    flush_interval = "50ms"
-    """
-    for name in ("a", "b"):
-        text += f"""
-    [[devices]]
-    name = "{name}"
-    protocol = "modbus"
-    host = "127.0.0.1"
-    interval = "100ms"
-    retry_min = "50ms"
-    retry_max = "200ms"
-      [[devices.points]]
-      name = "{name}.x"
-      address = 0
-      type = "float32"
-    """
-    return config.loads(textwrap.dedent(text), tmp_path / "agent.toml")
+def _plant() -> FakePlant:
+    """Devices a and b; the agent itself never writes."""
+    return FakePlant(accepts_writes=False)
 
 
 def _history(agent: Agent, point: str) -> list[dict[str, Any]]:
@@ -88,15 +39,16 @@ def _current(agent: Agent) -> dict[str, tuple[Any, str]]:
 
 
 async def test_device_down_bad_then_stale_then_recovers_others_unaffected(tmp_path: Path) -> None:
-    FakeDriver.devices = {"a": FakeDevice(), "b": FakeDevice()}
-    FakeDriver.devices["a"].values["a.x"] = 1.5
-    FakeDriver.devices["b"].values["b.x"] = 2.5
-    agent = Agent(_config(tmp_path), driver_factory=FakeDriver)
+    plant = _plant()
+    dev_a, dev_b = plant.device("a"), plant.device("b")
+    dev_a.values["a.x"] = 1.5
+    dev_b.values["b.x"] = 2.5
+    agent = Agent(_config(tmp_path), driver_factory=plant.driver)
     await agent.start()
     try:
         await wait_for(lambda: _current(agent) == {"a.x": (1.5, "good"), "b.x": (2.5, "good")}, what="mirror")
-        FakeDriver.devices["a"].online = False
-        FakeDriver.devices["b"].values["b.x"] = 3.5
+        dev_a.reachable = False
+        dev_b.values["b.x"] = 3.5
         # bad at the first failure, stale after three intervals: the bad spell is short, so it
         # is checked in the history rather than caught in the current value
         await wait_for(lambda: _current(agent)["a.x"] == (1.5, "stale"), what="a stale after 3 intervals")
@@ -104,8 +56,8 @@ async def test_device_down_bad_then_stale_then_recovers_others_unaffected(tmp_pa
         await wait_for(lambda: _current(agent)["b.x"] == (3.5, "good"), what="b unaffected")
         assert agent.runners["a"].status.state == "down"
         assert agent.runners["a"].status.last_error == 'device "a": connection refused'
-        FakeDriver.devices["a"].online = True
-        FakeDriver.devices["a"].values["a.x"] = 4.5
+        dev_a.reachable = True
+        dev_a.values["a.x"] = 4.5
         await wait_for(lambda: _current(agent)["a.x"] == (4.5, "good"), what="a recovered")
         assert agent.runners["a"].status.state == "up"
         qualities = [r["quality"] for r in _history(agent, "a.x")]
@@ -116,10 +68,10 @@ async def test_device_down_bad_then_stale_then_recovers_others_unaffected(tmp_pa
 
 
 async def test_device_missing_at_start_does_not_block_others(tmp_path: Path) -> None:
-    FakeDriver.devices = {"a": FakeDevice(), "b": FakeDevice()}
-    FakeDriver.devices["a"].online = False
-    FakeDriver.devices["b"].values["b.x"] = 7.0
-    agent = Agent(_config(tmp_path), driver_factory=FakeDriver)
+    plant = _plant()
+    plant.device("a").reachable = False
+    plant.device("b").values["b.x"] = 7.0
+    agent = Agent(_config(tmp_path), driver_factory=plant.driver)
     await agent.start()
     try:
         await wait_for(lambda: _current(agent)["b.x"] == (7.0, "good"), what="b mirrored")
@@ -130,8 +82,7 @@ async def test_device_missing_at_start_does_not_block_others(tmp_path: Path) -> 
 
 
 async def test_stop_flushes_pending_readings(tmp_path: Path) -> None:
-    FakeDriver.devices = {"a": FakeDevice(), "b": FakeDevice()}
-    agent = Agent(_config(tmp_path), driver_factory=FakeDriver)
+    agent = Agent(_config(tmp_path), driver_factory=_plant().driver)
     await agent.start()
     await wait_for(lambda: agent.stored > 0, what="first flush")
     agent.submit([Reading("a.x", 99.0, "good", time.time())])
@@ -139,6 +90,64 @@ async def test_stop_flushes_pending_readings(tmp_path: Path) -> None:
     twin = TwinView.open(tmp_path / "twin.db")
     assert {r["name"]: r["value"] for r in twin.current()}["a.x"] == 99.0
     twin.close()
+
+
+async def test_subscribed_device_follows_pushes_and_goes_down_when_its_check_fails(tmp_path: Path) -> None:
+    """Subscribe mode with the fake: values arrive as pushes (never polled), a failed check takes it down."""
+    plant = _plant()
+    dev = plant.device("c")
+    dev.values["c.x"] = 1.0
+    points = [builders.point("c.x", node="ns=1;s=X")]
+    device = builders.opcua("c", "opc.tcp://127.0.0.1:4840", points, mode="subscribe", interval="100ms",
+                            retry_min="50ms", retry_max="200ms")
+    doc = builders.config(tmp_path, twin={"flush_interval": "50ms"}, devices=[device])
+    agent = Agent(builders.load(doc, tmp_path / "agent.toml"), driver_factory=plant.driver)
+
+    def latest() -> tuple[Any, str] | None:
+        reading = agent.latest.get("c.x")
+        return None if reading is None else (reading.value, reading.quality)
+
+    await agent.start()
+    try:
+        await wait_for(lambda: latest() == (1.0, "good"), what="the value at subscription")
+        dev.push({"c.x": 2.0})
+        await wait_for(lambda: latest() == (2.0, "good"), what="the pushed value")
+        assert dev.reads == 0 and len(dev.sinks) == 1
+        dev.reachable = False
+        await wait_for(lambda: agent.runners["c"].status.state == "down", what="down after a failed check")
+        assert dev.sinks == []  # the driver was closed
+        dev.reachable = True
+        dev.values["c.x"] = 3.0
+        await wait_for(lambda: latest() == (3.0, "good"), what="subscribed again")
+        assert agent.runners["c"].status.state == "up" and dev.connects == 2
+
+        def good() -> list[Any]:
+            return [r["value"] for r in _history(agent, "c.x") if r["quality"] == "good"]
+
+        await wait_for(lambda: good() == [1.0, 2.0, 3.0], what="every good value in the history")
+    finally:
+        await agent.stop()
+
+
+async def test_a_quiet_devices_last_change_reaches_the_points_table(tmp_path: Path) -> None:
+    """One pushed change and then silence: the points table (twin show) catches up within points_interval,
+    not only at stop (the table is refreshed at most every points_interval, and the refresh used to
+    wait for another reading to arrive)."""
+    plant = _plant()
+    dev = plant.device("c")
+    dev.values["c.x"] = 1.0
+    device = builders.opcua("c", "opc.tcp://127.0.0.1:4840", [builders.point("c.x", node="ns=1;s=X")],
+                            mode="subscribe", interval="1s")
+    doc = builders.config(tmp_path, twin={"flush_interval": "50ms", "points_interval": "300ms"}, devices=[device])
+    agent = Agent(builders.load(doc, tmp_path / "agent.toml"), driver_factory=plant.driver)
+    await agent.start()
+    try:
+        await wait_for(lambda: _current(agent).get("c.x") == (1.0, "good"), what="the first value in the table")
+        dev.push({"c.x": 2.0})  # one change, nothing after it
+        await wait_for(lambda: _current(agent).get("c.x") == (2.0, "good"), timeout=5,
+                       what="the quiet device's change in the points table")
+    finally:
+        await agent.stop()
 
 
 def test_backoff_is_capped_and_jittered() -> None:
@@ -154,16 +163,14 @@ def test_backoff_is_capped_and_jittered() -> None:
 
 async def test_metrics_endpoint_serves_prometheus_text(tmp_path: Path) -> None:
     import asyncio
-    import dataclasses
 
-    from edge_agent.config import MetricsSection
     from tests.helpers import free_port
 
-    FakeDriver.devices = {"a": FakeDevice(), "b": FakeDevice()}
-    FakeDriver.devices["b"].online = False
+    plant = _plant()
+    plant.device("b").reachable = False
     port = free_port()
-    cfg = dataclasses.replace(_config(tmp_path), metrics=MetricsSection(enabled=True, port=port))
-    agent = Agent(cfg, driver_factory=FakeDriver)
+    cfg = _config(tmp_path, metrics={"enabled": True, "port": port})
+    agent = Agent(cfg, driver_factory=plant.driver)
     await agent.start()
 
     async def get(path: str) -> str:

@@ -1,9 +1,10 @@
 """Signed remote commands against a real mosquitto with mutual TLS and an in-process agent.
 
-The agent runs with a fake device that implements the Driver interface (its writes land in a
-dict, read back on the next poll). Commands are signed here with ``cryptography`` directly, with
-``openssl pkeyutl`` (a signer that is not this project), and by the ``edge-agent command`` CLI.
-Every response is awaited on the request's own Response Topic and matched by Correlation Data.
+The agent runs with the fake device of tests/fakes.py, which implements the Driver interface (its
+writes land in the test's FakePlant, read back on the next poll). Commands are signed here with
+``cryptography`` directly, with ``openssl pkeyutl`` (a signer that is not this project), and by the
+``edge-agent command`` CLI. Every response is awaited on the request's own Response Topic and
+matched by Correlation Data.
 """
 
 from __future__ import annotations
@@ -16,33 +17,23 @@ import json
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from drivers.base import Driver, Reading
 from edge_agent import config
 from edge_agent.agent import Agent
-from edge_agent.errors import ConnectError
 from edge_agent.store.views import TwinView
+from tests import builders
+from tests.fakes import FakePlant
 from tests.helpers import wait_for
-from tests.mqtt_broker import (  # noqa: F401
-    AGENT_CN,
-    Broker,
-    Message,
-    Pki,
-    Recorder,
-    broker_fixture,
-    pki_fixture,
-    publish_properties,
-)
+from tests.mqtt_broker import AGENT_CN, Broker, Message, Pki, Recorder, publish_properties
 from tests.onnx_models import zscore_model
 
 PREFIX = "edge/plant-a/gw-01"
@@ -51,25 +42,10 @@ UNREACHABLE = "10.255.255.1"  # a device host the fake driver refuses to connect
 _ids = itertools.count(1)
 
 
-class FakeDevice(Driver):
-    """Setpoint dev.sp and measurement dev.pv held in memory; a write is read back on the next poll."""
-
-    protocol = "modbus"
-    values: ClassVar[dict[str, float]] = {}
-
-    async def connect(self) -> None:
-        if getattr(self.device, "host", "") == UNREACHABLE:
-            raise ConnectError(self.device.name, f"{UNREACHABLE} unreachable (test)")
-
-    async def read(self) -> list[Reading]:
-        now = time.time()
-        return [Reading(p.name, FakeDevice.values.setdefault(p.name, 5.0), "good", now) for p in self.device.points]
-
-    async def write(self, point: str, value: Any) -> None:
-        FakeDevice.values[point] = float(value)
-
-    async def close(self) -> None:
-        pass
+def fake_plant() -> FakePlant:
+    """Setpoint dev.sp and measurement dev.pv held in memory, 5.0 until written; a device configured
+    at UNREACHABLE refuses to connect."""
+    return FakePlant(default=5.0, unreachable_hosts={UNREACHABLE})
 
 
 @dataclass
@@ -91,69 +67,24 @@ def keys_fixture(tmp_path: Path) -> Keys:
     return Keys(directory, private)
 
 
-@pytest.fixture(autouse=True)
-def fresh_device() -> Iterator[None]:
-    FakeDevice.values = {}
-    yield
-
-
 def config_text(tmp_path: Path, broker: Broker, pki: Pki, keys: Keys, *, host: str = "127.0.0.1",
-                interval: str = "100ms", extra: str = "", operator: tuple[str, str, Path] | None = None) -> str:
-    more = "" if operator is None else (f'[[commands.operators]]\nname = "{operator[0]}"\nrole = "{operator[1]}"\n'
-                                        f'public_key = "{operator[2]}"\n')
-    return textwrap.dedent(f"""
-    [agent]
-    id = "{AGENT_CN}"
-    site = "plant-a"
-    data_dir = "{tmp_path / 'data'}"
-    [twin]
-    flush_interval = "50ms"
-    [mqtt]
-    host = "localhost"
-    port = {broker.port}
-    ca_file = "{pki.ca_cert}"
-    cert_file = "{pki.agent_cert}"
-    key_file = "{pki.agent_key}"
-    publish_interval = "100ms"
-    retry_min = "100ms"
-    retry_max = "500ms"
-    [commands]
-    enabled = true
-    clock_skew = "5s"
-    max_payload = "64KiB"
-    config_deadline = "2s"
-      [[commands.operators]]
-      name = "alice"
-      role = "admin"
-      public_key = "{keys.directory / 'alice.pub'}"
-      [[commands.operators]]
-      name = "bob"
-      role = "operator"
-      public_key = "{keys.directory / 'bob.pub'}"
-      [[commands.operators]]
-      name = "carol"
-      role = "viewer"
-      public_key = "{keys.directory / 'carol.pub'}"
-    """) + more + textwrap.dedent(f"""
-    [[devices]]
-    name = "dev"
-    protocol = "modbus"
-    host = "{host}"
-    interval = "{interval}"
-    retry_min = "100ms"
-    retry_max = "200ms"
-      [[devices.points]]
-      name = "dev.sp"
-      address = 0
-      writable = true
-      min = 0
-      max = 20
-      max_step = 5
-      [[devices.points]]
-      name = "dev.pv"
-      address = 1
-    {extra}
-    """)
+                interval: str = "100ms", site: str = "plant-a", admin_role: str = "admin",
+                models: Sequence[builders.Doc] = (), operator: tuple[str, str, Path] | None = None) -> str:
+    """The agent's config: the broker, three operators (alice admin, bob operator, carol viewer, plus
+    ``operator``), and device dev with setpoint dev.sp (0..20, steps of at most 5) and dev.pv."""
+    operators = [builders.operator("alice", admin_role, keys.directory / "alice.pub"),
+                 builders.operator("bob", "operator", keys.directory / "bob.pub"),
+                 builders.operator("carol", "viewer", keys.directory / "carol.pub")]
+    if operator is not None:
+        operators.append(builders.operator(*operator))
+    points = [builders.point("dev.sp", address=0, writable=True, min=0, max=20, max_step=5),
+              builders.point("dev.pv", address=1)]
+    dev = builders.modbus("dev", points, host=host, interval=interval, retry_min="100ms", retry_max="200ms")
+    return builders.toml(builders.config(
+        tmp_path / "data", id=AGENT_CN, site=site, twin={"flush_interval": "50ms"},
+        mqtt=builders.mqtt(pki, broker.port, publish_interval="100ms", retry_min="100ms", retry_max="500ms"),
+        commands=builders.commands(operators, clock_skew="5s", max_payload="64KiB", config_deadline="2s"),
+        devices=[dev], models=models))
 
 
 def write_config(tmp_path: Path, text: str) -> config.AgentConfig:
@@ -218,8 +149,10 @@ async def audit_record(agent: Agent, recorder: Recorder, command_id: str | None,
     return event
 
 
-async def started(tmp_path: Path, text: str) -> Agent:
-    agent = Agent(write_config(tmp_path, text), driver_factory=FakeDevice)
+async def started(tmp_path: Path, text: str, plant: FakePlant | None = None) -> Agent:
+    """The agent on ``text`` (written to tmp_path/agent.toml) and ``plant``'s fake device, connected and up."""
+    plant = plant or fake_plant()
+    agent = Agent(write_config(tmp_path, text), driver_factory=plant.driver)
     await agent.start()
     assert agent.sync is not None
     link = agent.sync.link
@@ -233,8 +166,9 @@ async def started(tmp_path: Path, text: str) -> Agent:
 
 async def test_every_rejection_answered_with_its_code_and_audited(tmp_path: Path, broker: Broker, pki: Pki,
                                                                   keys: Keys) -> None:
+    plant = fake_plant()
     with Recorder(broker, f"{PREFIX}/#") as recorder:
-        agent = await started(tmp_path, config_text(tmp_path, broker, pki, keys))
+        agent = await started(tmp_path, config_text(tmp_path, broker, pki, keys), plant)
         op = Operator(recorder)
         try:
             good = envelope(keys, "carol", "ping")
@@ -281,7 +215,7 @@ async def test_every_rejection_answered_with_its_code_and_audited(tmp_path: Path
             assert plain["ok"] is True and plain["result"]["pong"] is True
             # nothing crashed: the agent still answers and its device is still up
             assert (await op.ask(envelope(keys, "carol", "status")))["result"]["devices"][0]["state"] == "up"
-            assert FakeDevice.values.get("dev.sp") == 5.0  # the tampered write never reached the device
+            assert plant.device("dev").values.get("dev.sp") == 5.0  # the tampered write never reached the device
         finally:
             await agent.stop()
 
@@ -356,8 +290,9 @@ async def test_replayed_id_refused_after_an_agent_restart(tmp_path: Path, broker
 
 async def test_write_goes_through_the_gate_and_answers_verdict_and_readback(tmp_path: Path, broker: Broker,
                                                                              pki: Pki, keys: Keys) -> None:
+    plant = fake_plant()
     with Recorder(broker, f"{PREFIX}/#") as recorder:
-        agent = await started(tmp_path, config_text(tmp_path, broker, pki, keys))
+        agent = await started(tmp_path, config_text(tmp_path, broker, pki, keys), plant)
         op = Operator(recorder)
         try:
             await wait_for(lambda: agent.last_value("dev.sp"), what="a first reading")
@@ -366,12 +301,12 @@ async def test_write_goes_through_the_gate_and_answers_verdict_and_readback(tmp_
             verdict = applied["result"]
             assert (verdict["result"], verdict["written"], verdict["readback"]) == ("applied", 7.5, 7.5)
             assert (verdict["source"], verdict["actor"], verdict["old"]) == ("operator", "bob", 5.0)
-            assert FakeDevice.values["dev.sp"] == 7.5
+            assert plant.device("dev").values["dev.sp"] == 7.5
             too_high = await op.ask(envelope(keys, "bob", "write", {"point": "dev.sp", "value": 50}))
             assert too_high["ok"] is False and too_high["error"]["code"] == "rejected"
             detail = too_high["error"]["detail"]
             assert detail["result"] == "rejected" and detail["written"] is None
-            assert FakeDevice.values["dev.sp"] == 7.5
+            assert plant.device("dev").values["dev.sp"] == 7.5
             twin = TwinView.open(agent.config.twin_path)
             writes = await wait_for(lambda: twin.writes() if len(twin.writes()) >= 2 else None, what="writes stored")
             assert [(w["actor"], w["source"], w["result"]) for w in writes] == [
@@ -392,7 +327,7 @@ async def test_set_config_applied_refused_noop_and_rolled_back(tmp_path: Path, b
         op = Operator(recorder)
         try:
             # invalid: refused with every problem, the file and the running config untouched
-            bad = original.replace('interval = "100ms"', 'interval = "fast"')
+            bad = config_text(tmp_path, broker, pki, keys, interval="fast")
             answer = await op.ask(envelope(keys, "alice", "set_config", {"config": bad}))
             assert answer["error"]["code"] == "invalid_config"
             assert any("interval" in p for p in answer["error"]["detail"]["problems"]), answer
@@ -401,11 +336,11 @@ async def test_set_config_applied_refused_noop_and_rolled_back(tmp_path: Path, b
             answer = await op.ask(envelope(keys, "alice", "set_config", {"config": original}))
             assert answer["ok"] and answer["result"]["changed"] is False
             # identity or data directory: needs a local restart, refused
-            moved = original.replace('site = "plant-a"', 'site = "plant-b"')
+            moved = config_text(tmp_path, broker, pki, keys, site="plant-b")
             answer = await op.ask(envelope(keys, "alice", "set_config", {"config": moved}))
             assert answer["error"]["code"] == "needs_restart" and path.read_text() == original
             # locking every admin out: refused
-            locked = original.replace('role = "admin"', 'role = "viewer"')
+            locked = config_text(tmp_path, broker, pki, keys, admin_role="viewer")
             answer = await op.ask(envelope(keys, "alice", "set_config", {"config": locked}))
             assert answer["error"]["code"] == "invalid_config" and path.read_text() == original
             # good: applied by hot reload, previous kept as the backup
@@ -439,15 +374,9 @@ async def test_update_model_verified_and_old_kept_on_failure(tmp_path: Path, bro
     models.mkdir()
     model_file = zscore_model(models / "health.onnx", [5.0], [1.0], inputs=["dev.pv"], threshold=9.0)
     original_bytes = model_file.read_bytes()
-    extra = f"""
-    [[models]]
-    name = "health"
-    kind = "anomaly"
-    file = "{model_file}"
-    interval = "200ms"
-    """
+    health = builders.model("health", "anomaly", model_file, interval="200ms")
     with Recorder(broker, f"{PREFIX}/#") as recorder:
-        agent = await started(tmp_path, config_text(tmp_path, broker, pki, keys, extra=textwrap.dedent(extra)))
+        agent = await started(tmp_path, config_text(tmp_path, broker, pki, keys, models=[health]))
         op = Operator(recorder)
         runner = agent.models["health"]
         try:
@@ -534,16 +463,18 @@ async def test_operator_cli_end_to_end(tmp_path: Path, broker: Broker, pki: Pki,
         assert process.returncode is not None
         return process.returncode, out.decode(), err.decode()
 
+    plant = fake_plant()
     with Recorder(broker, f"{PREFIX}/#") as recorder:
-        agent = await started(tmp_path, text)
+        agent = await started(tmp_path, text, plant)
         try:
             await wait_for(lambda: agent.last_value("dev.sp"), what="a first reading")
             code, out, err = await run("write", "point=dev.sp", "value=7.5")
             assert code == 0, (out, err)
-            assert json.loads(out)["result"]["readback"] == 7.5 and FakeDevice.values["dev.sp"] == 7.5
+            assert json.loads(out)["result"]["readback"] == 7.5 and plant.device("dev").values["dev.sp"] == 7.5
             code, out, _ = await run("write", "point=dev.sp", "value=99")
             assert code == 1 and json.loads(out)["error"]["code"] == "rejected"
-            new_text = text.replace('interval = "100ms"', 'interval = "150ms"')
+            new_text = config_text(tmp_path, broker, pki, keys, interval="150ms",
+                                   operator=("erin", "admin", tmp_path / "erin" / "erin.pub"))
             (tmp_path / "new.toml").write_text(new_text)
             code, out, err = await run("set_config", "config=@" + str(tmp_path / "new.toml"))
             assert code == 0, (out, err)

@@ -1,6 +1,6 @@
 """Property-based: hostile and malformed payloads straight at the command handler (no MQTT, for speed).
 
-The agent is real (twin, safety gate, a fake device); only the transport is skipped. Properties:
+The agent is real (twin, safety gate, the fake device of tests/fakes.py); only the transport is skipped. Properties:
 ``handle`` never raises; every payload gets a version-1 answer with a documented code; a
 well-formed, correctly signed request is always answered under its own id and never fails
 with an envelope or authentication code (nor ``internal``); and the agent keeps running.
@@ -13,7 +13,6 @@ import base64
 import json
 import re
 import string
-import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -24,12 +23,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_agent import config
 from edge_agent.agent import Agent
 from edge_agent.remote import dispatch as commands
 from edge_agent.remote import envelope as envelope_mod
 from edge_agent.remote.handlers import COMMANDS
-from tests.test_commands import FakeDevice
+from tests import builders
+from tests.fakes import FakePlant
 
 CODES = set(re.findall(r"^([a-z_]+) {2,}", commands.__doc__ or "", re.MULTILINE)) - {"code"}
 ENVELOPE_CODES = {"too_large", "bad_json", "missing_field", "bad_field", "unknown_operator", "bad_signature",
@@ -107,43 +106,16 @@ def test_hostile_payloads_never_crash_and_well_formed_ones_are_always_answered(t
     key_file = tmp_path / "root.pub"
     key_file.write_bytes(KEY.public_key().public_bytes(serialization.Encoding.PEM,
                                                        serialization.PublicFormat.SubjectPublicKeyInfo))
-    text = textwrap.dedent(f"""
-    [agent]
-    id = "gw-fuzz"
-    data_dir = "{tmp_path / 'data'}"
-    [commands]
-    enabled = true
-    max_payload = "16KiB"
-    config_deadline = "1s"
-      [[commands.operators]]
-      name = "root"
-      role = "admin"
-      public_key = "{key_file}"
-      [[commands.operators]]
-      name = "viewer"
-      role = "viewer"
-      public_key = "{key_file}"
-    [gate]
-    readback_timeout = "1s"
-    [[devices]]
-    name = "dev"
-    protocol = "modbus"
-    host = "127.0.0.1"
-    interval = "50ms"
-      [[devices.points]]
-      name = "dev.sp"
-      address = 0
-      writable = true
-      min = 0
-      max = 20
-      [[devices.points]]
-      name = "dev.pv"
-      address = 1
-    """)
+    operators = [builders.operator("root", "admin", key_file), builders.operator("viewer", "viewer", key_file)]
+    points = [builders.point("dev.sp", address=0, writable=True, min=0, max=20), builders.point("dev.pv", address=1)]
+    doc = builders.config(tmp_path / "data", id="gw-fuzz",
+                          commands=builders.commands(operators, max_payload="16KiB", config_deadline="1s"),
+                          gate={"readback_timeout": "1s"}, devices=[builders.modbus("dev", points, interval="50ms")])
     path = tmp_path / "agent.toml"
-    path.write_text(text)
+    cfg = builders.load(doc, path)
+    text = path.read_text()
     loop = asyncio.new_event_loop()
-    agent = Agent(config.loads(text, path), driver_factory=FakeDevice)
+    agent = Agent(cfg, driver_factory=FakePlant(default=5.0).driver)
 
     async def start() -> commands.CommandHandler:
         await agent.start()

@@ -9,154 +9,37 @@ library mock), so each test also proves that writes came through edge_agent/cont
 from __future__ import annotations
 
 import ast
-import contextlib
 import json
 import struct
 import subprocess
 import sys
 import time
-import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from asyncua import Client
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-import drivers
-from drivers.base import GOOD, Driver
+from drivers.base import GOOD
 from edge_agent import config as config_mod
-from edge_agent.agent import Agent
-from edge_agent.config import AgentConfig, DeviceConfig
+from edge_agent.config import AgentConfig
 from edge_agent.control.gate import WriteResult
-from edge_agent.demo.plant import NAMESPACE_URI, Plant, float32_registers
+from edge_agent.demo.plant import Plant, float32_registers
 from edge_agent.store.twin import Twin
 from edge_agent.store.views import TwinView
-from tests.helpers import free_port, wait_for
+from tests import builders
+from tests.builders import plant_config
+from tests.fakes import WriteLog
+from tests.helpers import SPEED, free_port, opcua_setpoint, reader, running, wait_for
 from tests.onnx_models import zscore_model
 
 ROOT = Path(__file__).resolve().parent.parent
-GATE_FILE = ROOT / "edge_agent" / "control" / "gate.py"
-SPEED = 10.0  # simulated seconds per real second
 
 # ---------------------------------------------------------------------------- shared plumbing
-
-
-class WriteLog:
-    """Every driver write made in a test, with the stack it was called from."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Any, list[traceback.FrameSummary]]] = []
-
-    def factory(self, device: DeviceConfig, data_dir: Path) -> Driver:
-        """A DriverFactory: the registered driver class, subclassed to record its writes."""
-        base = drivers.driver_class(device.protocol)
-        calls = self.calls
-
-        class Recording(base):  # type: ignore[valid-type, misc]
-            async def write(self, point: str, value: Any) -> None:
-                calls.append((point, value, traceback.extract_stack()[:-1]))
-                await super().write(point, value)
-
-        return Recording(device, data_dir)
-
-    def assert_all_through_gate(self) -> None:
-        """The frame that called each write is the safety gate's."""
-        for point, value, stack in self.calls:
-            caller = Path(stack[-1].filename).resolve()
-            assert caller == GATE_FILE, (f"write {point} = {value} came from {caller}:{stack[-1].lineno}, "
-                                         f"not the safety gate:\n{''.join(traceback.format_list(stack))}")
-
-
-CHILLER = """
-[[devices]]
-name = "chiller1"
-protocol = "opcua"
-endpoint = "{endpoint}"
-mode = "subscribe"
-interval = "0.5s"
-retry_min = "0.2s"
-retry_max = "1s"
-
-  [[devices.points]]
-  name = "chiller1.supply_temp"
-  node = "nsu={ns};s=Chiller1.SupplyTemp"
-
-  [[devices.points]]
-  name = "chiller1.load"
-  node = "nsu={ns};s=Chiller1.Load"
-
-  [[devices.points]]
-  name = "chiller1.setpoint"
-  node = "nsu={ns};s=Chiller1.Setpoint"
-  writable = true
-  min = 5.0
-  max = 12.0
-  max_step = 0.5
-  min_interval = "{chiller_interval}"
-"""
-
-PUMP = """
-[[devices]]
-name = "pump1"
-protocol = "modbus"
-host = "127.0.0.1"
-port = {port}
-interval = "0.2s"
-retry_min = "0.2s"
-retry_max = "1s"
-
-  [[devices.points]]
-  name = "pump1.flow"
-  address = 0
-  type = "float32"
-
-  [[devices.points]]
-  name = "pump1.speed_setpoint"
-  address = 20
-  type = "uint16"
-  writable = true
-  min = 900.0
-  max = 1700.0
-  max_step = 100.0
-  min_interval = "1h"
-"""
-
-
-def plant_config(tmp_path: Path, plant: Plant, *, gate: str = "", extra: str = "",
-                 chiller_interval: str = "0s") -> AgentConfig:
-    """A config for the simulated plant's real servers, written to tmp_path/agent.toml."""
-    text = (f'[agent]\nid = "gate-test"\ndata_dir = "{tmp_path}"\n\n[gate]\n{gate}\n'
-            + CHILLER.format(endpoint=plant.opcua_endpoint, ns=NAMESPACE_URI, chiller_interval=chiller_interval)
-            + PUMP.format(port=plant.modbus_port) + extra)
-    path = tmp_path / "agent.toml"
-    path.write_text(text)
-    return config_mod.loads(text, path)
-
-
-@contextlib.asynccontextmanager
-async def running(cfg: AgentConfig, writes: WriteLog, *, ready: tuple[str, ...] = ()) -> AsyncIterator[Agent]:
-    """The real Agent, started with recording drivers, stopped on exit; waits for ``ready`` points good."""
-    agent = Agent(cfg, driver_factory=writes.factory)
-    await agent.start()
-    try:
-        for name in ready:
-            await wait_for(lambda n=name: _good(agent, n), timeout=20, what=f"{name} good")
-        yield agent
-    finally:
-        await agent.stop()
-
-
-def _good(agent: Agent, name: str) -> bool:
-    reading = agent.latest.get(name)
-    return reading is not None and reading.quality == GOOD and reading.value is not None
-
-
-def reader(cfg: AgentConfig) -> TwinView:
-    """A read-only connection to the agent's twin, like the CLI's."""
-    return TwinView.open(cfg.twin_path)
+# WriteLog (tests/fakes.py) records every driver write; plant_config (tests/builders.py) is the config for
+# the simulated plant's chiller and pump; running, reader and opcua_setpoint are in tests/helpers.py.
 
 
 async def stored(twin: TwinView, result: WriteResult) -> dict[str, Any]:
@@ -185,13 +68,6 @@ async def assert_recorded(twin: TwinView, result: WriteResult, status: str, reas
         assert desired["value"] == result.requested
 
 
-async def opcua_setpoint(endpoint: str) -> float:
-    """The chiller setpoint as a separate OPC UA client sees it on the server."""
-    async with Client(endpoint, timeout=5) as client:
-        ns = await client.get_namespace_index(NAMESPACE_URI)
-        return float(await client.get_node(f"ns={ns};s=Chiller1.Setpoint").read_value())
-
-
 async def modbus_holding(port: int, address: int, count: int) -> list[int]:
     """Raw holding registers as a separate Modbus client sees them."""
     async with AsyncModbusTcpClient("127.0.0.1", port=port, timeout=5) as client:
@@ -206,12 +82,11 @@ async def modbus_holding(port: int, address: int, count: int) -> list[int]:
 async def test_refusals_record_their_reason(tmp_path: Path) -> None:
     """Range, step, interval, anomaly, unknown, read-only, non-numeric and bad-data requests are refused."""
     zscore_model(tmp_path / "hot.onnx", mean=[0.0], scale=[1.0], inputs=["chiller1.load"])
-    model = ('\n[[models]]\nname = "hot-load"\nkind = "anomaly"\nfile = "hot.onnx"\ninterval = "0.2s"\n'
-             "threshold = 1.0\nraise_after = 1\n")
+    model = builders.model("hot-load", "anomaly", "hot.onnx", interval="0.2s", threshold=1.0, raise_after=1)
     writes = WriteLog()
     async with Plant(opcua_port=free_port(), modbus_port=free_port(), seed=5, speed=SPEED,
                      steady_load=True) as plant:
-        cfg = plant_config(tmp_path, plant, extra=model)
+        cfg = plant_config(tmp_path, plant, models=[model])
         async with running(cfg, writes, ready=("chiller1.setpoint", "pump1.speed_setpoint")) as agent:
             twin = reader(cfg)
             gate = agent.gate
@@ -265,7 +140,7 @@ async def test_unchanged_subscribed_setpoint_is_not_stale(tmp_path: Path) -> Non
     writes = WriteLog()
     async with Plant(opcua_port=free_port(), modbus_port=free_port(), seed=6, speed=SPEED,
                      steady_load=True) as plant:
-        cfg = plant_config(tmp_path, plant, gate='max_input_age = "1s"\nreadback_timeout = "3s"')
+        cfg = plant_config(tmp_path, plant, gate={"max_input_age": "1s", "readback_timeout": "3s"})
         async with running(cfg, writes, ready=("chiller1.setpoint",)) as agent:
             await wait_for(lambda: time.time() - agent.latest["chiller1.setpoint"].ts > 1.5, timeout=10,
                            what="the setpoint's last change older than max_input_age")
@@ -282,7 +157,7 @@ async def test_opcua_write_lands_and_ramp_moves_one_max_step(tmp_path: Path) -> 
     writes = WriteLog()
     async with Plant(opcua_port=free_port(), modbus_port=free_port(), seed=7, speed=SPEED,
                      steady_load=True) as plant:
-        cfg = plant_config(tmp_path, plant, gate='ramp = true\nreadback_timeout = "3s"')
+        cfg = plant_config(tmp_path, plant, gate={"ramp": True, "readback_timeout": "3s"})
         async with running(cfg, writes, ready=("chiller1.setpoint", "pump1.speed_setpoint")) as agent:
             twin = reader(cfg)
             result = await agent.gate.request("chiller1.setpoint", 7.5, source="operator", actor="ann")
@@ -343,55 +218,17 @@ class Registers:
         await self.server.async_setValues(1, 16, address, values)
 
 
-def registers_config(tmp_path: Path, port: int, gate: str = "") -> AgentConfig:
-    text = f"""
-[agent]
-id = "gate-test"
-data_dir = "{tmp_path}"
-
-[gate]
-readback_timeout = "1.5s"
-{gate}
-
-[[devices]]
-name = "meter"
-protocol = "modbus"
-host = "127.0.0.1"
-port = {port}
-interval = "0.2s"
-
-  [[devices.points]]
-  name = "meter.target"       # low word first
-  address = 10
-  type = "float32"
-  word_order = "little"
-  writable = true
-  min = -1000.0
-  max = 1000.0
-  max_step = 1000.0
-
-  [[devices.points]]
-  name = "meter.limit"        # high word first, next to it
-  address = 12
-  type = "float32"
-  word_order = "big"
-  writable = true
-  min = -1000.0
-  max = 1000.0
-  max_step = 1000.0
-
-  [[devices.points]]
-  name = "meter.mode"         # scaled int16: raw = value * 10
-  address = 14
-  type = "int16"
-  scale = 0.1
-  writable = true
-  min = 0.0
-  max = 100.0
-"""
-    path = tmp_path / "agent.toml"
-    path.write_text(text)
-    return config_mod.loads(text, path)
+def registers_config(tmp_path: Path, port: int, gate: builders.Doc | None = None) -> AgentConfig:
+    limits = {"writable": True, "min": -1000.0, "max": 1000.0, "max_step": 1000.0}
+    points = [
+        builders.point("meter.target", address=10, type="float32", word_order="little", **limits),  # low word first
+        builders.point("meter.limit", address=12, type="float32", word_order="big", **limits),  # high word first, next
+        # scaled int16: raw = value * 10
+        builders.point("meter.mode", address=14, type="int16", scale=0.1, writable=True, min=0.0, max=100.0),
+    ]
+    doc = builders.config(tmp_path, id="gate-test", gate={"readback_timeout": "1.5s", **(gate or {})},
+                          devices=[builders.modbus("meter", points, port=port, interval="0.2s")])
+    return builders.load(doc, tmp_path / "agent.toml")
 
 
 def f32(value: float) -> float:
@@ -465,7 +302,7 @@ async def test_chiller_with_a_stuck_setpoint_is_marked_failed(tmp_path: Path) ->
     writes = WriteLog()
     async with Plant(opcua_port=free_port(), modbus_port=free_port(), seed=8, speed=SPEED,
                      steady_load=True) as plant:
-        cfg = plant_config(tmp_path, plant, gate='readback_timeout = "1.5s"')
+        cfg = plant_config(tmp_path, plant, gate={"readback_timeout": "1.5s"})
         async with running(cfg, writes, ready=("chiller1.setpoint",)) as agent:
             twin = reader(cfg)
             plant.inject_fault("stuck_setpoint")

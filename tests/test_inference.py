@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from edge_agent import config
 from edge_agent.config import ModelConfig
 from edge_agent.control.inference import Hysteresis, ModelRunner, load
 from edge_agent.errors import ConfigError, ModelError
+from tests import builders
 from tests.onnx_models import linear_model, zscore_model
 
 POINTS = ["chiller1.supply_temp", "chiller1.power"]
@@ -169,21 +169,11 @@ async def test_simulation_model_predicts_named_outputs(tmp_path: Path) -> None:
 
 
 def test_models_config_validation(tmp_path: Path) -> None:
-    text = textwrap.dedent(f"""
-        [[devices]]
-        name = "chiller1"
-        protocol = "opcua"
-        endpoint = "opc.tcp://127.0.0.1:4840"
-          [[devices.points]]
-          name = "chiller1.power"
-          node = "ns=1;s=P"
-        [[models]]
-        name = "m"
-        kind = "anomly"
-        file = "{tmp_path / 'x.onnx'}"
-        inputs = ["chiller1.power", "chiller1.nope"]
-        plausible = {{ "chiller1.power" = [5, 1] }}
-        """)
+    power = builders.point("chiller1.power", node="ns=1;s=P")
+    chiller = builders.opcua("chiller1", "opc.tcp://127.0.0.1:4840", [power])
+    health = builders.model("m", "anomly", tmp_path / "x.onnx", inputs=["chiller1.power", "chiller1.nope"],
+                            plausible={"chiller1.power": [5, 1]})
+    text = builders.toml({"devices": [chiller], "models": [health]})
     with pytest.raises(ConfigError) as info:
         config.loads(text, tmp_path / "agent.toml")
     problems = [p.split(": ", 1)[1] for p in info.value.problems]

@@ -15,6 +15,7 @@ from edge_agent.agent import Agent
 from edge_agent.demo.plant import Plant
 from edge_agent.demo.runner import demo_config
 from edge_agent.store.views import TwinView
+from tests import builders
 from tests.helpers import free_port, wait_for, wait_for_sync
 
 
@@ -116,8 +117,7 @@ def test_run_then_sigterm_exits_zero_and_twin_cli_reads_it(tmp_path: Path) -> No
 
 
 def test_run_with_bad_config_exits_2(tmp_path: Path) -> None:
-    bad = tmp_path / "agent.toml"
-    bad.write_text('[agent]\nid = "x"\nbogus = 1\n')
+    bad = builders.write({"agent": {"id": "x", "bogus": 1}}, tmp_path / "agent.toml")
     result = _cli("run", "--config", str(bad))
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {bad}: agent.bogus: unknown key"

@@ -18,8 +18,6 @@ from tests.mqtt_broker import (
     Broker,
     Pki,
     Recorder,
-    broker_fixture,  # noqa: F401 (the "broker" fixture)
-    pki_fixture,  # noqa: F401 (the "pki" fixture)
     publish_properties,
     try_connect,
 )

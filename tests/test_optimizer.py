@@ -2,7 +2,7 @@
 
 The simulation model is a tiny linear ONNX model (tests/onnx_models.linear_model) whose predicted
 power falls as the chiller setpoint rises, so raising the setpoint by one max_step is always
-attractive. The run uses the real Agent with recording drivers (tests/test_gate.WriteLog).
+attractive. The run uses the real Agent with recording drivers (tests/fakes.WriteLog).
 """
 
 from __future__ import annotations
@@ -13,18 +13,23 @@ from typing import Any
 
 from edge_agent.demo.plant import Plant
 from edge_agent.store.views import TwinView
-from tests.helpers import free_port, wait_for
+from tests import builders
+from tests.builders import plant_config
+from tests.fakes import WriteLog
+from tests.helpers import SPEED, free_port, opcua_setpoint, reader, running, wait_for
 from tests.onnx_models import linear_model, zscore_model
-from tests.test_gate import SPEED, WriteLog, opcua_setpoint, plant_config, reader, running
 
 # power = 100 - 10 * setpoint (+ 0 * load); supply = setpoint
-SIM = ('\n[[models]]\nname = "sim"\nkind = "simulation"\nfile = "sim.onnx"\n'
-       '\n[optimizer]\nmode = "{mode}"\nmodel = "sim"\ninterval = "0.3s"\nsetpoints = ["chiller1.setpoint"]\n'
-       'candidates = 5\nobjective = {{ "power" = 1.0 }}\n\n  [[optimizer.constraints]]\n  output = "supply"\n'
-       '  max = 12.0\n')
+SIM = builders.model("sim", "simulation", "sim.onnx")
 # the plant "reacts badly": supply temperature more than 0.2 degC away from 7
-WATCHDOG = ('\n[[models]]\nname = "supply-watch"\nkind = "anomaly"\nfile = "watch.onnx"\ninterval = "0.2s"\n'
-            "threshold = 4.0\nraise_after = 1\nclear_after = 1\n")
+WATCHDOG = builders.model("supply-watch", "anomaly", "watch.onnx", interval="0.2s", threshold=4.0, raise_after=1,
+                   clear_after=1)
+
+
+def optimizer_section(mode: str) -> builders.Doc:
+    """The [optimizer] section: raise the chiller setpoint to cut the simulated power, supply at most 12."""
+    return builders.optimizer("sim", ["chiller1.setpoint"], {"power": 1.0},
+                              constraints=[{"output": "supply", "max": 12.0}], mode=mode, interval="0.3s", candidates=5)
 
 
 def _models(tmp_path: Path) -> None:
@@ -42,7 +47,7 @@ async def test_advise_mode_records_recommendations_and_never_writes(tmp_path: Pa
     writes = WriteLog()
     async with Plant(opcua_port=free_port(), modbus_port=free_port(), seed=21, speed=SPEED,
                      steady_load=True) as plant:
-        cfg = plant_config(tmp_path, plant, extra=SIM.format(mode="advise"))
+        cfg = plant_config(tmp_path, plant, models=[SIM], optimizer=optimizer_section("advise"))
         async with running(cfg, writes, ready=("chiller1.setpoint", "chiller1.load")) as agent:
             twin = reader(cfg)
             assert agent.optimizer is not None and agent.optimizer.mode == "advise"
@@ -70,10 +75,10 @@ async def test_advise_mode_records_recommendations_and_never_writes(tmp_path: Pa
 async def test_post_write_anomaly_rolls_back_and_drops_to_advise(tmp_path: Path) -> None:
     _models(tmp_path)
     writes = WriteLog()
-    gate = 'watch = "60s"\nreadback_timeout = "3s"'
+    gate = {"watch": "60s", "readback_timeout": "3s"}
     async with Plant(opcua_port=free_port(), modbus_port=free_port(), seed=22, speed=SPEED,
                      steady_load=True) as plant:
-        cfg = plant_config(tmp_path, plant, gate=gate, extra=SIM.format(mode="auto") + WATCHDOG,
+        cfg = plant_config(tmp_path, plant, gate=gate, models=[SIM, WATCHDOG], optimizer=optimizer_section("auto"),
                            chiller_interval="30s")
         async with running(cfg, writes, ready=("chiller1.setpoint", "chiller1.supply_temp")) as agent:
             twin = reader(cfg)

@@ -1,108 +1,21 @@
 """The JSON Schemas in docs/schemas/ describe exactly what edge_agent/cloud/payloads.py produces.
 
-jsonschema is not a dependency, so :func:`validate` implements the subset of draft 2020-12 the
-schema files use (type, required, properties, additionalProperties, items, const, enum, minimum,
-minLength). :func:`check_schema_subset` fails when a schema file starts using anything else, so
-the validator can never silently ignore a keyword. tests/test_sync.py uses it too, on what an
-external subscriber (mosquitto_sub) received.
+The validator is tests/schemas.py (a subset of draft 2020-12, no jsonschema dependency); these
+tests check the schema files, the validator itself, and payloads.py against the schemas.
+tests/test_sync.py uses the validator too, on what an external subscriber (mosquitto_sub) received.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 from drivers.base import Reading
 from edge_agent.cloud import payloads
 from edge_agent.store.messages import Gap, Stamp
-
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "docs" / "schemas"
-TOPICS = ("state", "telemetry", "twin", "events")
-DIALECT = "https://json-schema.org/draft/2020-12/schema"
-
-_ANNOTATIONS = {"$schema", "$id", "title", "description"}
-_KEYWORDS = {"type", "required", "properties", "additionalProperties", "items", "const", "enum", "minimum",
-             "minLength"}
-_TYPES: dict[str, Any] = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "boolean": lambda v: isinstance(v, bool),
-    "null": lambda v: v is None,
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    # JSON Schema counts 1.0 as an integer; json.loads never produces one from our payloads anyway.
-    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
-}
-
-
-def load_schema(topic: str) -> dict[str, Any]:
-    """docs/schemas/<topic>.schema.json, parsed."""
-    schema: dict[str, Any] = json.loads((SCHEMA_DIR / f"{topic}.schema.json").read_text())
-    return schema
-
-
-def validate(instance: Any, schema: Mapping[str, Any], path: str = "$") -> list[str]:
-    """Every way ``instance`` breaks ``schema``, as "path: problem" strings (empty when valid)."""
-    errors: list[str] = []
-    if "type" in schema:
-        allowed = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        if not any(_TYPES[t](instance) for t in allowed):
-            return [f"{path}: expected {' or '.join(allowed)}, got {type(instance).__name__} {instance!r}"]
-    if "const" in schema and not _same(instance, schema["const"]):
-        errors.append(f"{path}: expected {schema['const']!r}, got {instance!r}")
-    if "enum" in schema and not any(_same(instance, option) for option in schema["enum"]):
-        errors.append(f"{path}: expected one of {schema['enum']!r}, got {instance!r}")
-    if "minimum" in schema and _TYPES["number"](instance) and instance < schema["minimum"]:
-        errors.append(f"{path}: expected at least {schema['minimum']}, got {instance!r}")
-    if "minLength" in schema and isinstance(instance, str) and len(instance) < schema["minLength"]:
-        errors.append(f"{path}: expected at least {schema['minLength']} characters, got {instance!r}")
-    if isinstance(instance, dict):
-        errors += _validate_object(instance, schema, path)
-    if isinstance(instance, list) and "items" in schema:
-        for i, item in enumerate(instance):
-            errors += validate(item, schema["items"], f"{path}[{i}]")
-    return errors
-
-
-def _validate_object(instance: dict[str, Any], schema: Mapping[str, Any], path: str) -> list[str]:
-    errors = [f"{path}: missing required {key!r}" for key in schema.get("required", []) if key not in instance]
-    properties = schema.get("properties", {})
-    for key, value in instance.items():
-        if key in properties:
-            errors += validate(value, properties[key], f"{path}.{key}")
-        elif schema.get("additionalProperties", True) is False:
-            errors.append(f"{path}: unexpected property {key!r}")
-    return errors
-
-
-def _same(a: Any, b: Any) -> bool:
-    """JSON equality: true is not 1."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    return bool(a == b)
-
-
-def check_schema_subset(schema: Any, path: str = "$") -> list[str]:
-    """Keywords the tiny validator does not implement (it would ignore them), as paths."""
-    if not isinstance(schema, dict):
-        return [f"{path}: a schema must be an object"]
-    problems = [f"{path}: unsupported keyword {key!r}" for key in schema if key not in _KEYWORDS | _ANNOTATIONS]
-    for key, sub in schema.get("properties", {}).items():
-        problems += check_schema_subset(sub, f"{path}.properties.{key}")
-    if "items" in schema:
-        problems += check_schema_subset(schema["items"], f"{path}.items")
-    if not isinstance(schema.get("additionalProperties", True), bool):
-        problems.append(f"{path}: additionalProperties must be true or false here")
-    for t in schema.get("type", []) if isinstance(schema.get("type"), list) else [schema.get("type", "object")]:
-        if t not in _TYPES:
-            problems.append(f"{path}: unknown type {t!r}")
-    return problems
-
+from tests.schemas import DIALECT, SCHEMA_DIR, TOPICS, check_schema_subset, load_schema, validate
 
 # ------------------------------------------------------------------------------------ the files
 

@@ -26,8 +26,9 @@ import pytest
 
 from edge_agent.demo.runner import demo_config
 from edge_agent.store.views import TwinView
+from tests import builders
 from tests.helpers import NotifyReceiver, free_port, wait_for_sync
-from tests.mqtt_broker import Pki, pki_fixture  # noqa: F401  (the "pki" fixture: cert files only, no broker)
+from tests.mqtt_broker import Pki
 
 WATCHDOG_USEC = 1_000_000  # systemd's WatchdogSec=1s: the agent pings every 0.5 s
 PUMP_POINTS = {"pump1.flow", "pump1.pressure", "pump1.speed", "pump1.power", "pump1.flow_total",
@@ -381,10 +382,8 @@ def test_sigterm_sends_stopping_and_exits_zero_quickly(tmp_path: Path, plant: Pl
 
 def test_status_names_what_is_wrong_then_not_running(tmp_path: Path, plant: PlantPorts, pki: Pki) -> None:
     pump_port, broker_port = closed_port(), closed_port()
-    mqtt = (f'\n[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\nca_file = "{pki.ca_cert}"\n'
-            f'cert_file = "{pki.agent_cert}"\nkey_file = "{pki.agent_key}"\nretry_min = "100ms"\n'
-            'retry_max = "500ms"\n')
-    config = write_config(tmp_path, plant, modbus_port=pump_port, extra=mqtt)
+    mqtt = builders.mqtt(pki, broker_port, host="127.0.0.1", retry_min="100ms", retry_max="500ms")
+    config = write_config(tmp_path, plant, modbus_port=pump_port, extra="\n" + builders.toml({"mqtt": mqtt}))
     with running_agent(tmp_path, config) as agent:
         agent.notify.wait("READY", timeout=30)
 

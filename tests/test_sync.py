@@ -18,29 +18,21 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
-from drivers.base import Driver, Reading
 from edge_agent import config
 from edge_agent.agent import Agent
 from edge_agent.store.views import TwinView, read_stats
+from tests import builders
+from tests.fakes import FakePlant
 from tests.helpers import free_port, wait_for, wait_for_sync
-from tests.mqtt_broker import (  # noqa: F401
-    AGENT_CN,
-    Broker,
-    Message,
-    Pki,
-    Recorder,
-    broker_fixture,
-    pki_fixture,
-)
-from tests.test_schemas import load_schema, validate
+from tests.mqtt_broker import AGENT_CN, Broker, Message, Pki, Recorder
+from tests.schemas import load_schema, validate
 
 PREFIX = "edge/plant-a/gw-01"
 TELEMETRY, STATE, TWIN, EVENTS = (f"{PREFIX}/{t}" for t in ("telemetry", "state", "twin", "events"))
@@ -49,68 +41,23 @@ OUTAGE = 20.0  # seconds the broker is away in the outage test (the issue asks f
 Sample = tuple[str, float, Any, str]
 
 
-class CountingDriver(Driver):
+def counting() -> FakePlant:
     """A device whose points count up by one every read: every sample is distinct and checkable."""
-
-    protocol = "modbus"
-    counter: ClassVar[int] = 0
-
-    async def connect(self) -> None:
-        pass
-
-    async def read(self) -> list[Reading]:
-        CountingDriver.counter += 1
-        now = time.time()
-        return [Reading(p.name, float(CountingDriver.counter), "good", now) for p in self.device.points]
-
-    async def write(self, point: str, value: Any) -> None:
-        raise AssertionError("never written")
-
-    async def close(self) -> None:
-        pass
+    return FakePlant(counting=True, accepts_writes=False)
 
 
-def config_text(tmp_path: Path, broker: Broker, pki: Pki, *, points: int = 3, extra: str = "",
-                cert: Path | None = None, key: Path | None = None, ca: Path | None = None) -> str:
-    text = f"""
-    [agent]
-    id = "{AGENT_CN}"
-    site = "plant-a"
-    data_dir = "{tmp_path / 'data'}"
-    [twin]
-    flush_interval = "50ms"
-    [mqtt]
-    host = "localhost"
-    port = {broker.port}
-    ca_file = "{ca or pki.ca_cert}"
-    cert_file = "{cert or pki.agent_cert}"
-    key_file = "{key or pki.agent_key}"
-    publish_interval = "100ms"
-    twin_interval = "200ms"
-    retry_min = "100ms"
-    retry_max = "500ms"
-    {extra}
-    [[devices]]
-    name = "dev"
-    protocol = "modbus"
-    host = "127.0.0.1"
-    interval = "100ms"
+def agent_config(tmp_path: Path, broker: Broker, pki: Pki, *, points: int = 3, mqtt: builders.Doc | None = None,
+                 cert: Path | None = None, key: Path | None = None, ca: Path | None = None) -> config.AgentConfig:
+    """The config for an in-process agent, also written to ``tmp_path/agent.toml`` for the CLI.
+
+    ``mqtt`` adds or overrides keys of the [mqtt] section; ``ca``, ``cert`` and ``key`` replace the agent's TLS files.
     """
-    for i in range(points):
-        text += f"""
-      [[devices.points]]
-      name = "dev.p{i}"
-      address = {i}
-    """
-    return textwrap.dedent(text)
-
-
-def agent_config(tmp_path: Path, broker: Broker, pki: Pki, **options: Any) -> config.AgentConfig:
-    """The config for an in-process agent, also written to ``tmp_path/agent.toml`` for the CLI."""
-    text = config_text(tmp_path, broker, pki, **options)
-    path = tmp_path / "agent.toml"
-    path.write_text(text)
-    return config.loads(text, path)
+    section = builders.mqtt(pki, broker.port, ca=ca, cert=cert, key=key, publish_interval="100ms",
+                            twin_interval="200ms", retry_min="100ms", retry_max="500ms")
+    dev = builders.modbus("dev", builders.numbered("dev.p", points), interval="100ms")
+    doc = builders.config(tmp_path / "data", id=AGENT_CN, site="plant-a", twin={"flush_interval": "50ms"},
+                          mqtt={**section, **(mqtt or {})}, devices=[dev])
+    return builders.load(doc, tmp_path / "agent.toml")
 
 
 def telemetry(recorder: Recorder) -> list[dict[str, Any]]:
@@ -167,7 +114,7 @@ def running_task_names() -> set[str]:
 
 async def test_online_telemetry_seq_contiguous_values_equal_twin(tmp_path: Path, broker: Broker, pki: Pki) -> None:
     with Recorder(broker, f"{PREFIX}/#") as recorder:
-        agent = Agent(agent_config(tmp_path, broker, pki), driver_factory=CountingDriver)
+        agent = Agent(agent_config(tmp_path, broker, pki), driver_factory=counting().driver)
         await agent.start()
         try:
             await recorder.wait_for_async(lambda msgs: len([m for m in msgs if m.topic.endswith("/telemetry")]) >= 5,
@@ -211,8 +158,8 @@ async def test_broker_down_20s_every_sample_arrives_in_order(tmp_path: Path, pki
             Recorder(broker, f"{PREFIX}/#") as recorder:
         # A paced replay (200 samples/s, 3 samples a message) so live messages interleave with it, and a
         # small in-flight window so live messages often take the last slot while the backlog waits.
-        extra = "replay_rate = 200\nmax_samples = 30\nmax_inflight = 2"
-        agent = Agent(agent_config(tmp_path, broker, pki, extra=extra), driver_factory=CountingDriver)
+        paced = {"replay_rate": 200, "max_samples": 30, "max_inflight": 2}
+        agent = Agent(agent_config(tmp_path, broker, pki, mqtt=paced), driver_factory=counting().driver)
         await agent.start()
         assert agent.outbox is not None and agent.sync is not None
         outbox, link = agent.outbox, agent.sync.link
@@ -267,43 +214,14 @@ async def test_broker_down_20s_every_sample_arrives_in_order(tmp_path: Path, pki
 
 
 def pump_config(tmp_path: Path, broker: Broker, pki: Pki, modbus_port: int) -> Path:
-    points = "".join(f"""
-      [[devices.points]]
-      name = "pump1.{name}"
-      register = "holding"
-      address = {address}
-      type = "{kind}"
-    """ for name, address, kind in (("flow", 0, "float32"), ("pressure", 2, "float32"), ("speed", 4, "uint16"),
-                                    ("power", 6, "float32"), ("speed_setpoint", 20, "uint16")))
-    text = textwrap.dedent(f"""
-    [agent]
-    id = "{AGENT_CN}"
-    site = "plant-a"
-    data_dir = "{tmp_path / 'data'}"
-    [twin]
-    flush_interval = "50ms"
-    [mqtt]
-    host = "localhost"
-    port = {broker.port}
-    ca_file = "{pki.ca_cert}"
-    cert_file = "{pki.agent_cert}"
-    key_file = "{pki.agent_key}"
-    publish_interval = "200ms"
-    twin_interval = "500ms"
-    retry_min = "100ms"
-    retry_max = "500ms"
-    max_samples = 20
-    replay_rate = 100
-    [[devices]]
-    name = "pump1"
-    protocol = "modbus"
-    host = "127.0.0.1"
-    port = {modbus_port}
-    interval = "100ms"
-    """) + textwrap.dedent(points)
-    path = tmp_path / "agent.toml"
-    path.write_text(text)
-    return path
+    points = [builders.point(f"pump1.{name}", register="holding", address=address, type=kind)
+              for name, address, kind in (("flow", 0, "float32"), ("pressure", 2, "float32"), ("speed", 4, "uint16"),
+                                          ("power", 6, "float32"), ("speed_setpoint", 20, "uint16"))]
+    section = builders.mqtt(pki, broker.port, publish_interval="200ms", twin_interval="500ms", retry_min="100ms",
+                            retry_max="500ms", max_samples=20, replay_rate=100)
+    doc = builders.config(tmp_path / "data", id=AGENT_CN, site="plant-a", twin={"flush_interval": "50ms"},
+                          mqtt=section, devices=[builders.modbus("pump1", points, port=modbus_port, interval="100ms")])
+    return builders.write(doc, tmp_path / "agent.toml")
 
 
 def start_agent(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -409,9 +327,9 @@ async def test_outbox_full_drops_oldest_telemetry_keeps_events_reports_gap(tmp_p
     data = tmp_path / "data"
     with Broker(pki, tmp_path / "mosquitto") as broker, \
             Recorder(broker, f"{PREFIX}/#") as recorder:
-        cfg = agent_config(tmp_path, broker, pki, extra="outbox_max_rows = 10")
+        cfg = agent_config(tmp_path, broker, pki, mqtt={"outbox_max_rows": 10})
         broker.stop()
-        agent = Agent(cfg, driver_factory=CountingDriver)
+        agent = Agent(cfg, driver_factory=counting().driver)
         await agent.start()
         assert agent.outbox is not None and agent.sync is not None
         outbox, sync = agent.outbox, agent.sync
@@ -474,7 +392,7 @@ async def test_bad_tls_is_reported_clearly_and_the_agent_keeps_buffering(tmp_pat
         options = {"cert": pki.expired_cert, "key": pki.expired_key}
         expected = ("expired", str(pki.expired_cert))
     with Recorder(broker, f"{PREFIX}/#") as recorder:
-        agent = Agent(agent_config(tmp_path, broker, pki, **options), driver_factory=CountingDriver)
+        agent = Agent(agent_config(tmp_path, broker, pki, **options), driver_factory=counting().driver)
         await agent.start()
         assert agent.outbox is not None and agent.sync is not None
         outbox, link, twin = agent.outbox, agent.sync.link, TwinView.open(agent.config.twin_path)
@@ -507,7 +425,7 @@ async def test_mosquitto_sub_sees_documented_topics_and_valid_payloads(tmp_path:
     binary = shutil.which("mosquitto_sub")
     if binary is None:
         pytest.fail("mosquitto_sub is not installed (apt-get install mosquitto-clients; ./dev.sh installs it)")
-    agent = Agent(agent_config(tmp_path, broker, pki), driver_factory=CountingDriver)
+    agent = Agent(agent_config(tmp_path, broker, pki), driver_factory=counting().driver)
     await agent.start()
     assert agent.sync is not None
     sync = agent.sync
@@ -550,7 +468,7 @@ async def test_mosquitto_sub_sees_documented_topics_and_valid_payloads(tmp_path:
 
 async def test_mqtt_311_end_to_end_with_offline_will(tmp_path: Path, broker: Broker, pki: Pki) -> None:
     with Recorder(broker, f"{PREFIX}/#") as recorder:
-        agent = Agent(agent_config(tmp_path, broker, pki, extra='version = "3.1.1"'), driver_factory=CountingDriver)
+        agent = Agent(agent_config(tmp_path, broker, pki, mqtt={"version": "3.1.1"}), driver_factory=counting().driver)
         await agent.start()
         try:
             await recorder.wait_for_async(lambda ms: len(ms) >= 5, timeout=20, topic=TELEMETRY)

@@ -7,7 +7,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -15,29 +14,14 @@ from drivers.base import Reading
 from edge_agent import config
 from edge_agent.store.twin import MIGRATIONS, Twin
 from edge_agent.store.views import TwinView
+from tests import builders
 from tests.helpers import wait_for_sync
 
 
 def _config(tmp_path: Path, deadband: float = 0.0) -> config.AgentConfig:
-    text = f"""
-    [agent]
-    id = "gw"
-    data_dir = "{tmp_path}"
-    [[devices]]
-    name = "pump1"
-    protocol = "modbus"
-    host = "127.0.0.1"
-      [[devices.points]]
-      name = "pump1.flow"
-      address = 0
-      type = "float32"
-      unit = "m3/h"
-      deadband = {deadband}
-      [[devices.points]]
-      name = "pump1.speed"
-      address = 2
-    """
-    return config.loads(textwrap.dedent(text), tmp_path / "agent.toml")
+    points = [builders.point("pump1.flow", address=0, type="float32", unit="m3/h", deadband=deadband),
+              builders.point("pump1.speed", address=2)]
+    return builders.load(builders.config(tmp_path, devices=[builders.modbus("pump1", points)]), tmp_path / "agent.toml")
 
 
 def test_schema_wal_and_current_values(tmp_path: Path) -> None:
@@ -84,17 +68,8 @@ def test_removed_point_leaves_points_table(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     twin = Twin.open(cfg.twin_path)
     twin.sync_points(cfg)
-    smaller = config.loads(cfg.source.read_text() if cfg.source.exists() else textwrap.dedent(f"""
-        [agent]
-        data_dir = "{tmp_path}"
-        [[devices]]
-        name = "pump1"
-        protocol = "modbus"
-        host = "127.0.0.1"
-          [[devices.points]]
-          name = "pump1.speed"
-          address = 2
-        """), cfg.source)
+    smaller = builders.load(builders.config(tmp_path, id=None, devices=[
+        builders.modbus("pump1", [builders.point("pump1.speed", address=2)])]), cfg.source)
     twin.sync_points(smaller)
     with TwinView.open(cfg.twin_path) as view:
         assert view.point_names() == {"pump1.speed"}
@@ -114,22 +89,10 @@ def test_readonly_open_of_missing_twin_names_the_file(tmp_path: Path) -> None:
 
 WRITER = """
 import sys, time
-from pathlib import Path
 from drivers.base import Reading
 from edge_agent import config
 from edge_agent.store.twin import Twin
-cfg = config.loads('''
-[agent]
-data_dir = "%s"
-[[devices]]
-name = "d"
-protocol = "modbus"
-host = "127.0.0.1"
-''' + "".join(f'''
-  [[devices.points]]
-  name = "p{i}"
-  address = {i}
-''' for i in range(50)), Path("%s/agent.toml"))
+cfg = config.load(sys.argv[1])
 twin = Twin.open(cfg.twin_path)
 twin.sync_points(cfg)
 n = 0
@@ -143,9 +106,10 @@ while True:
 def test_twin_survives_kill_9_during_writes(tmp_path: Path) -> None:
     """Kill the writer mid-stream many times: the file always reopens clean, batches whole."""
     db = tmp_path / "twin.db"
-    script = WRITER % (tmp_path, tmp_path)
+    doc = builders.config(tmp_path, id=None, devices=[builders.modbus("d", builders.numbered("p", 50))])
+    config_file = builders.write(doc, tmp_path / "agent.toml")
     for attempt in range(5):
-        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(config_file)], stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         before = _rows(db) if attempt else 0
         wait_for_sync(lambda b=before: _rows(db) > b + 500, timeout=20, what="writer progress")  # type: ignore[misc]

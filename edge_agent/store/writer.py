@@ -149,12 +149,14 @@ class TwinWriter:
 
     async def _flush(self, *, final: bool) -> int:
         async with self._lock:
-            if not (self._pending or (final and self.twin.has_unsynced)):
-                return 0
             # the points table (current values) is refreshed at most every points_interval: one
-            # UPDATE per point per refresh instead of per flush (history gets every reading)
+            # UPDATE per point per refresh instead of per flush (history gets every reading). A
+            # quiet device's last change waits in the twin until the next refresh is due, even
+            # when no reading follows it.
             now = time.monotonic()
             update = final or now - self._points_synced >= self.settings.points_interval
+            if not (self._pending or (update and self.twin.has_unsynced)):
+                return 0
             chunks, self._pending, self._pending_count = self._pending, [], 0
             self._room.set()
             try:
