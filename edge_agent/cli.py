@@ -254,7 +254,7 @@ def _browse(args: argparse.Namespace) -> int:
                          timeout=_duration("--timeout", args.timeout))
     if args.security != "None":  # show both certificates' thumbprints: the operator compares them
         logging.basicConfig(format="%(message)s")
-        logging.getLogger("drivers.opcua").setLevel(logging.INFO)
+        logging.getLogger("drivers").setLevel(logging.INFO)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     result = asyncio.run(browse(device, data_dir, root=args.root, depth=args.depth, max_nodes=args.max_nodes,
                                 include_server=args.include_server))

@@ -24,7 +24,7 @@ def snake_case(name: str) -> str:
     """``SupplyTemp`` -> ``supply_temp``, ``HTTPPort`` -> ``http_port``, ``PT-101.PV`` -> ``pt_101_pv``."""
     text = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
     text = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", text)
-    text = re.sub(r"[^0-9A-Za-z]+", "_", text).strip("_").lower()
+    text = re.sub(r"[\W_]+", "_", text).strip("_").lower()  # letters of any script stay
     return text or "point"
 
 

@@ -30,7 +30,7 @@ def browse_text(result: BrowseResult) -> str:
     head = (f"{result.endpoint}: {len(result.variables)} variables ({writable} writable) among {result.nodes} "
             f"nodes; read-only browse, nothing was written")
     if result.left_out:
-        head += f"\n(left out the standard {', '.join(result.left_out)} object(s); --include-server lists them)"
+        head += f"\n(left out the standard objects {', '.join(result.left_out)}; --include-server lists them)"
     rows = [[v.path, v.type + ("[]" if v.array else ""), "rw" if v.writable else ("r" if v.readable else "-"),
              _short(v.value), v.status, v.node] for v in result.variables]
     return head + "\n\n" + table(["path", "type", "access", "value", "status", "node"], rows)
