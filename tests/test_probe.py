@@ -13,6 +13,7 @@ import math
 import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -23,6 +24,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from edge_agent import cli
 from edge_agent.commission.decode import LABELS, WIDTHS, decode, plausible, value_of
+from tests import builders
 from tests.helpers import free_port
 
 UNIT = 1
@@ -285,3 +287,35 @@ def test_a_typical_measurement_is_marked_plausible_in_its_own_order(value: float
     word, byte = ORDER_OF[label]
     right = [d for d in decode(registers) if d.type == "float64" and (d.word_order, d.byte_order) == (word, byte)]
     assert len(right) == 1 and right[0].value == value and right[0].plausible
+
+
+# --------------------------------------------------------------------------------------- check-config --probe
+
+
+async def test_check_config_probe_reads_every_point_once_and_names_a_device_it_cannot_reach(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    async with modbus_device() as device:
+        doc = builders.config(tmp_path / "data", devices=[
+            builders.modbus("pump1", [
+                builders.point("pump1.flow", address=0, type="float32"),
+                builders.point("pump1.total", address=2, type="float32", word_order="little"),
+                builders.point("pump1.speed", address=20, type="uint16", writable=True, min=0.0, max=100.0),
+                builders.point("pump1.run", register="coil", address=0),
+            ], port=device.port),
+            builders.modbus("pump2", [builders.point("pump2.flow", address=0)], port=free_port(), timeout="1s"),
+        ])
+        config = builders.write(doc, tmp_path / "agent.toml")
+        code, out, _ = await run_cli(capsys, "check-config", "--config", str(config), "--probe")
+        assert code == 1  # pump2 cannot be reached
+        rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  pump1.")}
+        assert rows == {"pump1.flow": ["good", "21.5"], "pump1.total": ["good", "-1234.568"],
+                        "pump1.speed": ["good", "20"], "pump1.run": ["good", "true"]}
+        assert "pump1 (modbus): connected, 4 points read" in out
+        assert f"pump2 (modbus): FAILED: cannot connect to 127.0.0.1:{doc['devices'][1]['port']}" in out
+        assert {fc for fc, _, _ in device.requests} <= set(READ_CODES)  # a writable point, and still no write
+        assert await device.holding_now(21) == device.holding[:21]
+
+        seen = len(device.requests)
+        code, out, _ = await run_cli(capsys, "check-config", "--config", str(config))
+        assert code == 0 and "pump1.flow" not in out
+        assert len(device.requests) == seen  # without --probe no device is contacted
