@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _commission_parsers(sub: Any) -> None:
-    from edge_agent.commission.browse import DEFAULT_DEPTH, DEFAULT_MAX_NODES, default_data_dir
+    from edge_agent.commission.defaults import DEFAULT_DEPTH, DEFAULT_MAX_NODES, default_data_dir
     from edge_agent.config import OPCUA_SECURITY, PARITIES
 
     browse = sub.add_parser(
@@ -238,7 +238,8 @@ def _password(args: argparse.Namespace) -> str | None:
 
 
 def _browse(args: argparse.Namespace) -> int:
-    from edge_agent.commission.browse import browse, default_data_dir
+    from edge_agent.commission.browse import browse
+    from edge_agent.commission.defaults import default_data_dir
     from edge_agent.commission.emit import device_block
     from edge_agent.commission.report import browse_json, browse_text
     from edge_agent.config import OpcUaDevice

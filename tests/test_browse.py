@@ -383,3 +383,17 @@ def test_snake_case(browse_name: str, expected: str) -> None:
 def test_point_names_are_unique_even_when_a_suffix_is_taken() -> None:
     assert point_names("plc", ["Temp", "Temp", "Temp_2", "temp"]) == ["plc.temp", "plc.temp_2", "plc.temp_2_2",
                                                                       "plc.temp_3"]
+
+
+def test_every_command_starts_without_importing_the_protocol_libraries() -> None:
+    # Building the parser is part of every command (and of `--version` on a host without asyncua,
+    # which the install test runs): the commissioning help must not pull asyncua or pymodbus in.
+    import subprocess
+    import sys
+
+    probe = ("import sys; from edge_agent import cli\n"
+             "try:\n    cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('asyncua', 'pymodbus') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -21,7 +21,6 @@ import base64
 import datetime as dt
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +30,12 @@ from asyncua import Client, ua
 
 from drivers import opcua_pki
 from drivers.opcua import LIBRARY_ERRORS, open_client, plain, resolve_node_id
+from edge_agent.commission.defaults import DEFAULT_DEPTH, DEFAULT_MAX_NODES
 from edge_agent.config import OpcUaDevice
 from edge_agent.errors import ConnectError, ReadError, UsageError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DEPTH = 6
-DEFAULT_MAX_NODES = 10_000
 # Our own caps on one request, whatever the server allows: a Read of 4 attributes for 250
 # variables is about 40 KiB of answer, well inside any server's message size.
 READ_CAP = 1000
@@ -51,13 +49,6 @@ _ATTRIBUTES = (ua.AttributeIds.Value, ua.AttributeIds.DataType, ua.AttributeIds.
                ua.AttributeIds.UserAccessLevel)
 _READ_BIT = 1 << ua.AccessLevel.CurrentRead
 _WRITE_BIT = 1 << ua.AccessLevel.CurrentWrite
-
-
-def default_data_dir() -> Path:
-    """Where browse keeps its OPC UA client certificate unless told otherwise:
-    ``$XDG_DATA_HOME/edge-agent``, by default ``~/.local/share/edge-agent``."""
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "edge-agent"
 
 
 @dataclass(frozen=True, slots=True)
