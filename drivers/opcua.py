@@ -137,6 +137,58 @@ def coerce(value: Any, kind: ua.VariantType) -> Any:
     raise ValueError(f"writing {kind.name} values is not supported")
 
 
+def new_client(device: OpcUaDevice) -> Client:
+    """An unconnected asyncua Client for ``device``: timeouts, session, application identity, login."""
+    # The watchdog reads ServerStatus with a timeout of watchdog_intervall, so it must not
+    # be shorter than a request may take.
+    client = Client(device.endpoint, timeout=device.timeout,
+                    watchdog_intervall=max(device.interval, device.timeout))
+    # A short session timeout frees the PLC's few session slots soon after the agent dies;
+    # the watchdog's ServerStatus reads keep a live session from expiring.
+    client.session_timeout = int(max(60.0, 10 * device.interval) * 1000)
+    client.application_uri = opcua_pki.application_uri()
+    client.name = client.description = "edge-agent"
+    client.product_uri = "urn:edge-agent"
+    if device.username is not None:
+        client.set_user(device.username)
+    if device.password is not None:
+        client.set_password(device.password)
+    return client
+
+
+async def open_client(device: OpcUaDevice, data_dir: Path) -> Client:
+    """A connected Client (secure channel and session) for ``device``; ConnectError on any failure.
+
+    With a ``security`` other than None, the client certificate under ``data_dir/pki`` is used
+    (created on first use). Shared by the driver and the read-only commissioning tools.
+    """
+    client = new_client(device)
+    try:
+        if device.security != "None":
+            await _secure(client, device, data_dir)
+        await client.connect()
+    except LIBRARY_ERRORS as exc:  # asyncua has already closed the socket and channel
+        raise ConnectError(device.name, f"cannot connect to {device.endpoint}: {_describe(exc)}") from exc
+    return client
+
+
+async def _secure(client: Client, device: OpcUaDevice, data_dir: Path) -> None:
+    policy_name, _, mode_name = device.security.partition(",")
+    policy = getattr(security_policies, f"SecurityPolicy{policy_name}")
+    mode = getattr(ua.MessageSecurityMode, mode_name)
+    try:
+        pair = await asyncio.to_thread(opcua_pki.ensure_client_certificate, data_dir, client.application_uri)
+    except (OSError, ValueError) as exc:
+        raise ConnectError(device.name, "cannot prepare the client certificate under "
+                           f"{data_dir / 'pki'}: {exc}") from exc
+    # server_certificate=None: take the one the server's matching endpoint presents.
+    await client.set_security(policy, pair.cert_path, pair.key_path, mode=mode)
+    server_der = client.security_policy.peer_certificate
+    logger.info("%s: accepting server certificate with SHA-1 thumbprint %s (%s); "
+                "client certificate thumbprint %s", device.name,
+                opcua_pki.thumbprint(server_der) if server_der else "none", device.security, pair.thumbprint)
+
+
 class PointSubscription(Subscription):
     """A data-change subscription that turns each publish response into one batch of readings.
 
@@ -219,14 +271,7 @@ class OpcUaDriver(Driver):
     async def connect(self) -> None:
         """Open the session and resolve every point's node id; ConnectError on any failure."""
         await self.close()
-        client = self._new_client()
-        try:
-            if self.device.security != "None":
-                await self._secure(client)
-            await client.connect()
-        except LIBRARY_ERRORS as exc:  # asyncua has already closed the socket and channel
-            raise ConnectError(self.device.name, f"cannot connect to {self.device.endpoint}: "
-                                                 f"{_describe(exc)}") from exc
+        client = await open_client(self.device, self.data_dir)
         try:
             self._nodes = await self._resolve(client)
         except BaseException:
@@ -236,42 +281,6 @@ class OpcUaDriver(Driver):
         self._client = client
         logger.info("%s: connected to %s (%d points, security %s)", self.device.name,
                     self.device.endpoint, len(self._nodes), self.device.security)
-
-    def _new_client(self) -> Client:
-        device = self.device
-        # The watchdog reads ServerStatus with a timeout of watchdog_intervall, so it must not
-        # be shorter than a request may take.
-        client = Client(device.endpoint, timeout=device.timeout,
-                        watchdog_intervall=max(device.interval, device.timeout))
-        # A short session timeout frees the PLC's few session slots soon after the agent dies;
-        # the watchdog's ServerStatus reads keep a live session from expiring.
-        client.session_timeout = int(max(60.0, 10 * device.interval) * 1000)
-        client.application_uri = opcua_pki.application_uri()
-        client.name = client.description = "edge-agent"
-        client.product_uri = "urn:edge-agent"
-        if device.username is not None:
-            client.set_user(device.username)
-        if device.password is not None:
-            client.set_password(device.password)
-        return client
-
-    async def _secure(self, client: Client) -> None:
-        policy_name, _, mode_name = self.device.security.partition(",")
-        policy = getattr(security_policies, f"SecurityPolicy{policy_name}")
-        mode = getattr(ua.MessageSecurityMode, mode_name)
-        try:
-            pair = await asyncio.to_thread(opcua_pki.ensure_client_certificate, self.data_dir,
-                                           client.application_uri)
-        except (OSError, ValueError) as exc:
-            raise ConnectError(self.device.name, "cannot prepare the client certificate under "
-                               f"{self.data_dir / 'pki'}: {exc}") from exc
-        # server_certificate=None: take the one the server's matching endpoint presents.
-        await client.set_security(policy, pair.cert_path, pair.key_path, mode=mode)
-        server_der = client.security_policy.peer_certificate
-        logger.info("%s: accepting server certificate with SHA-1 thumbprint %s (%s); "
-                    "client certificate thumbprint %s", self.device.name,
-                    opcua_pki.thumbprint(server_der) if server_der else "none",
-                    self.device.security, pair.thumbprint)
 
     async def _resolve(self, client: Client) -> list[Node]:
         namespaces: list[str] | None = None

@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file without running")
     check.add_argument("--config", required=True, help="path to the TOML config file")
+    check.add_argument("--probe", action="store_true",
+                       help="also connect to every device once and read its points (read-only: nothing is "
+                            "written); exit 1 when a device cannot be read or a point reads bad. Secured OPC UA "
+                            "devices use the agent's client certificate under data_dir/pki (created there if "
+                            "missing, so run it as the agent's user)")
 
     status = sub.add_parser("status", help="is the agent running, and what is wrong if anything")
     status.add_argument("--config", required=True, help="path to the TOML config file")
@@ -75,10 +80,73 @@ def _parser() -> argparse.ArgumentParser:
     writes.add_argument("--limit", type=int, default=None, help="at most this many (the newest)")
     writes.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
 
+    _commission_parsers(sub)
+
     demo = sub.add_parser("demo", help="run a simulated plant and the agent against it, with a live view")
     demo.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
     demo.add_argument("--data-dir", default=None, help="where the demo twin goes (default: a temp folder)")
     return parser
+
+
+def _commission_parsers(sub: Any) -> None:
+    from edge_agent.commission.defaults import DEFAULT_DEPTH, DEFAULT_MAX_NODES, default_data_dir
+    from edge_agent.config import OPCUA_SECURITY, PARITIES
+
+    browse = sub.add_parser(
+        "browse", help="list every Variable of an OPC UA server (read-only), or print a config block for it",
+        description="Walk the server's Objects folder and list every Variable: its node id (nsu= form, usable as "
+                    "points[].node), browse path, data type, whether it is writable, and its value and status. "
+                    "Read-only: it only browses and reads, and never writes to the server.")
+    browse.add_argument("endpoint", metavar="ENDPOINT", help="opc.tcp://host:port/path")
+    browse.add_argument("--security", choices=OPCUA_SECURITY, default="None", help="security mode (default None)")
+    browse.add_argument("--username", default=None, help="log in with this user name")
+    browse.add_argument("--password-file", default=None,
+                        help="file holding the password (its first line); never give a password on the command line")
+    browse.add_argument("--depth", type=int, default=DEFAULT_DEPTH,
+                        help=f"levels to walk below the root (default {DEFAULT_DEPTH})")
+    browse.add_argument("--max-nodes", type=int, default=DEFAULT_MAX_NODES,
+                        help=f"stop after this many nodes (default {DEFAULT_MAX_NODES})")
+    browse.add_argument("--root", default=None, metavar="NODE",
+                        help='start here instead of the Objects folder, e.g. "nsu=urn:plc;s=Line1"')
+    browse.add_argument("--include-server", action="store_true",
+                        help="also walk the standard Server object (status, capabilities, diagnostics), "
+                             "left out by default")
+    browse.add_argument("--timeout", default="5s", help='per request, as a duration (default "5s")')
+    browse.add_argument("--data-dir", default=None,
+                        help="where the client certificate for --security lives, in pki/ "
+                             f"(default {default_data_dir()}; give the agent's data_dir to use the certificate "
+                             "the server already trusts)")
+    output = browse.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true",
+                        help="print a JSON array (node, path, type, writable, value, ...)")
+    output.add_argument("--toml", metavar="DEVICE", default=None,
+                        help="print a [[devices]] block named DEVICE with one point per variable "
+                             "(writable ones commented out until they get min and max)")
+
+    probe = sub.add_parser("probe", help="read a device once and show every way to decode it (read-only)")
+    probe_sub = probe.add_subparsers(dest="probe_command", required=True, metavar="PROTOCOL")
+    modbus = probe_sub.add_parser(
+        "modbus", help="read Modbus registers once and decode them in every type, byte and word order",
+        description="Read COUNT registers (or bits) from ADDRESS once, over TCP (HOST:PORT) or RTU (--serial), and "
+                    "show each address as int16/uint16 and each pair and quadruple as int32/uint32/float32 and "
+                    "int64/uint64/float64 in every byte and word order, marking the plausible ones with *. "
+                    "Read-only: it sends only read requests and never writes to the device.")
+    modbus.add_argument("address_port", metavar="HOST:PORT", nargs="?", default=None,
+                        help="Modbus TCP device (port 502 when left out)")
+    modbus.add_argument("--serial", default=None, metavar="PORT", help="Modbus RTU serial port, e.g. /dev/ttyUSB0")
+    modbus.add_argument("--baudrate", type=int, default=19200, help="RTU baud rate (default 19200)")
+    modbus.add_argument("--parity", choices=PARITIES, default="E", help="RTU parity (default E)")
+    modbus.add_argument("--stopbits", type=int, choices=(1, 2), default=1, help="RTU stop bits (default 1)")
+    modbus.add_argument("--bytesize", type=int, choices=(7, 8), default=8, help="RTU data bits (default 8)")
+    modbus.add_argument("--unit", type=int, default=1, help="unit (slave) id, 0..255 (default 1)")
+    modbus.add_argument("--table", choices=("holding", "input", "coil", "discrete"), default="holding",
+                        help="which table (default holding)")
+    modbus.add_argument("--address", type=int, required=True, help="first address, 0-based")
+    modbus.add_argument("--count", type=int, required=True, help="how many registers (or bits)")
+    modbus.add_argument("--timeout", default="3s", help='as a duration (default "3s")')
+    modbus.add_argument("--json", action="store_true",
+                        help="print a JSON object with registers (raw) and decoded (address, type, word_order, "
+                             "byte_order, value, plausible)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,7 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return _run(load(args.config))
         if args.command == "check-config":
-            return _check(args.config)
+            return _check(args.config, probe=args.probe)
+        if args.command == "browse":
+            return _browse(args)
+        if args.command == "probe":
+            return _probe_modbus(args)
         if args.command == "twin":
             return _twin(args)
         if args.command == "status":
@@ -127,10 +199,95 @@ def _operator(args: argparse.Namespace) -> int:
     return EXIT_OK if answer.get("ok") is True else EXIT_FAIL
 
 
-def _check(path: str) -> int:
+def _check(path: str, probe: bool = False) -> int:
     config = load(path)
     points = sum(len(d.points) for d in config.devices)
     print(f"{path}: ok ({len(config.devices)} devices, {points} points; twin at {config.twin_path})")
+    if not probe:
+        return EXIT_OK
+    from edge_agent.commission.check import check_devices
+    from edge_agent.commission.report import check_text
+
+    checks = asyncio.run(check_devices(config))
+    print(check_text(checks))
+    return EXIT_OK if all(c.ok for c in checks) else EXIT_FAIL
+
+
+def _duration(flag: str, text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise UsageError(f'{flag}: expected a positive duration like "3s", got "{text}"')
+    return seconds
+
+
+def _password(args: argparse.Namespace) -> str | None:
+    if args.password_file is None:
+        return None
+    if args.username is None:
+        raise UsageError("--password-file needs --username")
+    try:
+        lines = Path(args.password_file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--password-file: cannot read {args.password_file}: {exc}") from exc
+    if not lines or not lines[0]:
+        raise UsageError(f"--password-file: {args.password_file} is empty; expected the password on its first line")
+    return lines[0]
+
+
+def _browse(args: argparse.Namespace) -> int:
+    from edge_agent.commission.browse import browse
+    from edge_agent.commission.defaults import default_data_dir
+    from edge_agent.commission.emit import device_block
+    from edge_agent.commission.report import browse_json, browse_text
+    from edge_agent.config import OpcUaDevice
+
+    if not args.endpoint.startswith("opc.tcp://"):
+        raise UsageError(f'ENDPOINT: expected an URL starting with "opc.tcp://", got "{args.endpoint}"')
+    if args.toml is not None and not args.toml.strip():
+        raise UsageError("--toml: expected a device name")
+    if args.depth < 1 or args.max_nodes < 1:
+        raise UsageError("--depth and --max-nodes: expected numbers of at least 1")
+    device = OpcUaDevice(name=args.toml or "browse", protocol="opcua", endpoint=args.endpoint,
+                         security=args.security, username=args.username, password=_password(args),
+                         timeout=_duration("--timeout", args.timeout))
+    if args.security != "None":  # show both certificates' thumbprints: the operator compares them
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("drivers").setLevel(logging.INFO)
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    result = asyncio.run(browse(device, data_dir, root=args.root, depth=args.depth, max_nodes=args.max_nodes,
+                                include_server=args.include_server))
+    if args.json:
+        print(json.dumps(browse_json(result), indent=1, ensure_ascii=False))
+    elif args.toml is not None:
+        print(device_block(args.toml, args.endpoint, result.variables, security=args.security,
+                           username=args.username), end="")
+    else:
+        print(browse_text(result))
+    if result.stopped:
+        print(f"warning: {result.stopped}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _probe_modbus(args: argparse.Namespace) -> int:
+    from edge_agent.commission.probe import ModbusTarget, parse_host_port, probe
+    from edge_agent.commission.report import probe_json, probe_text
+
+    if (args.address_port is None) == (args.serial is None):
+        raise UsageError("probe modbus: give either HOST:PORT (TCP) or --serial PORT (RTU)")
+    if not 0 <= args.unit <= 255:
+        raise UsageError(f"--unit: expected 0..255, got {args.unit}")
+    timeout = _duration("--timeout", args.timeout)
+    if args.serial is not None:
+        target = ModbusTarget(serial_port=args.serial, baudrate=args.baudrate, parity=args.parity,
+                              stopbits=args.stopbits, bytesize=args.bytesize, unit=args.unit, timeout=timeout)
+    else:
+        host, port = parse_host_port(args.address_port)
+        target = ModbusTarget(host=host, port=port, unit=args.unit, timeout=timeout)
+    result = asyncio.run(probe(target, args.table, args.address, args.count))
+    print(json.dumps(probe_json(result), indent=1) if args.json else probe_text(result))
     return EXIT_OK
 
 

@@ -33,7 +33,8 @@ ALLOWED: dict[str, set[str]] = {
     "remote": {"edge_agent", "config", "control", "errors", "pacing", "service", "store"},
     "agent": {"cloud", "config", "control", "device", "drivers", "errors", "remote", "service", "store", "tasks"},
     "demo": {"agent", "config", "errors", "store"},
-    "cli": {"edge_agent", "agent", "config", "demo", "errors", "remote", "service", "store"},
+    "commission": {"config", "drivers", "errors"},
+    "cli": {"edge_agent", "agent", "commission", "config", "demo", "errors", "remote", "service", "store"},
 }
 
 

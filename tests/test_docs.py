@@ -15,7 +15,7 @@ from edge_agent import config
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 COMMANDS = ["run", "check-config", "twin show", "twin history", "twin outbox", "twin events", "twin writes", "status",
-            "demo", "keys new", "command"]
+            "demo", "keys new", "command", "browse", "probe modbus"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
