@@ -127,6 +127,10 @@ class FakeDriver(Driver):
         self.state.written.append((point, value))
         self.state.values[point] = float(value)
 
+    async def exact(self, point: str, value: Any) -> bool | int | float:
+        """The fake device stores what it is given (as a float, bools aside)."""
+        return value if isinstance(value, bool) else float(value)
+
     async def subscribe(self, sink: ReadingSink) -> None:
         self._sink = sink
         self.state.sinks.append(sink)
