@@ -279,18 +279,18 @@ class SafetyGate:
         except DriverError as exc:
             return f"cannot be written: {exc.reason}"
         written, target = float(exact), float(wanted)
+        asked, held = _pair(target, written)
         slack = 1e-9 * max(1.0, abs(target))
         if abs(written - target) > driver.resolution(req.point, target) / 2 + slack:
-            return (f"{target:g} cannot be written exactly: the device would hold {written:g}, more than half a "
-                    "raw step away")
-        shown = f"{target:g}" if written == target else f"{target:g} (the device would hold {written:g})"
+            return f"{asked} cannot be written exactly: the device would hold {held}, more than half a raw step away"
+        shown = asked if written == target else f"{asked} (the device would hold {held})"
         assert point.min is not None and point.max is not None
         if not point.min <= written <= point.max:
             where = f"ramping towards {number:g}: the next step {shown}" if ramping else shown
             return f"{where} is outside the safe range {point.min:g}..{point.max:g}"
         if point.max_step is not None and abs(written - old) > point.max_step + slack and req.source != "rollback":
-            detail = "" if written == target else f" ({shown})"
-            return f"step {written - old:+g}{detail} is larger than max_step {point.max_step:g}"
+            detail = "" if written == target else f" ({asked} would be written as {held})"
+            return f"step {written - old:+g} is larger than max_step {point.max_step:g}{detail}"
         return exact, note
 
     # ------------------------------------------------------------------ applying
@@ -443,6 +443,15 @@ def _kind_problem(point: PointConfig, value: Any) -> str | None:
     if _number(value) is None:
         return f"{value!r} is not a finite number"
     return None
+
+
+def _pair(asked: float, held: float) -> tuple[str, str]:
+    """Two numbers shown so that they differ when they do (float32 rounding hides from ``:g``)."""
+    for digits in (6, 9, 17):
+        a, b = f"{asked:.{digits}g}", f"{held:.{digits}g}"
+        if a != b or asked == held:
+            return a, b
+    return repr(asked), repr(held)
 
 
 def _number(value: Any) -> float | None:
