@@ -155,9 +155,9 @@ def exact_value(value: Any, kind: ua.VariantType) -> bool | int | float:
     if kind not in _INT_RANGES and kind not in (ua.VariantType.Float, ua.VariantType.Double):
         raise ValueError(f"the node holds {kind.name} values; only numbers and booleans are written")
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"expected a number for a {kind.name} node, got {value!r}")
+        raise ValueError(f"expected a number for a node of type {kind.name}, got {value!r}")
     if not math.isfinite(value):
-        raise ValueError(f"cannot write {value} to a {kind.name} node")
+        raise ValueError(f"cannot write {value} to a node of type {kind.name}")
     if kind in _INT_RANGES:
         return int(coerce(round(value), kind))
     number = float(coerce(value, kind))

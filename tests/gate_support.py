@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
-from asyncua import Client, ua
+from asyncua import Client, Server, ua
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
@@ -15,7 +17,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from edge_agent.control.gate import WriteResult
 from edge_agent.demo.plant import NAMESPACE_URI
 from edge_agent.store.views import TwinView
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 
 
 async def stored(twin: TwinView, result: WriteResult) -> dict[str, Any]:
@@ -157,3 +159,45 @@ async def hmi_write_setpoint(endpoint: str, value: float) -> None:
         ns = await client.get_namespace_index(NAMESPACE_URI)
         node = client.get_node(f"ns={ns};s=Chiller1.Setpoint")
         await node.write_value(ua.DataValue(ua.Variant(value, ua.VariantType.Double)))
+
+
+# ---------------------------------------------------------------------------- an OPC UA server with typed nodes
+
+TYPED_URI = "urn:edge-agent:typed-nodes"
+# name -> (initial value, the node's type)
+TYPED: dict[str, tuple[Any, ua.VariantType]] = {
+    "Count": (5, ua.VariantType.Int16),
+    "Ratio": (0.5, ua.VariantType.Float),
+    "Running": (False, ua.VariantType.Boolean),
+}
+
+
+@asynccontextmanager
+async def typed_nodes() -> AsyncIterator[tuple[str, Server, dict[str, ua.NodeId]]]:
+    """An asyncua server (not the demo plant) with one writable node per entry of TYPED, under
+    ``nsu=TYPED_URI;s=Line1.<Name>``: yields its endpoint, the server and the node ids."""
+    server = Server()
+    await server.init()
+    server.disable_clock()  # its 1 s loop would make stop() wait a second
+    endpoint = f"opc.tcp://127.0.0.1:{free_port()}/typed/"
+    server.set_endpoint(endpoint)
+    server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+    ns = await server.register_namespace(TYPED_URI)
+    line = await server.nodes.objects.add_object(ua.NodeId("Line1", ns), "Line1")
+    ids = {}
+    for name, (value, kind) in TYPED.items():
+        node = await line.add_variable(ua.NodeId(f"Line1.{name}", ns), name, ua.Variant(value, kind))
+        await node.set_writable()
+        ids[name] = node.nodeid
+    await server.start()
+    try:
+        yield endpoint, server, ids
+    finally:
+        await server.stop()
+
+
+async def opcua_node_write(endpoint: str, name: str, value: Any, kind: ua.VariantType) -> None:
+    """Write a node of :func:`typed_nodes` from a session of its own (an HMI)."""
+    async with Client(endpoint, timeout=5) as client:
+        ns = await client.get_namespace_index(TYPED_URI)
+        await client.get_node(f"ns={ns};s=Line1.{name}").write_value(ua.DataValue(ua.Variant(value, kind)))
