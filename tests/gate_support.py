@@ -14,6 +14,7 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from edge_agent.agent import Agent
 from edge_agent.control.gate import WriteResult
 from edge_agent.demo.plant import NAMESPACE_URI
 from edge_agent.store.views import TwinView
@@ -62,6 +63,14 @@ async def assert_undone(twin: TwinView, result: WriteResult, restored: float) ->
     desired = {d["point"]: d for d in twin.desired()}[result.point]
     assert (desired["value"], desired["status"], desired["source"]) == (restored, "rolled_back", "rollback")
     return back
+
+
+async def gate_watching(agent: Agent, *points: str) -> None:
+    """Wait until the gate has taken each point's live value as the one it knows (its first look comes
+    within a tick of the first reading); a change at the device before that is the baseline, not news."""
+    for point in points:
+        await wait_for(lambda p=point: p in agent.gate.overrides.known, timeout=5,
+                       what=f"the gate's baseline for {point}")
 
 
 def f32(value: float) -> float:
