@@ -42,8 +42,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from drivers.base import GOOD, Driver, Reading, Value, source_age
-from edge_agent.config import AgentConfig, Bound, ModbusPoint, PointConfig
+from edge_agent.config import AgentConfig, PointConfig
 from edge_agent.control.overrides import AUTOMATIC_SOURCES, Hold, OverrideWatch
+from edge_agent.control.values import band, kind_problem, number, shown_pair, tolerance
 from edge_agent.errors import DriverError
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class SafetyGate:
         self.submit = submit
         self.on_rollback = on_rollback
         self.points: dict[str, tuple[str, PointConfig]] = {p.name: (d.name, p) for d, p in config.points()}
+        self._writable = {name: entry for name, entry in self.points.items() if entry[1].writable}
         self.last_write: dict[str, float] = {}
         self.watches: dict[str, _Watch] = {}
         self.overrides = OverrideWatch(config.gate.override_hold, on_event, self._resolution)
@@ -125,6 +127,7 @@ class SafetyGate:
         """Take a reloaded config (new limits apply to the next request)."""
         self.config = config
         self.points = {p.name: (d.name, p) for d, p in config.points()}
+        self._writable = {name: entry for name, entry in self.points.items() if entry[1].writable}
         self.overrides.hold = config.gate.override_hold
 
     def remember(self, last_writes: Mapping[str, float], override_events: Iterable[Mapping[str, Any]],
@@ -183,7 +186,7 @@ class SafetyGate:
         await self._check_watches()
 
     def _notice_overrides(self) -> None:
-        for hold in self.overrides.check(self.points, self.latest):
+        for hold in self.overrides.check(self._writable, self.latest):
             if self.watches.pop(hold.point, None) is not None:
                 log.warning("gate: no rollback of %s: an operator changed it at the device", hold.point)
 
@@ -196,7 +199,7 @@ class SafetyGate:
 
     def _result(self, req: _Request, old: float | None, written: float | None, readback: float | None,
                 result: str, reason: str, requested: float | None = None) -> WriteResult:
-        value = requested if requested is not None else _number(req.value)
+        value = requested if requested is not None else number(req.value)
         verdict = WriteResult(time.time(), req.source, req.actor, req.point, old, value, written, readback,
                               result, reason)
         level = logging.INFO if result in (APPLIED, ROLLED_BACK) else logging.WARNING
@@ -217,7 +220,7 @@ class SafetyGate:
             return f'no point named "{req.point}"'
         if not point.writable:
             return f'"{req.point}" is not writable (writable = true is not set)'
-        problem = _kind_problem(point, req.value)
+        problem = kind_problem(point, req.value)
         if problem is not None:
             return problem
         value = float(req.value)
@@ -255,7 +258,7 @@ class SafetyGate:
         age = self.age(name, reading)
         if age > self.config.gate.max_input_age:
             return f"stale ({age:.0f} s old)"
-        if _number(reading.value) is None:
+        if number(reading.value) is None:
             return f"not a number ({reading.value!r})"
         return None
 
@@ -279,7 +282,7 @@ class SafetyGate:
         except DriverError as exc:
             return f"cannot be written: {exc.reason}"
         written, target = float(exact), float(wanted)
-        asked, held = _pair(target, written)
+        asked, held = shown_pair(target, written)
         slack = 1e-9 * max(1.0, abs(target))
         if abs(written - target) > driver.resolution(req.point, target) / 2 + slack:
             return f"{asked} cannot be written exactly: the device would hold {held}, more than half a raw step away"
@@ -298,7 +301,7 @@ class SafetyGate:
     async def _apply(self, req: _Request) -> WriteResult:
         device, point = self.points.get(req.point, ("", None))
         reported = self.latest(req.point)
-        old = _number(reported.value) if reported else None
+        old = number(reported.value) if reported else None
         refusal = self._refusal(req, point, reported)
         if refusal is not None or point is None or old is None or reported is None:
             return self._verdict(req, old, None, None, REJECTED, refusal or "no reported value")
@@ -317,9 +320,9 @@ class SafetyGate:
             self.overrides.wrote(req.point, None, (old,), grace=grace)
             return self._verdict(req, old, target, None, FAILED, str(exc))
         self.last_write[req.point] = time.time()
-        tolerance = _tolerance(point, target, old)
-        readback = await self._read_back(driver, point, target, tolerance, self.config.gate.readback_timeout)
-        if readback is None or abs(readback - target) > tolerance:
+        allowed = tolerance(point, target, old)
+        readback = await self._read_back(driver, point, target, allowed, self.config.gate.readback_timeout)
+        if readback is None or abs(readback - target) > allowed:
             shown = "nothing" if readback is None else f"{readback:g}"
             reason = (f"read-back: the device reports {shown}, expected {target:g} within "
                       f"{self.config.gate.readback_timeout:g} s")
@@ -350,9 +353,9 @@ class SafetyGate:
             outcome = f"restoring {old:g} failed too: {exc}"
         else:
             self.last_write[req.point] = time.time()
-            tolerance = _tolerance(point, old, seen if seen is not None else target)
-            readback = await self._read_back(driver, point, old, tolerance, 2 * self.config.gate.readback_timeout)
-            confirmed = readback is not None and abs(readback - old) <= tolerance
+            allowed = tolerance(point, old, seen if seen is not None else target)
+            readback = await self._read_back(driver, point, old, allowed, 2 * self.config.gate.readback_timeout)
+            confirmed = readback is not None and abs(readback - old) <= allowed
             shown = "nothing" if readback is None else f"{readback:g}"
             outcome = (f"restored to {old:g}" if confirmed
                        else f"restoring {old:g} failed too: the device reports {shown}")
@@ -387,7 +390,7 @@ class SafetyGate:
             self.submit(readings)
             for r in readings:
                 if r.point == point.name and r.quality == GOOD:
-                    seen = _number(r.value)
+                    seen = number(r.value)
             if seen is not None and abs(seen - target) <= tolerance:
                 matched_at = matched_at or time.monotonic()
                 if time.monotonic() - matched_at >= settle:
@@ -410,7 +413,7 @@ class SafetyGate:
             if reason is None:
                 continue
             del self.watches[name]
-            previous = _number(watch.previous)
+            previous = number(watch.previous)
             log.warning("gate: rolling back %s to %s: %s", name, watch.previous, reason)
             done: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
             result = await self._apply(_Request(name, watch.previous, "rollback", None, (), False, done, reason))
@@ -424,68 +427,7 @@ class SafetyGate:
         optimizer = self.config.optimizer
         for guard in optimizer.guards if optimizer else ():
             reading = self.latest(guard.name)
-            value = _number(reading.value) if reading else None
+            value = number(reading.value) if reading else None
             if value is not None and not guard.holds(value):
-                return f"guarded point {guard.name} = {value:g} left its band {_band(guard)}"
+                return f"guarded point {guard.name} = {value:g} left its band {band(guard)}"
         return None
-
-
-def _kind_problem(point: PointConfig, value: Any) -> str | None:
-    """Why ``value`` is the wrong kind for ``point`` (strings, booleans for numbers, numbers for booleans)."""
-    boolean = isinstance(point, ModbusPoint) and point.type == "bool"
-    if not isinstance(value, bool | int | float):
-        return f"expected {'true or false' if boolean else 'a number'}, got {value!r}"
-    if isinstance(point, ModbusPoint):
-        if boolean and not isinstance(value, bool):
-            return f'"{point.name}" is a bool point: expected true or false, got {value!r}'
-        if not boolean and isinstance(value, bool):
-            return f'"{point.name}" is a number ({point.type}): expected a number, got {str(value).lower()}'
-    if _number(value) is None:
-        return f"{value!r} is not a finite number"
-    return None
-
-
-def _pair(asked: float, held: float) -> tuple[str, str]:
-    """Two numbers shown so that they differ when they do (float32 rounding hides from ``:g``)."""
-    for digits in (6, 9, 17):
-        a, b = f"{asked:.{digits}g}", f"{held:.{digits}g}"
-        if a != b or asked == held:
-            return a, b
-    return repr(asked), repr(held)
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)):
-        try:
-            number = float(value)
-        except OverflowError:  # an int beyond float's range
-            return None
-        return number if math.isfinite(number) else None
-    return None
-
-
-def _tolerance(point: PointConfig, target: float, old: float) -> float:
-    """How close the read-back must be to count as applied.
-
-    At least the precision the value is stored with (a register's scale, float32's 7 digits),
-    otherwise 0.1 % of the safe range, but never as much as half the step: a device that ignored
-    a small write must not pass for one that took it.
-    """
-    precision = 1e-6 * max(1.0, abs(target))  # float32 and OPC UA Float
-    if isinstance(point, ModbusPoint):
-        if point.type == "float64":
-            precision = 1e-12 * max(1.0, abs(target))
-        elif point.type not in ("float32", "bool"):
-            precision = abs(point.scale) / 2 + 1e-9
-    allowance = 0.001 * abs((point.max or 0.0) - (point.min or 0.0))
-    if target != old:
-        allowance = min(allowance, abs(target - old) / 2)
-    return max(precision, allowance)
-
-
-def _band(bound: Bound) -> str:
-    low = "-inf" if bound.min is None else f"{bound.min:g}"
-    high = "inf" if bound.max is None else f"{bound.max:g}"
-    return f"{low}..{high}"

@@ -26,6 +26,7 @@ from typing import Any
 
 from drivers.base import GOOD, Reading
 from edge_agent.config import PointConfig
+from edge_agent.control.values import number
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +74,22 @@ class OverrideWatch:
 
     # ------------------------------------------------------------------ noticing
 
-    def check(self, points: Mapping[str, tuple[str, PointConfig]], latest: Callable[[str], Reading | None],
-              busy: str | None = None) -> list[Hold]:
+    def check(self, points: Mapping[str, tuple[str, PointConfig]],
+              latest: Callable[[str], Reading | None]) -> list[Hold]:
         """Compare every writable point's latest good value with what the gate knew; returns new holds.
 
-        ``busy``: a point the gate is writing right now (its changes are the gate's own).
+        ``points``: name -> (device, point) of the writable points. Called between the gate's
+        writes, never during one, so a change seen here was not made by a write in progress.
         """
         now = time.time()
         new: list[Hold] = []
         for name, (device, point) in points.items():
-            if not point.writable or name == busy:
+            if not point.writable:
                 continue
             reading = latest(name)
             if reading is None or reading.quality != GOOD or reading is self._not_live.get(name):
                 continue
-            value = _float(reading.value)
+            value = number(reading.value)
             if value is None:
                 continue
             known = self.known.get(name)
@@ -182,18 +184,10 @@ class OverrideWatch:
             until = float(detail.get("hold_until") or event["ts"] + self.hold)
             if event["state"] != "raised" or event.get("acked_by") is not None or until <= now:
                 continue
-            self.holds[point] = Hold(point, float(event["ts"]), until, _float(detail.get("old")),
-                                     _float(detail.get("new")), {"id": event["id"]})
+            self.holds[point] = Hold(point, float(event["ts"]), until, number(detail.get("old")),
+                                     number(detail.get("new")), {"id": event["id"]})
             log.warning("gate: %s is still held after an operator override (event %s) until %s", point,
                         event["id"], time.strftime("%H:%M:%S", time.localtime(until)))
-
-
-def _float(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, int | float) and math.isfinite(value):
-        return float(value)
-    return None
 
 
 def _g(value: float | None) -> str:
