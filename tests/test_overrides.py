@@ -62,12 +62,14 @@ async def test_an_hmi_write_to_a_register_holds_automatic_writes_until_acked(tmp
             shown = json.loads((cfg.agent.data_dir / status_file.STATUS_FILE).read_text())["overrides"]
             assert [(o["point"], o["event"], o["new"]) for o in shown] == [(SP, event["id"], 1200.0)]
             assert "override: pump.speed_setpoint" in agent.status().summary()
+            await hmi_write_registers(device.port, 20, [1320])  # the operator again: the hold goes on, no new event
+            await wait_for(lambda: agent.status().overrides[0].new == 1320, timeout=5, what="the hold on 1320")
 
             for source in ("optimizer", "cloud"):
                 result = await gate.request(SP, 1300, source=source)
                 assert result.result == "rejected", result
                 assert result.reason.startswith(f"{SP} is held after an operator override at the device "
-                                                "(1500 -> 1200): automatic writes resume in "), result
+                                                "(1500 -> 1320): automatic writes resume in "), result
                 assert result.reason.endswith(f"or when event {event['id']} is acknowledged")
             result = await gate.request(SP, 1250, source="operator", actor="ann")  # operators still write
             assert result.result == "applied", result

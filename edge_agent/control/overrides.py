@@ -12,7 +12,8 @@ or until an operator acknowledges the event (the ``ack`` command); operator writ
 What the gate explains: the value it just wrote, and for ``readback_timeout`` after a write the
 value before it (an OPC UA notification sampled before the write may arrive after the read-back).
 A write the gate had to undo explains nothing but the restored value, so a late landing of the
-undone value is reported as an override too.
+undone value is reported as an override too. Further changes of a point already held raise no
+new event: the hold runs on from the latest change.
 """
 
 from __future__ import annotations
@@ -101,6 +102,12 @@ class OverrideWatch:
             self.known[name] = value
             if self._explained(name, value, now):
                 log.debug("gate: %s = %g at the device: a value the gate wrote", name, value)
+                continue
+            held = self.holds.get(name)
+            if held is not None and now < held.until:
+                # the operator has the point already: no event per change, the hold runs from the last one
+                held.new, held.until = value, now + self.hold
+                log.debug("gate: %s = %g at the device, still held (event %s)", name, value, held.event_id)
                 continue
             new.append(self._raise(name, device, known, value, now))
         return new
