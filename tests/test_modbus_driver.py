@@ -219,7 +219,9 @@ def test_exact_is_what_a_write_leaves_and_writing_it_changes_nothing(kind: str, 
         return
     held = exact(p, value)
     assert held == decode_one(p, registers)  # type: ignore[arg-type]
-    assert encode(p, held) == registers
+    assert exact(p, held) == held
+    if held != 0:  # -0.0 scaled and offset comes back +0.0: the same zero, another bit pattern
+        assert encode(p, held) == registers
     assert abs(float(held) - value) <= resolution(p, value) / 2 * (1 + 1e-9) + 1e-9
 
 
