@@ -4,7 +4,8 @@ A driver owns one connection to one device. The agent's device supervisor calls
 ``connect`` (with its own retry loop around it), then either ``read`` every interval
 (poll mode) or ``subscribe`` once and ``check`` every interval (subscribe mode), and
 ``close`` when it stops or the connection fails. ``write`` is called only by the
-safety gate (see ARCHITECTURE.md, invariant 1).
+safety gate (see ARCHITECTURE.md, invariant 1), which first asks ``exact`` what the device
+would hold after the write and checks that value, not the request.
 
 Every method raises only the project's own errors (:mod:`edge_agent.errors`):
 ``ConnectError``, ``ReadError`` or ``WriteError``, with the library error chained.
@@ -12,6 +13,7 @@ Every method raises only the project's own errors (:mod:`edge_agent.errors`):
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -73,6 +75,24 @@ class Driver(ABC):
         """Write one point, encoded exactly as ``read`` decodes it; raise WriteError."""
 
     @abstractmethod
+    async def exact(self, point: str, value: Any) -> bool | int | float:
+        """The value ``read`` would return after ``write(point, value)``; raise WriteError when it cannot be written.
+
+        Runs the same encoding as ``write`` (scale and offset inverted, integer rounding, float32
+        rounding, the node's own type) and decodes the result, so the two cannot drift apart.
+        Stricter than ``write`` about kinds: a boolean only for a boolean point, a real number
+        (not a boolean, not a string) for a numeric one.
+        """
+
+    def resolution(self, point: str, value: float) -> float:
+        """The smallest change a reading of ``point`` near ``value`` can show: one raw step.
+
+        1 for an integer register or node (times its scale), the float32 spacing for a Float,
+        0 where the value is continuous or the type is not known yet.
+        """
+        return 0.0
+
+    @abstractmethod
     async def close(self) -> None:
         """Close the connection; never raises."""
 
@@ -104,3 +124,13 @@ def now() -> float:
 def source_age(point: str, reading: Reading) -> float:
     """Seconds since the reading's source timestamp (the default notion of how old data is)."""
     return time.time() - reading.ts
+
+
+def float32_spacing(value: float) -> float:
+    """The gap between ``value`` and the next float32 away from zero (one float32 ulp)."""
+    if not math.isfinite(value):
+        return math.inf
+    if value == 0:
+        return math.ldexp(1.0, -149)  # the smallest subnormal
+    _, exponent = math.frexp(value)  # value = m * 2**exponent with 0.5 <= |m| < 1
+    return math.ldexp(1.0, max(exponent - 24, -149))  # a 24-bit significand

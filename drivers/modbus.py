@@ -25,6 +25,7 @@ from pymodbus.client.base import ModbusBaseClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.pdu import ModbusPDU
 
+from drivers import modbus_codec
 from drivers.base import BAD, GOOD, Driver, Reading, Value
 from drivers.modbus_codec import WRITABLE_TABLES, Block, build_plan, encode
 from edge_agent.config import DeviceConfig, ModbusDevice, ModbusPoint
@@ -181,6 +182,19 @@ class ModbusDriver(Driver):
             raise WriteError(self.device.name, f"writing refused with exception code {response.exception_code}",
                              point=point)
         log.debug("modbus device %s: wrote %s = %r (%r)", self.device.name, point, value, payload)
+
+    async def exact(self, point: str, value: Any) -> bool | int | float:
+        """What a read of ``point`` returns after writing ``value``: the registers ``write`` would send, decoded."""
+        target = self._writable_point(point)
+        try:
+            return modbus_codec.exact(target, value)
+        except ValueError as exc:
+            raise WriteError(self.device.name, str(exc), point=point) from exc
+
+    def resolution(self, point: str, value: float) -> float:
+        """One raw step of ``point`` near ``value`` (its scale for integer registers)."""
+        target = self._points.get(point)
+        return modbus_codec.resolution(target, value) if target is not None else 0.0
 
     def _writable_point(self, name: str) -> ModbusPoint:
         target = self._points.get(name)

@@ -18,17 +18,21 @@ value into a plain little-endian one, so ``<f``, ``<i``... decode it directly::
     little registers packed "<H": 00 00 C0 3F  ==  struct.pack("<f", 1.5)
 
 Values: ``value = raw * scale + offset``; integer types stay ``int`` when scale is 1 and
-offset 0, and become ``float`` otherwise. Writes invert this exactly (:func:`encode`).
+offset 0, and become ``float`` otherwise. Writes invert this exactly (:func:`encode`), and
+:func:`exact` says what a write will really leave in the device: the registers :func:`encode`
+makes, decoded the way a read decodes them (one code path, so the safety gate checks exactly
+what is written).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from drivers.base import Value
+from drivers.base import Value, float32_spacing
 from edge_agent.config import ModbusPoint
 
 REGISTER_TABLES = ("holding", "input")
@@ -253,3 +257,38 @@ def _raw(point: ModbusPoint, value: int | float) -> int | float:
         raise ValueError(f'{value!r} is out of range for {point.type} point "{point.name}" '
                          f"(raw {whole}, allowed {low}..{high})")
     return whole
+
+
+def exact(point: ModbusPoint, value: object) -> bool | int | float:
+    """What ``read`` returns for ``point`` after ``value`` is written: ``encode``, then decode.
+
+    Stricter than :func:`encode` about kinds: a bool point takes only ``True``/``False`` (not
+    0/1), a numeric point only a real number (never a bool). Raises ValueError like ``encode``.
+    """
+    if point.type == "bool" and not isinstance(value, bool):
+        raise ValueError(f'expected true or false for bool point "{point.name}", got {value!r}')
+    payload = encode(point, value)
+    if isinstance(payload, bool):
+        return payload
+    decoded = _single_block(point).decode(payload)[0]
+    assert isinstance(decoded, int | float)  # register types decode to numbers
+    return decoded
+
+
+@functools.lru_cache(maxsize=4096)
+def _single_block(point: ModbusPoint) -> Block:
+    """A block holding only ``point``: decodes its registers exactly as a read of it would."""
+    return _block(point.register, [point])
+
+
+def resolution(point: ModbusPoint, value: float) -> float:
+    """One raw step of ``point`` near ``value``, in engineering units (see ``Driver.resolution``)."""
+    if point.type == "bool":
+        return 1.0
+    scale = abs(point.scale)
+    if point.type == "float64":
+        return math.ulp((value - point.offset) / point.scale) * scale
+    if point.type == "float32":
+        return float32_spacing((value - point.offset) / point.scale) * scale
+    return scale
+

@@ -27,6 +27,8 @@ Writes
     the current value's type when the DataType is abstract like Number; read once and cached)
     and no source or server timestamp: many PLCs reject those. A value that does not fit the
     type (2.5 for an Int32, 70000 for a UInt16) is a WriteError before anything is sent.
+    ``exact`` tells the safety gate what the node will hold: the request rounded to the node's
+    integer type or to float32 for a Float, through the same ``coerce`` the write uses.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import asyncio
 import datetime as dt
 import logging
 import math
+import struct
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,7 +50,7 @@ from asyncua.crypto import security_policies
 from asyncua.crypto.uacrypto import InvalidSignature
 
 from drivers import opcua_pki
-from drivers.base import BAD, GOOD, UNCERTAIN, Driver, Reading, ReadingSink, Value
+from drivers.base import BAD, GOOD, UNCERTAIN, Driver, Reading, ReadingSink, Value, float32_spacing
 from edge_agent.config import OpcUaDevice, OpcUaPoint
 from edge_agent.errors import ConnectError, ReadError, WriteError
 
@@ -187,6 +190,41 @@ async def _secure(client: Client, device: OpcUaDevice, data_dir: Path) -> None:
     logger.info("%s: accepting server certificate with SHA-1 thumbprint %s (%s); "
                 "client certificate thumbprint %s", device.name,
                 opcua_pki.thumbprint(server_der) if server_der else "none", device.security, pair.thumbprint)
+
+def exact_value(value: Any, kind: ua.VariantType) -> bool | int | float:
+    """What a node of ``kind`` holds after ``value`` is written: ``coerce`` of the value rounded to the type.
+
+    Integer types round to the nearest integer, Float to the nearest float32, Double keeps the
+    value. Kinds are strict: a Boolean node takes only true/false, a numeric node only a real
+    number (not a boolean); other types (String, DateTime, ...) are not written by the gate.
+    ValueError when the value cannot be written.
+    """
+    if kind is ua.VariantType.Boolean:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false for a Boolean node, got {value!r}")
+        return bool(coerce(value, kind))
+    if kind not in _INT_RANGES and kind not in (ua.VariantType.Float, ua.VariantType.Double):
+        raise ValueError(f"the node holds {kind.name} values; only numbers and booleans are written")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number for a node of type {kind.name}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"cannot write {value} to a node of type {kind.name}")
+    if kind in _INT_RANGES:
+        return int(coerce(round(value), kind))
+    number = float(coerce(value, kind))
+    if kind is ua.VariantType.Float:
+        number = float(struct.unpack("<f", struct.pack("<f", number))[0])  # as the wire carries it
+    return number
+
+
+def _resolution(kind: ua.VariantType | None, value: float) -> float:
+    if kind is ua.VariantType.Boolean or kind in _INT_RANGES:
+        return 1.0
+    if kind is ua.VariantType.Float:
+        return float32_spacing(value)
+    if kind is ua.VariantType.Double:
+        return math.ulp(value)
+    return 0.0
 
 
 class PointSubscription(Subscription):
@@ -422,6 +460,22 @@ class OpcUaDriver(Driver):
             raise WriteError(self.device.name, f"write of {value!r} refused by the server: {status.name}",
                              point=point)
         logger.debug("%s: wrote %r to %s as %s", self.device.name, value, point, kind.name)
+
+    async def exact(self, point: str, value: Any) -> bool | int | float:
+        """What the node holds after ``write(point, value)``: rounded to its own type (see :func:`exact_value`)."""
+        self._require(WriteError)
+        config = self.points.get(point)
+        if config is None or not config.writable:
+            raise WriteError(self.device.name, "is not a writable point of this device", point=point)
+        kind = await self._variant_type(point, self._node_by_point[point])
+        try:
+            return exact_value(value, kind)
+        except ValueError as exc:
+            raise WriteError(self.device.name, str(exc), point=point) from exc
+
+    def resolution(self, point: str, value: float) -> float:
+        """One step of the node's type near ``value`` (0 until its type has been read)."""
+        return _resolution(self._variant_types.get(point), value)
 
     async def _variant_type(self, point: str, node: Node) -> ua.VariantType:
         kind = self._variant_types.get(point)

@@ -28,7 +28,7 @@ from edge_agent.device import DeviceRunner
 from edge_agent.errors import ModelError, TwinError
 from edge_agent.service import status as status_file
 from edge_agent.service.logs import RecentErrors
-from edge_agent.service.status import GatewayStatus, LinkState, ModelState
+from edge_agent.service.status import GatewayStatus, LinkState, ModelState, OverrideState
 from edge_agent.store.messages import OutboxLimits
 from edge_agent.store.outbox import Outbox
 from edge_agent.store.twin import Twin
@@ -63,7 +63,8 @@ class Agent:
         self.optimizer: Optimizer | None = None
         self._owner = {point.name: device.name for device, point in config.points()}
         self.gate = SafetyGate(config, self.last_value, self._driver_for, self.anomaly_active, self._record_write,
-                               self.submit, on_rollback=self._on_rollback, age=self.data_age)
+                               self.submit, on_rollback=self._on_rollback, age=self.data_age,
+                               on_event=self.record_event)
         self._driver_factory = driver_factory
         self._tasks: list[asyncio.Task[None]] = []
         self._parts: dict[str, asyncio.Task[None]] = {}  # "device:NAME" / "model:NAME" -> its task
@@ -162,7 +163,9 @@ class Agent:
             models=tuple(_model_state(name, m) for name, m in self.models.items()),
             twin=self.writer.state(), mqtt=self._link_state(),
             optimizer_mode=self.optimizer.mode if self.optimizer is not None else None,
-            dead_parts=dead, errors=tuple(self.recent_errors))
+            dead_parts=dead, errors=tuple(self.recent_errors),
+            overrides=tuple(OverrideState(h.point, h.since, h.until, h.event_id, h.old, h.new)
+                            for h in self.gate.holds()))
 
     def _link_state(self) -> LinkState | None:
         sync, outbox = self.sync, self.outbox
@@ -192,6 +195,9 @@ class Agent:
 
     async def request_write(self, point: str, value: Any, *, source: str, actor: str | None) -> WriteResult:
         return await self.gate.request(point, value, source=source, actor=actor)
+
+    def event_acked(self, event_id: int, operator: str) -> list[str]:
+        return self.gate.acknowledged(event_id, operator)
 
     def optimizer_mode(self) -> str | None:
         return self.optimizer.mode if self.optimizer is not None else None
@@ -232,6 +238,7 @@ class Agent:
         await asyncio.to_thread(twin.sync_points, config)
         self.writer = TwinWriter(twin, config.twin)
         await asyncio.to_thread(self.writer.restore)
+        await self._restore_gate(twin)
         logging.getLogger().addHandler(self._recorder)
         for device in config.devices:
             self._start_device(device)
@@ -252,6 +259,19 @@ class Agent:
         log.info("agent %s (site %s) started: %d devices, %d points, twin %s", config.agent.id,
                  config.agent.site, len(config.devices), sum(len(d.points) for d in config.devices),
                  config.twin_path)
+
+    async def _restore_gate(self, twin: Twin) -> None:
+        """Give the gate its memory back (last writes, override holds) before the writer uses the twin."""
+        assert self.writer is not None
+        since = time.time() - self._config.gate.override_hold
+        try:
+            last_writes, overrides = await asyncio.to_thread(twin.gate_memory, since)
+        except TwinError as exc:
+            # without the last writes min_interval cannot be honoured: count it from now (the safe side)
+            log.error("%s; the safety gate counts min_interval from now", exc)
+            now = time.time()
+            last_writes, overrides = {name: now for name in self.gate.points}, []
+        self.gate.remember(last_writes, overrides, dict(self.writer.latest))
 
     def _start_device(self, device: DeviceConfig) -> None:
         runner = DeviceRunner(device, self._config.agent.data_dir, self.submit, self.last_value,

@@ -413,6 +413,11 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
         note = m["last_error"] or (f"not scoring: {m['last_skip']}" if m["last_skip"] else "")
         print(f"model {m['name']} ({m['kind']}): {m['state']}, last score {score}"
               + (", ANOMALY ACTIVE" if m["anomaly"] else "") + (f"; {note}" if note else ""))
+    for o in status.get("overrides", []):
+        event = f"ack event {o['event']}" if o.get("event") is not None else "ack its override event"
+        print(f"override: {o['point']} changed at the device ({o['old']} -> {o['new']}) "
+              f"{_span(time.time() - o['since'])} ago; automatic writes paused for "
+              f"{_span(o['until'] - time.time())} more, or {event}")
     if status.get("errors"):
         print("recent warnings and errors:")
         for line in status["errors"]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ class FakeDevice:
     as ``default``, which it then holds), a write sets it. With ``counting`` every read first sets
     every point to the number of reads so far, so each sample is distinct and checkable.
     ``reachable = False`` refuses connections and fails reads. With ``accepts_writes = False`` a
-    write fails the test: for agents that must never write.
+    write fails the test: for agents that must never write. ``holds`` maps a written value to what
+    the device keeps of it (default: all of it), for devices that cannot hold every value.
     """
 
     def __init__(self, name: str, *, default: Value = None, counting: bool = False,
@@ -51,6 +52,7 @@ class FakeDevice:
         self.counting = counting
         self.accepts_writes = accepts_writes
         self.reachable = True
+        self.holds: Callable[[Any], Any] = lambda value: value
         self.connects = 0  # successful connections
         self.reads = 0  # successful reads
         self.written: list[tuple[str, Any]] = []  # (point, value) of every write, in order
@@ -125,7 +127,12 @@ class FakeDriver(Driver):
         if not self.state.accepts_writes:
             raise AssertionError(f"{self.device.name}: this device is never written (write {point} = {value!r})")
         self.state.written.append((point, value))
-        self.state.values[point] = float(value)
+        self.state.values[point] = float(self.state.holds(value))
+
+    async def exact(self, point: str, value: Any) -> bool | int | float:
+        """What the fake device keeps of ``value`` (as a float, bools aside)."""
+        kept = self.state.holds(value)
+        return kept if isinstance(kept, bool) else float(kept)
 
     async def subscribe(self, sink: ReadingSink) -> None:
         self._sink = sink

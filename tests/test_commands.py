@@ -315,6 +315,40 @@ async def test_write_goes_through_the_gate_and_answers_verdict_and_readback(tmp_
             await agent.stop()
 
 
+async def test_ack_of_an_override_event_lets_automatic_writes_resume(tmp_path: Path, broker: Broker, pki: Pki,
+                                                                      keys: Keys) -> None:
+    """dev.sp changes at the device (not through the gate): the override event is published, status shows
+    the hold, automatic writes are refused and operator writes pass, until bob acknowledges the event."""
+    plant = fake_plant()
+    with Recorder(broker, f"{PREFIX}/#") as recorder:
+        agent = await started(tmp_path, config_text(tmp_path, broker, pki, keys), plant)
+        op = Operator(recorder)
+        try:
+            await wait_for(lambda: agent.gate.overrides.known.get("dev.sp") == 5.0, what="the gate's baseline")
+            plant.device("dev").values["dev.sp"] = 9.0  # someone at the device
+            [raised] = await recorder.wait_for_async(
+                lambda ms: [m.json() for m in ms if m.json().get("type") == "override"], topic=EVENTS)
+            assert (raised["point"], raised["old"], raised["new"], raised["state"]) == ("dev.sp", 5.0, 9.0, "raised")
+            status = (await op.ask(envelope(keys, "carol", "status")))["result"]
+            assert [(o["point"], o["event"]) for o in status["overrides"]] == [("dev.sp", raised["id"])]
+            refused = await agent.gate.request("dev.sp", 10.0, source="optimizer")
+            assert refused.result == "rejected" and "held after an operator override" in refused.reason
+            written = await op.ask(envelope(keys, "bob", "write", {"point": "dev.sp", "value": 10.0}))
+            assert written["ok"] is True and written["result"]["result"] == "applied", written
+            acked = await op.ask(envelope(keys, "bob", "ack", {"event": raised["id"]}))
+            assert acked["ok"] is True and acked["result"]["released"] == ["dev.sp"], acked
+            await recorder.wait_for_async(
+                lambda ms: [m for m in ms if m.json().get("type") == "override" and m.json()["state"] == "cleared"],
+                topic=EVENTS)
+            status = (await op.ask(envelope(keys, "carol", "status")))["result"]
+            assert status["overrides"] == []
+            resumed = await agent.gate.request("dev.sp", 11.0, source="optimizer")
+            assert resumed.result == "applied", resumed
+            assert plant.device("dev").written == [("dev.sp", 10.0), ("dev.sp", 11.0)]
+        finally:
+            await agent.stop()
+
+
 # ----------------------------------------------------------------------------------- config push
 
 

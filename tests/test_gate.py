@@ -18,20 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.server import ModbusTcpServer
-from pymodbus.simulator import DataType, SimData, SimDevice
-
 from drivers.base import GOOD
 from edge_agent import config as config_mod
 from edge_agent.config import AgentConfig
-from edge_agent.control.gate import WriteResult
 from edge_agent.demo.plant import Plant, float32_registers
 from edge_agent.store.twin import Twin
-from edge_agent.store.views import TwinView
 from tests import builders
 from tests.builders import plant_config
 from tests.fakes import WriteLog
+from tests.gate_support import Registers, assert_recorded, assert_undone, f32, modbus_holding
 from tests.helpers import SPEED, free_port, opcua_setpoint, reader, running, wait_for
 from tests.onnx_models import zscore_model
 
@@ -40,40 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------------------- shared plumbing
 # WriteLog (tests/fakes.py) records every driver write; plant_config (tests/builders.py) is the config for
 # the simulated plant's chiller and pump; running, reader and opcua_setpoint are in tests/helpers.py.
-
-
-async def stored(twin: TwinView, result: WriteResult) -> dict[str, Any]:
-    """The audit row of ``result`` once the agent's writer has stored it."""
-    def find() -> dict[str, Any] | None:
-        return next((w for w in twin.writes() if w["ts"] == result.ts and w["point"] == result.point), None)
-    row = await wait_for(find, timeout=5, what=f"the audit row of {result}")
-    assert row is not None
-    return row
-
-
-async def assert_recorded(twin: TwinView, result: WriteResult, status: str, reason: str) -> None:
-    """``result`` has ``status`` and a reason containing ``reason``, in the result, the audit and desired."""
-    assert result.result == status, result
-    assert reason in result.reason, result
-    row = await stored(twin, result)
-    assert (row["result"], row["reason"], row["source"]) == (status, result.reason, result.source)
-    assert row["requested"] == result.requested and row["old"] == result.old
-    desired_rows = {d["point"]: d for d in twin.desired()}
-    if result.point == "nope":  # a point that does not exist gets an audit row, never a desired state
-        assert "nope" not in desired_rows
-        return
-    desired = desired_rows[result.point]
-    assert (desired["status"], desired["reason"], desired["source"]) == (status, result.reason, result.source)
-    if isinstance(result.requested, float):
-        assert desired["value"] == result.requested
-
-
-async def modbus_holding(port: int, address: int, count: int) -> list[int]:
-    """Raw holding registers as a separate Modbus client sees them."""
-    async with AsyncModbusTcpClient("127.0.0.1", port=port, timeout=5) as client:
-        response = await client.read_holding_registers(address, count=count, device_id=1)
-        assert not response.isError(), response
-        return list(response.registers)
 
 
 # ---------------------------------------------------------------------------- refusals
@@ -176,48 +137,6 @@ async def test_opcua_write_lands_and_ramp_moves_one_max_step(tmp_path: Path) -> 
     writes.assert_all_through_gate()
 
 
-class Registers:
-    """A small pymodbus server (not the project's simulator): 32 holding registers, unit 1.
-
-    With ``ignore`` set, the device acknowledges writes to those addresses and keeps the old values.
-    """
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.ignore: set[int] = set()  # set it after seeding values: the server's own setValues pass here too
-        self.server: ModbusTcpServer | None = None
-
-    async def _action(self, function: int, start: int, address: int, count: int, registers: list[int],
-                      values: list[int] | list[bool] | None) -> None:
-        if values is not None and function in (6, 16):
-            for i in range(count):
-                if address + i in self.ignore:
-                    values[i] = registers[address - start + i]  # type: ignore[call-overload]
-        return None
-
-    async def __aenter__(self) -> Registers:
-        holding = [SimData(0, count=32, values=0, datatype=DataType.REGISTERS)]
-        blocks = ([SimData(0, count=16, values=False, datatype=DataType.BITS)],
-                  [SimData(0, count=16, values=False, datatype=DataType.BITS)], holding,
-                  [SimData(0, count=8, values=0, datatype=DataType.REGISTERS)])
-        self.server = ModbusTcpServer(SimDevice(1, simdata=blocks, action=self._action),
-                                      address=("127.0.0.1", self.port))
-        await self.server.serve_forever(background=True)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.server is not None:
-            await self.server.shutdown()
-
-    async def holding(self, address: int, count: int) -> list[int]:
-        assert self.server is not None
-        return list(await self.server.async_getValues(1, 3, address, count))
-
-    async def set_holding(self, address: int, values: list[int]) -> None:
-        assert self.server is not None
-        await self.server.async_setValues(1, 16, address, values)
-
-
 def registers_config(tmp_path: Path, port: int, gate: builders.Doc | None = None) -> AgentConfig:
     limits = {"writable": True, "min": -1000.0, "max": 1000.0, "max_step": 1000.0}
     points = [
@@ -229,10 +148,6 @@ def registers_config(tmp_path: Path, port: int, gate: builders.Doc | None = None
     doc = builders.config(tmp_path, id="gate-test", gate={"readback_timeout": "1.5s", **(gate or {})},
                           devices=[builders.modbus("meter", points, port=port, interval="0.2s")])
     return builders.load(doc, tmp_path / "agent.toml")
-
-
-def f32(value: float) -> float:
-    return float(struct.unpack(">f", struct.pack(">f", value))[0])
 
 
 async def test_modbus_float32_little_word_order_lands_as_read_back(tmp_path: Path) -> None:
@@ -281,11 +196,12 @@ async def test_modbus_device_that_ignores_the_write_is_marked_failed(tmp_path: P
             began = time.monotonic()
             result = await agent.gate.request("meter.target", 50.0, source="operator")
             assert time.monotonic() - began >= 1.4, result  # it kept reading back until readback_timeout
-            await assert_recorded(twin, result, "failed", "read-back: the device reports 5, expected 50 within 1.5 s")
+            assert result.reason.startswith("read-back: the device reports 5, expected 50 within 1.5 s"), result
             assert (result.written, result.readback) == (50.0, 5.0)
+            await assert_undone(twin, result, 5.0)  # the previous value written back: the device may apply late
             assert await device.holding(10, 2) == float32_registers(5.0, "little")
             twin.close()
-    assert [p for p, _, _ in writes.calls] == ["meter.target"]
+    assert [(p, v) for p, v, _ in writes.calls] == [("meter.target", 50.0), ("meter.target", 5.0)]
     writes.assert_all_through_gate()
 
 
@@ -307,8 +223,9 @@ async def test_chiller_with_a_stuck_setpoint_is_marked_failed(tmp_path: Path) ->
             twin = reader(cfg)
             plant.inject_fault("stuck_setpoint")
             result = await agent.gate.request("chiller1.setpoint", 7.5, source="operator")
-            await assert_recorded(twin, result, "failed", "read-back: the device reports 7, expected 7.5")
+            assert result.reason.startswith("read-back: the device reports 7, expected 7.5"), result
             assert (result.written, result.readback) == (7.5, 7.0)
+            await assert_undone(twin, result, 7.0)
             assert plant.model.chiller_setpoint == 7.0
             assert await opcua_setpoint(plant.opcua_endpoint) == 7.0
             twin.close()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -12,10 +15,13 @@ from onnx import TensorProto
 
 from drivers.base import Reading
 from edge_agent import config
+from edge_agent.cloud import payloads
 from edge_agent.config import ModelConfig
 from edge_agent.control.inference import Hysteresis, ModelRunner, load
 from edge_agent.errors import ConfigError, ModelError
+from edge_agent.store.messages import Stamp
 from tests import builders
+from tests.helpers import wait_for
 from tests.onnx_models import linear_model, zscore_model
 
 POINTS = ["chiller1.supply_temp", "chiller1.power"]
@@ -35,7 +41,7 @@ class Plantish:
         self.submitted: list[Reading] = []
         self.events: list[dict[str, Any]] = []
 
-    def set(self, supply: float, power: float, quality: str = "good", age: float = 0.0) -> None:
+    def set(self, supply: Any, power: Any, quality: str = "good", age: float = 0.0) -> None:
         ts = time.time() - age
         self.now.update({POINTS[0]: Reading(POINTS[0], supply, quality, ts),
                          POINTS[1]: Reading(POINTS[1], power, "good", ts)})
@@ -124,6 +130,67 @@ async def test_hysteresis_raises_after_n_and_clears_after_m(zscore: Path) -> Non
     assert runner.anomaly_active
     await runner.evaluate()
     assert [e["state"] for e in plant.events] == ["raised", "cleared"] and not runner.anomaly_active
+
+
+def strict_json(payload: bytes) -> Any:
+    """Parse as JSON proper: NaN and Infinity are not JSON."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} in a payload")
+    return json.loads(payload, parse_constant=refuse)
+
+
+async def test_bad_values_never_clear_an_anomaly(zscore: Path) -> None:
+    """NaN at good quality used to score NaN, count as "below the threshold" and clear the anomaly;
+    a string raised ValueError. Neither produces a score now, and only clean scores in a row clear it."""
+    plant = Plantish()
+    runner = plant.runner(model_cfg(zscore, raise_after=1, clear_after=2))
+    runner.model = load(runner.cfg)
+    plant.set(9.0, 60.0)
+    assert await runner.evaluate() == pytest.approx(16.0) and runner.anomaly_active
+    for bad, why in ((math.nan, "nan is not a finite number"), (math.inf, "inf is not a finite number"),
+                     (-math.inf, "-inf is not a finite number"), ("abc", "'abc' is not a finite number"),
+                     ("7.0", "'7.0' is not a finite number"), (1e300, "1e+300 is beyond float32's range")):
+        plant.set(bad, 60.0)
+        for _ in range(3):
+            assert await runner.evaluate() is None, bad
+        assert runner.anomaly_active, bad
+        assert runner.status.last_skip == f"chiller1.supply_temp = {why}"
+    plant.set(7.0, 60.0)
+    assert await runner.evaluate() == pytest.approx(0.0)  # one clean score ...
+    plant.set(math.nan, 60.0)
+    assert await runner.evaluate() is None  # ... interrupted: the count of clean scores starts again
+    plant.set(7.0, 60.0)
+    await runner.evaluate()
+    assert runner.anomaly_active
+    await runner.evaluate()
+    assert not runner.anomaly_active
+    assert [e["state"] for e in plant.events] == ["raised", "cleared"]
+    assert all(math.isfinite(r.value) for r in plant.submitted)  # type: ignore[arg-type]
+    for event in plant.events:  # as published: valid JSON, the score a number
+        body = strict_json(payloads.event("gw", Stamp(1), "anomaly", event))
+        assert isinstance(body["score"], float) and body["state"] == event["state"]
+
+
+def test_event_payloads_are_json_whatever_they_carry() -> None:
+    body = strict_json(payloads.event("gw", Stamp(3), "anomaly", {"score": math.nan, "detail": {"x": [math.inf]}}))
+    assert (body["score"], body["detail"]) == (None, {"x": [None]})
+
+
+async def test_the_model_task_survives_any_value(zscore: Path) -> None:
+    """A string input (an OPC UA String node) used to raise an uncaught ValueError that ended the task."""
+    plant = Plantish()
+    runner = plant.runner(model_cfg(zscore, interval=0.02))
+    plant.set("n/a", 60.0)
+    task = asyncio.create_task(runner.run())
+    try:
+        await wait_for(lambda: sum(runner.status.skips.values()) >= 5, timeout=20, what="five skipped evaluations")
+        assert not task.done() and runner.status.evaluations == 0
+        plant.set(8.0, 60.0)
+        await wait_for(lambda: runner.status.evaluations >= 2, timeout=20, what="scores once the input is a number")
+        assert not task.done() and runner.status.last_score == pytest.approx(4.0)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def test_hysteresis_unit() -> None:

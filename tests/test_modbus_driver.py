@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,7 +23,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from drivers import driver_class
 from drivers.base import BAD, GOOD, Reading
 from drivers.modbus import ModbusDriver
-from drivers.modbus_codec import INTEGER_RANGES, MAX_BITS, build_plan, encode
+from drivers.modbus_codec import INTEGER_RANGES, MAX_BITS, build_plan, encode, exact, resolution
 from edge_agent.config import TYPES, ModbusDevice, ModbusPoint
 from edge_agent.errors import ConnectError, ReadError, WriteError
 from tests.helpers import free_port, wait_for
@@ -202,6 +203,42 @@ def test_float_encode_decode_round_trip(order: str, double: float, single: float
     p64, p32 = point("d", 0, "float64", word_order=order), point("s", 0, "float32", word_order=order)
     assert decode_one(p64, encode(p64, double)) == double  # type: ignore[arg-type]
     assert decode_one(p32, encode(p32, single)) == single  # type: ignore[arg-type]
+
+
+@given(st.sampled_from([*sorted(INTEGER_RANGES), "float32", "float64"]), st.sampled_from(["big", "little"]),
+       st.sampled_from([1.0, 10.0, 0.1, -2.5]), st.sampled_from([0.0, -40.0, 3.25]),
+       st.floats(-30_000, 30_000, allow_nan=False))
+def test_exact_is_what_a_write_leaves_and_writing_it_changes_nothing(kind: str, order: str, scale: float,
+                                                                      offset: float, value: float) -> None:
+    """exact() = decode(encode()): the value the gate checks is the value a read returns after the write,
+    within half a raw step of the request, and writing it sends the very same registers."""
+    p = point("p", 0, kind, word_order=order, scale=scale, offset=offset)
+    try:
+        registers = encode(p, value)
+    except ValueError:  # out of the type's range (unsigned types, scaled)
+        return
+    held = exact(p, value)
+    assert held == decode_one(p, registers)  # type: ignore[arg-type]
+    assert exact(p, held) == held
+    if held != 0:  # -0.0 scaled and offset comes back +0.0: the same zero, another bit pattern
+        assert encode(p, held) == registers
+    assert abs(float(held) - value) <= resolution(p, value) / 2 * (1 + 1e-9) + 1e-9
+
+
+def test_exact_rounds_like_the_register_and_is_strict_about_kinds() -> None:
+    level = point("level", 0, "int16", scale=10.0)
+    assert (exact(level, 214), exact(level, 216), resolution(level, 214)) == (210.0, 220.0, 10.0)
+    assert exact(point("raw", 0, "uint16"), 1450) == 1450 and isinstance(exact(point("raw", 0, "uint16"), 1450), int)
+    ratio = point("ratio", 0, "float32")
+    assert exact(ratio, 0.1) == float(np.float32(0.1)) and exact(ratio, 0.1) != 0.1
+    assert exact(point("run", 0, "bool"), True) is True
+    for p, value, message in ((point("run", 0, "bool"), 1, 'expected true or false for bool point "run", got 1'),
+                              (level, True, 'expected a number for int16 point "level", got True'),
+                              (level, "7", "expected a number for int16 point \"level\", got '7'"),
+                              (level, 400_000, "400000 is out of range for int16 point \"level\"")):
+        with pytest.raises(ValueError) as info:
+            exact(p, value)
+        assert str(info.value).startswith(message), info.value
 
 
 def test_mixed_block_decodes_each_point_like_alone() -> None:

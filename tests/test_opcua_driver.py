@@ -23,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from drivers import driver_class, opcua_pki
 from drivers.base import BAD, GOOD, UNCERTAIN, Reading
-from drivers.opcua import OpcUaDriver, coerce, plain
+from drivers.opcua import OpcUaDriver, coerce, exact_value, plain
 from edge_agent.config import OpcUaDevice, OpcUaPoint
 from edge_agent.errors import ConnectError, ReadError, WriteError
 from tests.helpers import free_port, wait_for
@@ -270,6 +270,30 @@ def test_coerce_and_plain_values() -> None:
     assert plain(SOURCE_TS) == SOURCE_TS.timestamp()
     assert plain(ua.NodeClass.Variable) == 2
     assert plain([1, 2]) == "[1, 2]"
+
+
+def test_exact_value_is_what_the_node_will_hold() -> None:
+    """What the safety gate checks: rounded to the node's integer type or to float32, kinds strict;
+    and coerce() (the write's own conversion) leaves it unchanged."""
+    kinds = ua.VariantType
+    cases = [(2.4, kinds.Int16, 2), (2.6, kinds.UInt32, 3), (-7.5, kinds.Int32, -8),
+             (0.1, kinds.Float, 0.10000000149011612), (0.1, kinds.Double, 0.1), (7, kinds.Double, 7.0),
+             (True, kinds.Boolean, True)]
+    for value, kind, held in cases:
+        result = exact_value(value, kind)
+        assert result == held and type(result) is type(held), (value, kind, result)
+        assert coerce(result, kind) == result
+    for value, kind, message in ((1, kinds.Boolean, "expected true or false for a Boolean node, got 1"),
+                                 (True, kinds.Int16, "expected a number for a node of type Int16, got True"),
+                                 ("7", kinds.Double, "expected a number for a node of type Double, got '7'"),
+                                 (float("nan"), kinds.Float, "cannot write nan to a node of type Float"),
+                                 (70000, kinds.UInt16, "expected an integer from 0 to 65535 for UInt16, got 70000"),
+                                 (1e39, kinds.Float, "1e+39 is out of range for Float"),
+                                 (1, kinds.String,
+                                  "the node holds String values; only numbers and booleans are written")):
+        with pytest.raises(ValueError) as info:
+            exact_value(value, kind)
+        assert str(info.value) == message
 
 
 # --------------------------------------------------------------------------- security, users

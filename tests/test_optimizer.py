@@ -16,6 +16,7 @@ from edge_agent.store.views import TwinView
 from tests import builders
 from tests.builders import plant_config
 from tests.fakes import WriteLog
+from tests.gate_support import gate_watching, hmi_write_setpoint
 from tests.helpers import SPEED, free_port, opcua_setpoint, reader, running, wait_for
 from tests.onnx_models import linear_model, zscore_model
 
@@ -121,3 +122,61 @@ async def test_post_write_anomaly_rolls_back_and_drops_to_advise(tmp_path: Path)
         assert plant.model.chiller_setpoint == 7.0
     assert [(p, v) for p, v, _ in writes.calls] == [("chiller1.setpoint", 7.5), ("chiller1.setpoint", 7.0)]
     writes.assert_all_through_gate()
+
+
+async def test_unconfirmed_automatic_write_is_undone_and_drops_to_advise(tmp_path: Path) -> None:
+    """The chiller's controller ignores setpoint writes: the optimiser's write is not confirmed, so the
+    gate writes the previous setpoint back, confirms it, and the optimiser stops writing."""
+    _models(tmp_path)
+    writes = WriteLog()
+    async with Plant(opcua_port=free_port(), modbus_port=free_port(), seed=23, speed=SPEED,
+                     steady_load=True) as plant:
+        plant.inject_fault("stuck_setpoint")
+        cfg = plant_config(tmp_path, plant, gate={"readback_timeout": "1.5s"}, models=[SIM],
+                           optimizer=optimizer_section("auto"), chiller_interval="30s")
+        async with running(cfg, writes, ready=("chiller1.setpoint", "chiller1.load")) as agent:
+            twin = reader(cfg)
+            optimizer = agent.optimizer
+            assert optimizer is not None
+            await wait_for(lambda: optimizer.mode == "advise", timeout=30, what="advise mode after the undone write")
+            rows = await wait_for(lambda: twin.writes() if len(twin.writes()) >= 2 else [], timeout=10,
+                                  what="the write and its undoing")
+            assert [(w["source"], w["result"], w["written"], w["readback"]) for w in rows] == [
+                ("optimizer", "failed", 7.5, 7.0), ("rollback", "rolled_back", 7.0, 7.0)]
+            assert rows[0]["reason"].endswith("; restored to 7")
+            [event] = _events(twin, "rollback")
+            assert event["message"] == ("chiller1.setpoint: the write of 7.5 (optimizer) was not confirmed; "
+                                        "restored to 7")
+            assert "rollback: chiller1.setpoint" in _events(twin, "mode")[0]["message"]
+            assert await opcua_setpoint(plant.opcua_endpoint) == 7.0
+            twin.close()
+    assert [(p, v) for p, v, _ in writes.calls] == [("chiller1.setpoint", 7.5), ("chiller1.setpoint", 7.0)]
+
+
+async def test_an_operator_override_pauses_the_optimiser_until_acknowledged(tmp_path: Path) -> None:
+    """An operator sets the chiller at its own HMI: the optimiser, in auto, leaves that setpoint alone
+    (it recommends, and waits) until the override event is acknowledged."""
+    _models(tmp_path)
+    writes = WriteLog()
+    async with Plant(opcua_port=free_port(), modbus_port=free_port(), seed=24, speed=SPEED,
+                     steady_load=True) as plant:
+        cfg = plant_config(tmp_path, plant, gate={"readback_timeout": "1.5s"}, models=[SIM],
+                           optimizer=optimizer_section("advise"), chiller_interval="30s")
+        async with running(cfg, writes, ready=("chiller1.setpoint", "chiller1.load")) as agent:
+            twin = reader(cfg)
+            optimizer = agent.optimizer
+            assert optimizer is not None
+            await gate_watching(agent, "chiller1.setpoint")
+            await hmi_write_setpoint(plant.opcua_endpoint, 8.0)
+            [override] = await wait_for(lambda: _events(twin, "override"), timeout=10, what="the override event")
+            optimizer.set_mode("auto", reason="test")
+            steps = optimizer.steps
+            await wait_for(lambda: optimizer.steps >= steps + 3, timeout=10, what="three steps in auto")
+            assert optimizer.last is not None and optimizer.last.action == "wait"
+            assert optimizer.last.setpoints == {"chiller1.setpoint": 8.5} and twin.writes() == []
+            assert agent.event_acked(override["id"], "ann") == ["chiller1.setpoint"]
+            await wait_for(lambda: plant.model.chiller_setpoint == 8.5, timeout=10, what="the optimiser's write")
+            [row] = await wait_for(twin.writes, timeout=5, what="the write's audit row")
+            assert (row["source"], row["result"], row["old"], row["written"]) == ("optimizer", "applied", 8.0, 8.5)
+            twin.close()
+    assert [(p, v) for p, v, _ in writes.calls] == [("chiller1.setpoint", 8.5)]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from drivers.base import Reading
-from edge_agent.store.messages import Stamp
+from edge_agent.store.messages import Stamp, json_safe
 
 VERSION = 1
 
@@ -124,7 +124,7 @@ def twin_snapshot(gateway: str, points: Iterable[Mapping[str, Any]]) -> bytes:
 def event(gateway: str, stamp: Stamp, kind: str, fields: Mapping[str, Any]) -> bytes:
     """One ``events`` payload."""
     body = {"v": VERSION, "gateway": gateway, "seq": stamp.seq, "ts": time.time(), "type": kind, **fields}
-    return json.dumps(body, ensure_ascii=False, default=str).encode()
+    return json.dumps(json_safe(body), ensure_ascii=False, default=str, allow_nan=False).encode()
 
 
 def _finite(value: Any) -> Any:

@@ -172,6 +172,7 @@ class GateSection:
     readback_timeout: float = 10.0
     watch: float = 300.0  # after an automatic write, roll back if the plant reacts badly within this
     max_input_age: float = 30.0
+    override_hold: float = 1800.0  # after an operator changed a writable point at the device: no automatic writes
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

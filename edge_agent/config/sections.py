@@ -181,6 +181,7 @@ def gate(root: Table) -> GateSection | None:
         "readback_timeout": t.duration("readback_timeout", "10s"),
         "watch": t.duration("watch", "5m"),
         "max_input_age": t.duration("max_input_age", "30s"),
+        "override_hold": t.duration("override_hold", "30m"),
     }
     t.finish()
     return None if None in values.values() else GateSection(**values)

@@ -4,14 +4,25 @@ Every source (operator command, cloud, optimiser, rollback) asks :meth:`SafetyGa
 Requests go into one queue and one reconciler task applies them in order, so two writes to a
 plant never race. For each request, in order:
 
-1. the point exists, is ``writable = true`` and the value is a finite number inside ``min..max``;
+1. the point exists and is ``writable = true``; the value has the point's kind (true/false for
+   a boolean point, a finite number, never a boolean or a string, for a numeric one) and is
+   inside ``min..max``;
 2. the point's own reading is good and fresh (and so are the inputs the optimiser used);
-3. the step from the reported value is at most ``max_step`` (or, with ``[gate] ramp = true``, the
-   write moves one ``max_step`` towards the request);
-4. at least ``min_interval`` has passed since the last write to the point;
-5. no anomaly is active on the point's equipment (``[gate] block_on_anomaly``);
-6. the driver writes it (encoded exactly as it is read), then the point is read back until the
-   device reports the new value within a tolerance, or ``readback_timeout`` passes (failed).
+3. automatic writes (optimiser, cloud) only: the point is not held after an operator override
+   (:mod:`edge_agent.control.overrides`); at least ``min_interval`` has passed since the last
+   write to the point (remembered across restarts); no anomaly is active on the point's
+   equipment (``[gate] block_on_anomaly``). Operator writes skip the hold, not the rest;
+4. the exact value: the driver says what the device will hold after the write (scale and
+   offset inverted, integer rounding, float32 rounding, the OPC UA node's own type). That value
+   is what is checked and written: it must be within half a raw step of the request (else the
+   request is refused, naming both), inside ``min..max``, and at most ``max_step`` from the
+   reported value (or, with ``[gate] ramp = true``, the write is one ``max_step`` towards the
+   request and that step is what must be inside ``min..max``);
+5. the driver writes it, then the point is read back until the device reports it within a
+   tolerance and still does after a settle time. A write not confirmed within
+   ``readback_timeout`` is undone: the previous value is written back and confirmed, the result
+   is ``failed`` ("restored to X", or an event saying the restore failed too) and the optimiser
+   drops to advise mode.
 
 Every attempt, refused or not, goes to the twin's ``writes`` table and the point's ``desired``
 row, and out as an event. After an automatic write the gate watches the equipment for
@@ -26,18 +37,21 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from drivers.base import GOOD, Driver, Reading, source_age
-from edge_agent.config import AgentConfig, Bound, ModbusPoint, PointConfig
+from drivers.base import GOOD, Driver, Reading, Value, source_age
+from edge_agent.config import AgentConfig, PointConfig
+from edge_agent.control.overrides import AUTOMATIC_SOURCES, Hold, OverrideWatch
+from edge_agent.control.values import band, kind_problem, number, shown_pair, tolerance
 from edge_agent.errors import DriverError
 
 log = logging.getLogger(__name__)
 
 APPLIED, REJECTED, FAILED, ROLLED_BACK = "applied", "rejected", "failed", "rolled_back"
 SOURCES = ("operator", "cloud", "optimizer", "rollback", "local")
+TICK = 0.25  # seconds between looks at overrides, holds and watches while no request comes
 
 
 @dataclass(frozen=True)
@@ -50,7 +64,7 @@ class WriteResult:
     point: str
     old: float | None  # the reported value before the write
     requested: float | None
-    written: float | None  # what was sent (differs from requested when ramping); None when refused
+    written: float | None  # what reached the device (ramp step, rounding); None when refused before writing
     readback: float | None
     result: str  # applied | rejected | failed | rolled_back
     reason: str
@@ -78,7 +92,7 @@ class _Request:
 @dataclass
 class _Watch:
     point: str
-    previous: float
+    previous: Value  # the reported value before the automatic write, as the device gave it
     equipment: str
     until: float
 
@@ -90,7 +104,8 @@ class SafetyGate:
                  driver_for: Callable[[str], Driver | None], anomalies: Callable[[str], list[str]],
                  record: Callable[[WriteResult], Any], submit: Callable[[Sequence[Reading]], None],
                  on_rollback: Callable[[str], None] = lambda reason: None,
-                 age: Callable[[str, Reading], float] | None = None) -> None:
+                 age: Callable[[str, Reading], float] | None = None,
+                 on_event: Callable[[dict[str, Any]], None] = lambda event: None) -> None:
         self.config = config
         self.latest = latest
         # how old a reading is; the agent knows better than the timestamp for subscribed points
@@ -102,14 +117,40 @@ class SafetyGate:
         self.submit = submit
         self.on_rollback = on_rollback
         self.points: dict[str, tuple[str, PointConfig]] = {p.name: (d.name, p) for d, p in config.points()}
+        self._writable = {name: entry for name, entry in self.points.items() if entry[1].writable}
         self.last_write: dict[str, float] = {}
         self.watches: dict[str, _Watch] = {}
+        self.overrides = OverrideWatch(config.gate.override_hold, on_event, self._resolution)
         self._queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=100)
 
     def update(self, config: AgentConfig) -> None:
         """Take a reloaded config (new limits apply to the next request)."""
         self.config = config
         self.points = {p.name: (d.name, p) for d, p in config.points()}
+        self._writable = {name: entry for name, entry in self.points.items() if entry[1].writable}
+        self.overrides.hold = config.gate.override_hold
+
+    def remember(self, last_writes: Mapping[str, float], override_events: Iterable[Mapping[str, Any]],
+                 restored: Mapping[str, Reading]) -> None:
+        """What the gate knew before a restart: each point's last write (for ``min_interval``), the
+        override holds still in force, and the readings restored from the twin (not device news)."""
+        for point, ts in last_writes.items():
+            self.last_write[point] = max(ts, self.last_write.get(point, -math.inf))
+        self.overrides.restore(override_events)
+        self.overrides.ignore(restored)
+
+    def held(self, point: str) -> Hold | None:
+        """The override hold on ``point``, when automatic writes to it are paused."""
+        return self.overrides.held(point)
+
+    def holds(self) -> list[Hold]:
+        """Every hold in force."""
+        self.overrides.expire()
+        return list(self.overrides.holds.values())
+
+    def acknowledged(self, event_id: int, operator: str) -> list[str]:
+        """An operator acknowledged an event: lift the hold it set (returns the points released)."""
+        return self.overrides.release(event_id, operator)
 
     # ------------------------------------------------------------------ the public door
 
@@ -121,14 +162,15 @@ class SafetyGate:
         return await done
 
     async def run(self) -> None:
-        """The reconciler: applies queued requests one at a time and watches automatic writes."""
+        """The reconciler: applies queued requests one at a time; notices overrides; watches automatic writes."""
         while True:
             try:
-                async with asyncio.timeout(1.0):
+                async with asyncio.timeout(TICK):
                     req = await self._queue.get()
             except TimeoutError:
-                await self._check_watches()
+                await self._tick()
                 continue
+            self._notice_overrides()  # an HMI change just before this request must hold it
             try:
                 result = await self._apply(req)
             except Exception as exc:  # a bug must not leave the requester waiting forever
@@ -136,31 +178,52 @@ class SafetyGate:
                 result = self._verdict(req, None, None, None, FAILED, f"internal error: {exc!r}")
             if not req.done.done():
                 req.done.set_result(result)
-            await self._check_watches()
+            await self._tick()
+
+    async def _tick(self) -> None:
+        self._notice_overrides()
+        self.overrides.expire()
+        await self._check_watches()
+
+    def _notice_overrides(self) -> None:
+        for hold in self.overrides.check(self._writable, self.latest):
+            if self.watches.pop(hold.point, None) is not None:
+                log.warning("gate: no rollback of %s: an operator changed it at the device", hold.point)
+
+    def _resolution(self, point: str, value: float) -> float:
+        device = self.points.get(point, ("", None))[0]
+        driver = self.driver_for(device)
+        return driver.resolution(point, value) if driver is not None else 0.0
 
     # ------------------------------------------------------------------ checks
 
-    def _verdict(self, req: _Request, old: float | None, written: float | None, readback: float | None,
-                 result: str, reason: str, requested: float | None = None) -> WriteResult:
-        value = requested if requested is not None else _number(req.value)
+    def _result(self, req: _Request, old: float | None, written: float | None, readback: float | None,
+                result: str, reason: str, requested: float | None = None) -> WriteResult:
+        value = requested if requested is not None else number(req.value)
         verdict = WriteResult(time.time(), req.source, req.actor, req.point, old, value, written, readback,
                               result, reason)
-        level = logging.INFO if result == APPLIED else logging.WARNING
+        level = logging.INFO if result in (APPLIED, ROLLED_BACK) else logging.WARNING
         log.log(level, "gate: %s write %s = %s from %s%s: %s%s", result, req.point, value, req.source,
                 f" ({req.actor})" if req.actor else "", reason or "ok",
                 f" (read back {readback})" if readback is not None else "")
+        return verdict
+
+    def _verdict(self, req: _Request, old: float | None, written: float | None, readback: float | None,
+                 result: str, reason: str, requested: float | None = None) -> WriteResult:
+        verdict = self._result(req, old, written, readback, result, reason, requested)
         self.record(verdict)
         return verdict
 
-    def _refusal(self, req: _Request, point: PointConfig | None, value: float | None,
-                 reported: Reading | None) -> str | None:
-        """Why the request may not be written, or None. Cheap checks first."""
+    def _refusal(self, req: _Request, point: PointConfig | None, reported: Reading | None) -> str | None:
+        """Why the request may not be written, or None. Cheap checks first; the exact value is checked later."""
         if point is None:
             return f'no point named "{req.point}"'
         if not point.writable:
             return f'"{req.point}" is not writable (writable = true is not set)'
-        if value is None:
-            return f"{req.value!r} is not a finite number"
+        problem = kind_problem(point, req.value)
+        if problem is not None:
+            return problem
+        value = float(req.value)
         assert point.min is not None and point.max is not None  # config validation guarantees it
         if not point.min <= value <= point.max:
             return f"{value:g} is outside the safe range {point.min:g}..{point.max:g}"
@@ -173,6 +236,10 @@ class SafetyGate:
                 return f"model input {name} is {stale}"
         if req.source == "rollback":
             return None
+        if req.source in AUTOMATIC_SOURCES:
+            hold = self.overrides.held(req.point)
+            if hold is not None:
+                return f"{req.point} is {hold.reason()}"
         since = time.time() - self.last_write.get(req.point, -math.inf)
         if since < point.min_interval:
             return f"too soon: the last write was {since:.0f} s ago, min_interval is {point.min_interval:g} s"
@@ -191,54 +258,127 @@ class SafetyGate:
         age = self.age(name, reading)
         if age > self.config.gate.max_input_age:
             return f"stale ({age:.0f} s old)"
+        if number(reading.value) is None:
+            return f"not a number ({reading.value!r})"
         return None
+
+    async def _plan(self, req: _Request, point: PointConfig, driver: Driver,
+                    old: float) -> tuple[bool | int | float, str] | str:
+        """The exact value to write and a note, or why it may not be written.
+
+        The driver computes what the device will hold; range and step are checked on that.
+        """
+        wanted: Any = req.value
+        number = float(wanted)
+        note = ""
+        ramping = (self.config.gate.ramp and point.max_step is not None and req.source != "rollback"
+                   and abs(number - old) > point.max_step + 1e-9)
+        if ramping:
+            assert point.max_step is not None
+            wanted = old + math.copysign(point.max_step, number - old)
+            note = f"ramping: one max_step towards {number:g}"
+        try:
+            exact = await driver.exact(req.point, wanted)
+        except DriverError as exc:
+            return f"cannot be written: {exc.reason}"
+        written, target = float(exact), float(wanted)
+        asked, held = shown_pair(target, written)
+        slack = 1e-9 * max(1.0, abs(target))
+        if abs(written - target) > driver.resolution(req.point, target) / 2 + slack:
+            return f"{asked} cannot be written exactly: the device would hold {held}, more than half a raw step away"
+        shown = asked if written == target else f"{asked} (the device would hold {held})"
+        assert point.min is not None and point.max is not None
+        if not point.min <= written <= point.max:
+            where = f"ramping towards {number:g}: the next step {shown}" if ramping else shown
+            return f"{where} is outside the safe range {point.min:g}..{point.max:g}"
+        if point.max_step is not None and abs(written - old) > point.max_step + slack and req.source != "rollback":
+            detail = "" if written == target else f" ({asked} would be written as {held})"
+            return f"step {written - old:+g} is larger than max_step {point.max_step:g}{detail}"
+        return exact, note
 
     # ------------------------------------------------------------------ applying
 
     async def _apply(self, req: _Request) -> WriteResult:
         device, point = self.points.get(req.point, ("", None))
-        value = _number(req.value)
         reported = self.latest(req.point)
-        old = _number(reported.value) if reported else None
-        refusal = self._refusal(req, point, value, reported)
-        if refusal is not None or point is None or value is None or old is None:
+        old = number(reported.value) if reported else None
+        refusal = self._refusal(req, point, reported)
+        if refusal is not None or point is None or old is None or reported is None:
             return self._verdict(req, old, None, None, REJECTED, refusal or "no reported value")
-        target, note = value, ""
-        if point.max_step is not None and abs(value - old) > point.max_step + 1e-9 and req.source != "rollback":
-            if not self.config.gate.ramp:
-                return self._verdict(req, old, None, None, REJECTED,
-                                     f"step {value - old:+g} is larger than max_step {point.max_step:g}")
-            target = old + math.copysign(point.max_step, value - old)
-            note = f"ramping: one max_step towards {value:g}"
         driver = self.driver_for(device)
         if driver is None:
             return self._verdict(req, old, None, None, FAILED, f"device {device} is not connected")
+        planned = await self._plan(req, point, driver, old)
+        if isinstance(planned, str):
+            return self._verdict(req, old, None, None, REJECTED, planned)
+        exact, note = planned
+        target = float(exact)
+        grace = self.config.gate.readback_timeout
         try:
-            await driver.write(req.point, target)
+            await driver.write(req.point, exact)
         except DriverError as exc:
+            self.overrides.wrote(req.point, None, (old,), grace=grace)
             return self._verdict(req, old, target, None, FAILED, str(exc))
         self.last_write[req.point] = time.time()
-        tolerance = _tolerance(point, target, old)
-        readback = await self._read_back(driver, point, target, tolerance)
-        if readback is None or abs(readback - target) > tolerance:
+        allowed = tolerance(point, target, old)
+        readback = await self._read_back(driver, point, target, allowed, self.config.gate.readback_timeout)
+        if readback is None or abs(readback - target) > allowed:
             shown = "nothing" if readback is None else f"{readback:g}"
-            return self._verdict(req, old, target, readback, FAILED,
-                                 f"read-back: the device reports {shown}, expected {target:g} within "
-                                 f"{self.config.gate.readback_timeout:g} s")
+            reason = (f"read-back: the device reports {shown}, expected {target:g} within "
+                      f"{self.config.gate.readback_timeout:g} s")
+            if req.source == "rollback":
+                self.overrides.wrote(req.point, None, (old, target), grace=grace)
+                return self._verdict(req, old, target, readback, FAILED, reason)
+            outcome, undo = await self._undo(req, point, driver, reported.value, old, target, readback)
+            verdict = self._verdict(req, old, target, readback, FAILED, f"{reason}; {outcome}")
+            self.record(undo)  # after the verdict: the desired state ends on the restored value
+            return verdict
+        self.overrides.wrote(req.point, readback, (old,), grace=grace)
         if req.watch:
-            self.watches[req.point] = _Watch(req.point, old, device, time.time() + self.config.gate.watch)
+            self.watches[req.point] = _Watch(req.point, reported.value, device, time.time() + self.config.gate.watch)
         result = ROLLED_BACK if req.source == "rollback" else APPLIED
-        return self._verdict(req, old, target, readback, result, req.why or note, requested=value)
+        return self._verdict(req, old, target, readback, result, req.why or note, requested=float(req.value))
 
-    async def _read_back(self, driver: Driver, point: PointConfig, target: float, tolerance: float) -> float | None:
+    async def _undo(self, req: _Request, point: PointConfig, driver: Driver, previous: Value, old: float,
+                    target: float, seen: float | None) -> tuple[str, WriteResult]:
+        """Write ``previous`` (= ``old``, as the device reported it) back after an unconfirmed write and
+        confirm it; returns the outcome and its audit row.
+
+        A device that did not confirm in time is slow by evidence: its restore gets twice as long.
+        """
+        readback: float | None = None
+        try:
+            await driver.write(req.point, previous)
+        except DriverError as exc:
+            outcome = f"restoring {old:g} failed too: {exc}"
+        else:
+            self.last_write[req.point] = time.time()
+            allowed = tolerance(point, old, seen if seen is not None else target)
+            readback = await self._read_back(driver, point, old, allowed, 2 * self.config.gate.readback_timeout)
+            confirmed = readback is not None and abs(readback - old) <= allowed
+            shown = "nothing" if readback is None else f"{readback:g}"
+            outcome = (f"restored to {old:g}" if confirmed
+                       else f"restoring {old:g} failed too: the device reports {shown}")
+        restored = outcome.startswith("restored")
+        self.overrides.wrote(req.point, old if restored else None, (old,),
+                             grace=self.config.gate.readback_timeout)
+        level = logging.WARNING if restored else logging.ERROR
+        log.log(level, "gate: %s: the write of %g was not confirmed; %s", req.point, target, outcome)
+        self.on_rollback(f"{req.point}: the write of {target:g} ({req.source}) was not confirmed; {outcome}")
+        rollback = replace(req, source="rollback", actor=None, value=previous)
+        row = self._result(rollback, seen, old, readback, ROLLED_BACK if restored else FAILED,
+                           f"undoing the unconfirmed write of {target:g} ({req.source})")
+        return outcome, row
+
+    async def _read_back(self, driver: Driver, point: PointConfig, target: float, tolerance: float,
+                         timeout: float) -> float | None:
         """Read until the device reports ``target`` and still does after a settle time, or time runs out.
 
         One matching read is not enough: a controller that rejects a setpoint may revert it on its
         next scan, after the first read-back already saw the written value.
         """
-        timeout = self.config.gate.readback_timeout
         deadline = time.monotonic() + timeout
-        settle = min(timeout / 2, 1.0)
+        settle = min(self.config.gate.readback_timeout / 2, 1.0)
         matched_at: float | None = None
         seen: float | None = None
         while True:
@@ -250,7 +390,7 @@ class SafetyGate:
             self.submit(readings)
             for r in readings:
                 if r.point == point.name and r.quality == GOOD:
-                    seen = _number(r.value)
+                    seen = number(r.value)
             if seen is not None and abs(seen - target) <= tolerance:
                 matched_at = matched_at or time.monotonic()
                 if time.monotonic() - matched_at >= settle:
@@ -273,10 +413,12 @@ class SafetyGate:
             if reason is None:
                 continue
             del self.watches[name]
-            log.warning("gate: rolling back %s to %g: %s", name, watch.previous, reason)
+            previous = number(watch.previous)
+            log.warning("gate: rolling back %s to %s: %s", name, watch.previous, reason)
             done: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
             result = await self._apply(_Request(name, watch.previous, "rollback", None, (), False, done, reason))
-            self.on_rollback(f"{name} restored to {watch.previous:g} ({result.result}): {reason}")
+            shown = f"{previous:g}" if previous is not None else repr(watch.previous)
+            self.on_rollback(f"{name} restored to {shown} ({result.result}): {reason}")
 
     def _watch_trips(self, watch: _Watch) -> str | None:
         active = self.anomalies(watch.equipment)
@@ -285,44 +427,7 @@ class SafetyGate:
         optimizer = self.config.optimizer
         for guard in optimizer.guards if optimizer else ():
             reading = self.latest(guard.name)
-            value = _number(reading.value) if reading else None
+            value = number(reading.value) if reading else None
             if value is not None and not guard.holds(value):
-                return f"guarded point {guard.name} = {value:g} left its band {_band(guard)}"
+                return f"guarded point {guard.name} = {value:g} left its band {band(guard)}"
         return None
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)):
-        try:
-            number = float(value)
-        except OverflowError:  # an int beyond float's range
-            return None
-        return number if math.isfinite(number) else None
-    return None
-
-
-def _tolerance(point: PointConfig, target: float, old: float) -> float:
-    """How close the read-back must be to count as applied.
-
-    At least the precision the value is stored with (a register's scale, float32's 7 digits),
-    otherwise 0.1 % of the safe range, but never as much as half the step: a device that ignored
-    a small write must not pass for one that took it.
-    """
-    precision = 1e-6 * max(1.0, abs(target))  # float32 and OPC UA Float
-    if isinstance(point, ModbusPoint):
-        if point.type == "float64":
-            precision = 1e-12 * max(1.0, abs(target))
-        elif point.type not in ("float32", "bool"):
-            precision = abs(point.scale) / 2 + 1e-9
-    allowance = 0.001 * abs((point.max or 0.0) - (point.min or 0.0))
-    if target != old:
-        allowance = min(allowance, abs(target - old) / 2)
-    return max(precision, allowance)
-
-
-def _band(bound: Bound) -> str:
-    low = "-inf" if bound.min is None else f"{bound.min:g}"
-    high = "inf" if bound.max is None else f"{bound.max:g}"
-    return f"{low}..{high}"

@@ -13,8 +13,12 @@ Windowed models (``window = N``) get the last N trusted input rows, one per inte
 [1, N, n_inputs]; an untrusted row empties the window.
 
 Data quality gate. A model scores only when every input is good, fresh (younger than
-``max_input_age``) and inside its plausible range; otherwise the evaluation is skipped and the
-reason counted (``ModelRunner.skips``), so stale or wrong data never drives a decision.
+``max_input_age``), a finite number (a string, NaN or infinity never reaches a model) and inside
+its plausible range; otherwise the evaluation is skipped and the reason counted
+(``ModelRunner.skips``), so stale or wrong data never drives a decision. A score that comes out
+non-finite is discarded the same way. Skips never count as clean scores: an active anomaly is
+cleared only by ``clear_after`` clean scores in a row, with no skip between them. Nothing a value
+can do ends a model's task: an evaluation that fails is logged, counted and retried next interval.
 
 Sessions use ``intra_op_num_threads`` from the config (1 by default) with spinning off, and run
 in a worker thread so the event loop never waits on a model.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -47,6 +52,10 @@ _ORT_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, *(
     value for value in vars(ort.capi.onnxruntime_pybind11_state).values()
     if isinstance(value, type) and issubclass(value, Exception)))
 _LOAD_ERRORS: tuple[type[BaseException], ...] = (*_ORT_ERRORS, OSError)
+# what an evaluation may raise on a value nobody foresaw; the model's task logs it and goes on
+_EVALUATION_ERRORS: tuple[type[BaseException], ...] = (*_ORT_ERRORS, ValueError, TypeError, ArithmeticError)
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 Latest = Callable[[str], Reading | None]
 Submit = Callable[[Sequence[Reading]], None]
@@ -213,6 +222,17 @@ def load(cfg: ModelConfig, model: bytes | Path | None = None, source: str | None
     return check_contract(cfg, session, source or str(cfg.file), known)
 
 
+def _finite(value: object) -> float | None:
+    """A model input as a float: numbers and booleans (0/1) that are finite; None for anything else."""
+    if isinstance(value, bool | int | float):
+        try:
+            number = float(value)
+        except OverflowError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
+
+
 @dataclass
 class Hysteresis:
     """Raise after N consecutive scores above the threshold, clear after M below."""
@@ -222,6 +242,10 @@ class Hysteresis:
     active: bool = False
     above: int = 0
     below: int = 0
+
+    def interrupted(self) -> None:
+        """An evaluation was skipped (untrusted data): clean scores must start counting again."""
+        self.below = 0
 
     def update(self, over: bool) -> str | None:
         """Feed one score; returns "raised" or "cleared" when the state flips."""
@@ -292,8 +316,13 @@ class ModelRunner:
             return
         while True:
             await asyncio.sleep(self.cfg.interval)
-            if self.model is not None:
+            if self.model is None:
+                continue
+            try:
                 await self.evaluate()
+            except _EVALUATION_ERRORS as exc:
+                # a value the checks did not foresee must not end the model's task
+                self._skip(f"evaluation failed: {exc!r}")
 
     def gather(self, model: LoadedModel, now: float) -> np.ndarray | str:
         """The input row from the twin's current values, or the reason it cannot be trusted."""
@@ -307,7 +336,11 @@ class ModelRunner:
             age = self.age(name, reading)
             if age > self.cfg.max_input_age:
                 return f"{name} is {age:.0f} s old"
-            value = float(reading.value)
+            value = _finite(reading.value)
+            if value is None:
+                return f"{name} = {reading.value!r} is not a finite number"
+            if abs(value) > _FLOAT32_MAX:  # the model takes float32: this would become infinite
+                return f"{name} = {value:g} is beyond float32's range"
             span = model.plausible.get(name)
             if span is not None and not span[0] <= value <= span[1]:
                 return f"{name} = {value:g} is outside its plausible range {span[0]:g}..{span[1]:g}"
@@ -323,11 +356,7 @@ class ModelRunner:
         now = time.time()
         batch = self.gather(model, now)
         if isinstance(batch, str):
-            self.rows.clear()  # a window must be made of consecutive trusted rows
-            self.status.skips[batch.split(" ", 1)[1] if " " in batch else batch] += 1
-            if batch != self.status.last_skip:
-                log.info('model "%s": not scoring: %s', self.cfg.name, batch)
-            self.status.last_skip = batch
+            self._skip(batch)
             return None
         if self.status.last_skip:
             log.info('model "%s": inputs trusted again, scoring', self.cfg.name)
@@ -340,6 +369,9 @@ class ModelRunner:
             batch = np.stack(self.rows)[np.newaxis, :, :]
         outputs = await asyncio.to_thread(model.run, batch)
         score = float(np.asarray(outputs[0]).reshape(-1)[0])
+        if not math.isfinite(score):
+            self._skip(f"the model gave a non-finite score ({score})")
+            return None
         self.status.cpu_us = (time.process_time() - started) * 1e6
         self.status.evaluations += 1
         self.status.last_score, self.status.last_ts = score, now
@@ -349,6 +381,15 @@ class ModelRunner:
         if change is not None:
             self._event(change, score, model.threshold, now)
         return score
+
+    def _skip(self, reason: str) -> None:
+        """Count a skipped evaluation; it interrupts a run of clean scores and empties the window."""
+        self.rows.clear()  # a window must be made of consecutive trusted rows
+        self.hysteresis.interrupted()
+        self.status.skips[reason.split(" ", 1)[1] if " " in reason else reason] += 1
+        if reason != self.status.last_skip:
+            log.info('model "%s": not scoring: %s', self.cfg.name, reason)
+        self.status.last_skip = reason
 
     def _event(self, state: str, score: float, threshold: float, now: float) -> None:
         level = logging.WARNING if state == "raised" else logging.INFO

@@ -48,7 +48,7 @@ class Recommendation:
     predicted: dict[str, float]  # model outputs for the chosen candidate
     objective: float
     hold_objective: float
-    action: str  # "hold" | "advise" | "write" | "wait" (auto, but min_interval has not passed)
+    action: str  # "hold" | "advise" | "write" | "wait" (auto, but min_interval has not passed or an override holds)
     feasible: int  # candidates meeting every constraint
     results: list[str] = field(default_factory=list)  # the gate's verdicts in auto mode
 
@@ -78,6 +78,7 @@ class Optimizer:
         self.errors: dict[str, list[float]] = {}  # output -> [sum of |error|, count]
         self._pending: list[_Prediction] = []
         self._points = {p.name: p for _, p in config.points()}
+        self._held_last: list[str] = []
 
     def set_mode(self, mode: str, *, reason: str = "") -> None:
         """off | advise | auto."""
@@ -184,8 +185,8 @@ class Optimizer:
         chosen = {name: float(grid[best, j]) for j, name in enumerate(self.settings.setpoints)}
         changed = any(abs(chosen[n] - current[n]) > 1e-9 for n in chosen)
         action = "hold" if not changed else ("write" if self.mode == "auto" else "advise")
-        if action == "write" and self._too_soon(chosen, current):
-            action = "wait"  # the gate would refuse it: no point asking before min_interval has passed
+        if action == "write" and (self._too_soon(chosen, current) or self._held(chosen, current)):
+            action = "wait"  # the gate would refuse it: min_interval has not passed, or an operator override holds
         rec = Recommendation(time.time(), chosen, {n: current[n] for n in chosen},
                              {name: float(values[best]) for name, values in predicted.items()},
                              float(objective[best]), hold, action, int(feasible.sum()))
@@ -212,6 +213,14 @@ class Optimizer:
                 if since < self._points[name].min_interval:
                     return True
         return False
+
+    def _held(self, chosen: dict[str, float], current: dict[str, float]) -> bool:
+        held = [name for name, value in chosen.items()
+                if abs(value - current[name]) > 1e-9 and self.gate.held(name) is not None]
+        if held and held != self._held_last:
+            log.info("optimiser: not writing %s: held after an operator override at the device", ", ".join(held))
+        self._held_last = held
+        return bool(held)
 
     # ------------------------------------------------------------------ prediction error
 

@@ -315,6 +315,14 @@ class Plant:
         self.model.fault_age = 0.0
         logger.info("fault injected: %s at %.0f s", kind, self.model.elapsed)
 
+    async def operator_setpoint(self, value: float) -> float:
+        """An operator sets the chiller's supply setpoint on its own panel (not through any client):
+        the plant takes it on its next tick. Returns the value, clamped to the chiller's range."""
+        value = clamp(value, *CHILLER_SETPOINT_RANGE)
+        await self._chiller.write_setpoint(value)
+        logger.info("operator on the chiller's panel: setpoint %.2f degC", value)
+        return value
+
     def clear_fault(self) -> None:
         """End the current fault (the plant returns to normal behaviour at once)."""
         self.model.fault = None

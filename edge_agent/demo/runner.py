@@ -67,6 +67,8 @@ def _toml_string(text: str) -> str:
 
 DEMO_SPEED = 5.0  # simulated seconds per real second: a minute of demo is five minutes of plant
 FAULT_AT = 0.7  # the bearing fault starts at this fraction of the demo's duration
+OVERRIDE_AT = 0.35  # an operator lowers the chiller setpoint on its panel at this fraction ...
+ACK_AT = 0.5  # ... and acknowledges the override event here, so the optimiser may write it again
 
 
 @dataclass
@@ -75,6 +77,8 @@ class Timeline:
 
     started: float = field(default_factory=time.time)
     fault_at: float | None = None
+    override_at: float | None = None
+    acked_at: float | None = None
 
     def now(self) -> float:
         return time.time() - self.started
@@ -89,7 +93,8 @@ def _value(reading: Any) -> str:
 def _render(agent: Agent, plant: Any, timeline: Timeline, out: TextIO, live: bool) -> None:
     devices = "  ".join(f"{r.device.name}={r.status.state}" for r in agent.runners.values())
     fault = f"  FAULT: bearing wear since t={timeline.fault_at:.0f}s" if timeline.fault_at is not None else ""
-    header = f"edge-agent demo  t={timeline.now():5.1f}s  devices: {devices}  stored={agent.stored} rows{fault}"
+    held = "".join(f"  OVERRIDE: {hold.point}" for hold in agent.status().overrides)
+    header = f"edge-agent demo  t={timeline.now():5.1f}s  devices: {devices}  stored={agent.stored} rows{fault}{held}"
     if live:
         out.write("\x1b[H\x1b[2J")
     out.write(header + "\n")
@@ -116,6 +121,10 @@ def _render(agent: Agent, plant: Any, timeline: Timeline, out: TextIO, live: boo
         last = opt.last.action + ": " + ", ".join(f"{k} -> {v:.2f}" for k, v in opt.last.setpoints.items()) \
             if opt.last else (opt.last_skip or "waiting for its first step")
         out.write(f"\noptimiser ({opt.mode}): {last}")
+    for hold in agent.status().overrides:
+        event = f"ack event {hold.event}" if hold.event is not None else "ack its event"
+        out.write(f"\nOVERRIDE {hold.point}: {hold.old:g} -> {hold.new:g} at the device; automatic writes paused "
+                  f"for {max(0.0, hold.until - time.time()):.0f} s or until an operator acks ({event})")
     snap = plant.snapshot()
     saving = _saving(snap)
     out.write(f"\n\nplant meters (simulated {snap.get('elapsed_s', 0):.0f} s): "
@@ -152,6 +161,7 @@ async def _demo(duration: float, data_dir: Path, out: TextIO) -> int:
                 if timeline.fault_at is None and timeline.now() >= FAULT_AT * duration:
                     plant.inject_fault("vibration")
                     timeline.fault_at = timeline.now()
+                await _operator(agent, plant, timeline, duration)
                 _render(agent, plant, timeline, out, live)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(1.0 if live else 5.0):
@@ -162,6 +172,18 @@ async def _demo(duration: float, data_dir: Path, out: TextIO) -> int:
     finally:
         await plant.stop()
     return 0
+
+
+async def _operator(agent: Agent, plant: Any, timeline: Timeline, duration: float) -> None:
+    """The plant's operator: lowers the chiller setpoint on its panel, later acknowledges the override."""
+    if timeline.override_at is None and timeline.now() >= OVERRIDE_AT * duration:
+        await plant.operator_setpoint(plant.model.chiller_setpoint - 0.5)
+        timeline.override_at = timeline.now()
+    elif timeline.override_at is not None and timeline.acked_at is None and timeline.now() >= ACK_AT * duration:
+        for hold in agent.status().overrides:
+            if hold.event is not None:
+                agent.event_acked(hold.event, "demo-operator")
+        timeline.acked_at = timeline.now()
 
 
 def _save(data_dir: Path, effective: str) -> None:
@@ -186,6 +208,7 @@ def _summary(agent: Agent, config: config_mod.AgentConfig, timeline: Timeline, s
         traffic = f"{s.updates} readings by subscription" if runner.subscribe else f"{s.reads} polls"
         out.write(f"  device {s.name} ({s.protocol}): {s.state}, {traffic}, {s.read_errors} errors\n")
     _anomaly_summary(events, timeline, out)
+    _override_summary(events, timeline, out)
     _optimiser_summary(agent, config, snap, timeline, out)
     out.write(f"inspect it:  edge-agent twin show --config {config.source}\n"
               f"             edge-agent twin events --config {config.source}\n")
@@ -218,6 +241,19 @@ def _optimiser_summary(agent: Agent, config: config_mod.AgentConfig, snap: dict[
               f"({', '.join(f'{n} {r}' for r, n in sorted(by_result.items())) or 'none'})\n")
     for w in [w for w in writes if w["result"] != "applied"][:5]:
         out.write(f"    {w['result']}: {w['point']} -> {w['requested']}: {w['reason']}\n")
+
+
+def _override_summary(events: list[dict[str, Any]], timeline: Timeline, out: TextIO) -> None:
+    overrides = [e for e in events if e["kind"] == "override"]
+    for e in overrides:
+        detail, at = e["detail"], e["ts"] - timeline.started
+        if e["state"] == "raised":
+            out.write(f"  operator override at t={at:.0f}s: {detail.get('point')} {detail.get('old'):g} -> "
+                      f"{detail.get('new'):g} on the device's panel; the gate held automatic writes to it\n")
+        else:
+            out.write(f"  override cleared at t={at:.0f}s: {e['message']}\n")
+    if not overrides and timeline.override_at is not None:
+        out.write("  operator override: made, not noticed yet (the demo ended first)\n")
 
 
 def _anomaly_summary(events: list[dict[str, Any]], timeline: Timeline, out: TextIO) -> None:

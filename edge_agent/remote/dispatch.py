@@ -64,6 +64,7 @@ from edge_agent.remote.envelope import Envelope, Keyring, echo_id, parse, respon
 from edge_agent.remote.gateway import Gateway
 from edge_agent.remote.handlers import COMMANDS
 from edge_agent.remote.replay import REPLAY_FILE, REPLAY_MARGIN, ReplayStore
+from edge_agent.store.messages import json_safe
 
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
@@ -225,7 +226,8 @@ class CommandHandler:
             log.warning("commands: response topic %r is not a topic name; answering on .../cmd/response", topic)
             topic = None
         reply = Reply(body, topic, correlation)
-        payload = json.dumps(body, ensure_ascii=False, default=str).encode("utf-8", "backslashreplace")
+        payload = json.dumps(json_safe(body), ensure_ascii=False, default=str,
+                             allow_nan=False).encode("utf-8", "backslashreplace")
         try:
             if not await self.gateway.respond(topic, payload, correlation):
                 log.debug("commands: no MQTT link; response to %s not sent", body["id"])

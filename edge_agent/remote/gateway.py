@@ -45,6 +45,11 @@ class Gateway(Protocol):
         """Ask the safety gate to write ``point``; returns its verdict."""
         ...
 
+    def event_acked(self, event_id: int, operator: str) -> list[str]:
+        """An operator acknowledged event ``event_id``: lift what it held (returns the points whose
+        automatic writes resume)."""
+        ...
+
     def optimizer_mode(self) -> str | None:
         """The optimiser's mode, or None when no optimiser is configured."""
         ...

@@ -112,6 +112,7 @@ async def ack(call: Call) -> Any:
     acked = await call.gateway.query(lambda twin: twin.ack_event(event_id, name, now))
     if acked is None:
         raise CommandError("bad_args", f"event: no event {event_id}")
+    acked["released"] = call.gateway.event_acked(event_id, name)  # points whose override hold it lifted
     return acked
 
 

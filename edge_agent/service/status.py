@@ -62,6 +62,18 @@ class LinkState:
 
 
 @dataclass(frozen=True, slots=True)
+class OverrideState:
+    """A writable point an operator changed at the device: automatic writes to it are paused."""
+
+    point: str
+    since: float
+    until: float
+    event: int | None  # the override event to acknowledge (None until the twin stored it)
+    old: float | None
+    new: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayStatus:
     """The agent at one instant. ``devices`` hold copies of the supervisors' status records."""
 
@@ -77,6 +89,7 @@ class GatewayStatus:
     optimizer_mode: str | None
     dead_parts: tuple[str, ...]  # "device:NAME task died: <exception>" for every part whose task died
     errors: tuple[str, ...]  # the last warnings and errors logged
+    overrides: tuple[OverrideState, ...] = ()  # operator overrides holding automatic writes
 
     @property
     def devices_up(self) -> frozenset[str]:
@@ -107,6 +120,8 @@ class GatewayStatus:
         active = [m.name for m in self.models if m.anomaly]
         if active:
             text += f"; anomaly: {', '.join(active)}"
+        if self.overrides:
+            text += f"; override: {', '.join(o.point for o in self.overrides)}"
         return text
 
     def to_json(self) -> dict[str, Any]:
@@ -126,6 +141,8 @@ class GatewayStatus:
                      "pending": self.twin.pending},
             "mqtt": _mqtt(self.mqtt),
             "errors": list(self.errors),
+            "overrides": [{"point": o.point, "since": o.since, "until": o.until, "event": o.event, "old": o.old,
+                           "new": o.new} for o in self.overrides],
         }
 
 

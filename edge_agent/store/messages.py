@@ -5,13 +5,28 @@ See :mod:`edge_agent.store.outbox` for how they are stored, handed out, acknowle
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 Kind = Literal["telemetry", "event", "state", "twin", "response"]
 KINDS: frozenset[str] = frozenset(get_args(Kind))
 SNAPSHOT_KINDS: frozenset[str] = frozenset({"state", "twin"})  # a newer one replaces the pending older one
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN and infinity (not JSON) replaced by None, in nested dicts and lists too.
+
+    Payloads are then dumped with ``allow_nan=False``: what a broker's subscriber parses is JSON.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
 
 
 @dataclass(frozen=True)

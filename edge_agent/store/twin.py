@@ -274,6 +274,19 @@ class Twin:
 
     # ------------------------------------------------------------------ reading
 
+    def gate_memory(self, since: float) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """What the safety gate needs back after a restart: the time of each point's last write that
+        reached a device, and the override events since ``since`` (oldest first, ``detail`` decoded)."""
+        writes = self._query("SELECT point, max(ts) AS ts FROM writes WHERE written IS NOT NULL GROUP BY point")
+        events = sqlite.query(self.conn, self.path, "SELECT id, ts, state, detail, acked_by FROM events "
+                              "WHERE kind = 'override' AND ts >= ? ORDER BY id", (since,))
+        for event in events:
+            try:
+                event["detail"] = json.loads(event["detail"]) if event["detail"] else {}
+            except json.JSONDecodeError:
+                event["detail"] = {}
+        return {row["point"]: float(row["ts"]) for row in writes}, events
+
     def current(self) -> list[dict[str, Any]]:
         """Every point: name, device, value, quality, ts (source), received_ts, unit (for the agent's start)."""
         return self._query(CURRENT)
