@@ -37,7 +37,7 @@ from edge_agent.errors import DriverError
 log = logging.getLogger(__name__)
 
 APPLIED, REJECTED, FAILED, ROLLED_BACK = "applied", "rejected", "failed", "rolled_back"
-SOURCES = ("operator", "cloud", "optimizer", "rollback", "local")
+SOURCES = ("operator", "cloud", "optimizer", "rollback", "local", "sparkplug")
 
 
 @dataclass(frozen=True)

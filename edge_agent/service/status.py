@@ -77,6 +77,7 @@ class GatewayStatus:
     optimizer_mode: str | None
     dead_parts: tuple[str, ...]  # "device:NAME task died: <exception>" for every part whose task died
     errors: tuple[str, ...]  # the last warnings and errors logged
+    sparkplug: LinkState | None = None  # the Sparkplug B edge node's connection and outbox, when enabled
 
     @property
     def devices_up(self) -> frozenset[str]:
@@ -125,6 +126,7 @@ class GatewayStatus:
             "twin": {"stored": self.twin.stored, "flushes": self.twin.flushes, "flush_errors": self.twin.flush_errors,
                      "pending": self.twin.pending},
             "mqtt": _mqtt(self.mqtt),
+            "sparkplug": _mqtt(self.sparkplug),
             "errors": list(self.errors),
         }
 
