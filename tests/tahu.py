@@ -25,6 +25,9 @@ import pytest
 
 HERE = Path(__file__).resolve().parent / "sparkplug_js"
 _INTEGER_TYPES = {"Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64", "DateTime"}
+# The Sparkplug B DataType numbers (specification, section "Datatypes"), to tell Tahu what a birth declared
+DATATYPES = {"Int8": 1, "Int16": 2, "Int32": 3, "Int64": 4, "UInt8": 5, "UInt16": 6, "UInt32": 7, "UInt64": 8,
+             "Float": 9, "Double": 10, "Boolean": 11, "String": 12, "DateTime": 13, "Text": 14}
 
 
 def _unavailable(message: str) -> None:
@@ -34,7 +37,11 @@ def _unavailable(message: str) -> None:
 
 
 class Tahu:
-    """One ``node tahu.js`` process: decode and encode Sparkplug B payloads with Tahu's library."""
+    """One ``node tahu.js`` process: decode and encode Sparkplug B payloads with Tahu's library.
+
+    Like a host application it remembers the datatype each birth declared for a metric name
+    (``types``) and reads later DATA messages, which carry none, with it.
+    """
 
     def __init__(self) -> None:
         node = shutil.which("node") or shutil.which("nodejs")
@@ -44,6 +51,7 @@ class Tahu:
             _unavailable("Tahu's sparkplug-payload is not installed; run: npm ci --prefix tests/sparkplug_js")
         self._process = subprocess.Popen([str(node), str(HERE / "tahu.js")], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, text=True, cwd=HERE)
+        self.types: dict[str, int] = {}
 
     def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self._process.stdin is not None and self._process.stdout is not None
@@ -54,9 +62,15 @@ class Tahu:
             raise ValueError(answer["error"])
         return answer
 
-    def decode(self, payload: bytes) -> dict[str, Any]:
-        """The payload as Tahu reads it; 64-bit integers (seq, timestamps, Int64 values) become ints."""
-        decoded = self._ask({"decode": base64.b64encode(payload).decode()})["payload"]
+    def decode(self, payload: bytes, *, host: bool = True) -> dict[str, Any]:
+        """The payload as Tahu reads it; 64-bit integers (seq, timestamps, Int64 values) become ints.
+
+        ``host=False`` decodes the bytes alone, without the datatypes learnt from births.
+        """
+        request: dict[str, Any] = {"decode": base64.b64encode(payload).decode()}
+        if host:
+            request["types"] = self.types
+        decoded = self._ask(request)["payload"]
         for key in ("seq", "timestamp"):
             if key in decoded:
                 decoded[key] = int(decoded[key])
@@ -65,6 +79,8 @@ class Tahu:
                 metric["timestamp"] = int(metric["timestamp"])
             if metric.get("type") in _INTEGER_TYPES and isinstance(metric.get("value"), str):
                 metric["value"] = int(metric["value"])
+            if host and "name" in metric and metric.get("type") in DATATYPES:
+                self.types[metric["name"]] = DATATYPES[metric["type"]]
         return decoded
 
     def encode(self, payload: dict[str, Any]) -> bytes:

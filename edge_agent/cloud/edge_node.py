@@ -61,6 +61,7 @@ Write = Callable[[str, Any], Awaitable[tuple[bool, str]]]  # (point, value) -> (
 STATE_FILE = "sparkplug.json"
 STOP_GRACE = 2.0  # seconds a clean stop waits for its last data and the NDEATH to be delivered
 WRITE_QUEUE = 100  # DCMD metrics waiting for the safety gate; more are refused
+RETYPE_EVERY = 10.0  # seconds: at most one rebirth this often because a value changed its kind
 
 
 class EdgeNode:
@@ -98,6 +99,7 @@ class EdgeNode:
         self._sent: dict[str, tuple[Any, str]] = {}  # point -> (value, quality) last reported
         self._alive: dict[str, bool] = {}  # device -> announced alive (DBIRTH) in this session
         self._rebirth = False
+        self._retyped = -RETYPE_EVERY
         self._host_online = asyncio.Event()
         self._host_ts = -1
         self._leave = False  # the primary host went offline: end the session
@@ -174,6 +176,8 @@ class EdgeNode:
         value = reading.value if reading is not None else None
         known = self._datatypes.get(point.name)
         datatype = known if known is not None and spb.fits(known, value) else spb.datatype_for(point, value)
+        if not spb.fits(datatype, value):  # the device sends another kind than its config says: believe the value
+            datatype = spb.datatype_of(value)
         self._datatypes[point.name] = datatype
         return spb.Sample(point.name, datatype, value, reading.quality if reading is not None else "bad",
                           reading.ts if reading is not None else now)
@@ -243,7 +247,11 @@ class EdgeNode:
                 continue  # report by exception
             datatype = self._datatypes.get(r[0])
             if datatype is not None and not spb.fits(datatype, r[1]) and self.born:
-                rebirth = True  # the next births carry it, with the datatype it has now
+                # the next births carry it, with the datatype it has now (at most every RETYPE_EVERY s:
+                # a point flapping between kinds must not keep the node in births)
+                if time.monotonic() - self._retyped >= RETYPE_EVERY:
+                    self._retyped, rebirth = time.monotonic(), True
+                    log.info("sparkplug: %s no longer fits its datatype (value %r): rebirth", r[0], r[1])
                 continue
             if datatype is None or not spb.fits(datatype, r[1]):
                 datatype = spb.datatype_of(r[1])
