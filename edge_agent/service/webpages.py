@@ -230,11 +230,12 @@ def chart_svg(name: str, unit: str, buckets: Sequence[Mapping[str, Any]], since:
 
     parts = [f'<svg class="chart" viewBox="0 0 {CHART_W} {CHART_H}" width="{CHART_W}" height="{CHART_H}" '
              f'role="img" aria-label="{esc(f"trend of {name}")}" xmlns="http://www.w3.org/2000/svg">']
+    decimals = max(0, 2 - math.floor(math.log10(high - low)))  # three figures across the span
     for i in range(5):  # horizontal grid with value labels
         v = low + (high - low) * i / 4
         parts.append(f'<line class="grid" x1="{PAD_L}" x2="{CHART_W - PAD_R}" y1="{y(v):.1f}" y2="{y(v):.1f}"/>'
                      f'<text class="ylabel" x="{PAD_L - 6}" y="{y(v) + 4:.1f}" text-anchor="end">'
-                     f'{esc(fmt_value(round(v, 6)))}</text>')
+                     f'{v:.{decimals}f}</text>')
     fmt = "%H:%M" if until - since <= 86400 else "%m-%d %H:%M"
     for i in range(5):  # time axis
         ts = since + (until - since) * i / 4
