@@ -98,7 +98,7 @@ def _render(agent: Agent, plant: Any, timeline: Timeline, out: TextIO, live: boo
     fault = f"  FAULT: bearing wear since t={timeline.fault_at:.0f}s" if timeline.fault_at is not None else ""
     header = f"edge-agent demo  t={timeline.now():5.1f}s  devices: {devices}  stored={agent.stored} rows{fault}"
     web = agent.config.web
-    if web.enabled:
+    if web.enabled and live:  # the live view clears the screen; the plain log printed it once at start
         header += f"\nweb page: http://{web.host}:{web.port}/"
     if live:
         out.write("\x1b[H\x1b[2J")
