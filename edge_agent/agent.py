@@ -347,7 +347,7 @@ class Agent:
             Outbox.open, config.agent.data_dir / "sparkplug.db", limits=limits, max_inflight=mqtt.max_inflight,
             synchronous=mqtt.outbox_sync)
         self.edge_node = EdgeNode(config, self.edge_outbox, latest=self.last_value, device_state=self._device_state,
-                                  write=self._sparkplug_write if config.sparkplug.accept_writes else None)
+                                  request_write=self._sparkplug_write if config.sparkplug.accept_writes else None)
         self._forward()
         self.edge_node.start()
 
@@ -457,7 +457,7 @@ class Agent:
             await self._start_sparkplug()
             if old.sparkplug.enabled or new.sparkplug.enabled:
                 changes.append("sparkplug restarted")
-        if old.web != new.web:
+        if old.web != new.web and (old.web.enabled or new.web.enabled):
             await self._stop_part("web")
             self._start_web()
             changes.append("web restarted")

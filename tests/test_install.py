@@ -69,6 +69,7 @@ def test_edge_agent_demo_runs_from_any_directory(installed: Path, tmp_path: Path
     assert proc.returncode == 0, proc.stdout + proc.stderr
     good = re.search(r"summary: ran \d+ s; (\d+)/(\d+) device points good", proc.stdout)
     assert good and good.group(1) == good.group(2) and int(good.group(2)) > 0, proc.stdout
+    assert re.search(r"^web page: http://127\.0\.0\.1:\d+/ ", proc.stdout, re.M), proc.stdout  # the page's address
     assert (data / "twin.db").stat().st_size > 0 and (data / "agent.toml").exists()
     show = subprocess.run([str(installed / "bin" / "edge-agent"), "twin", "show", "--config", str(data / "agent.toml"),
                            "--json"], capture_output=True, text=True, cwd=elsewhere, env=_env(), timeout=60)

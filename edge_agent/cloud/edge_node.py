@@ -28,7 +28,7 @@ the births again (same bdSeq). A clean stop publishes NDEATH, then leaves (MQTT 
 reason 0x04, so the broker sends the Will too; 3.1.1: without DISCONNECT, the same effect).
 
 Writes. DCMD metrics are refused (logged) unless ``sparkplug.accept_writes = true``; then each
-goes to the ``write`` callback the agent passes in, which is the safety gate with source
+goes to the ``request_write`` callback the agent passes in, which is the safety gate with source
 ``sparkplug``.
 """
 
@@ -57,7 +57,7 @@ from edge_agent.store.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
-Write = Callable[[str, Any], Awaitable[tuple[bool, str]]]  # (point, value) -> (applied, what the gate said)
+WriteRequest = Callable[[str, Any], Awaitable[tuple[bool, str]]]  # (point, value) -> (applied, the gate's verdict)
 STATE_FILE = "sparkplug.json"
 STOP_GRACE = 2.0  # seconds a clean stop waits for its last data and the NDEATH to be delivered
 WRITE_QUEUE = 100  # DCMD metrics waiting for the safety gate; more are refused
@@ -68,13 +68,14 @@ class EdgeNode:
     """One Sparkplug edge node session after another, for as long as :meth:`start` .. :meth:`stop`."""
 
     def __init__(self, config: AgentConfig, outbox: Outbox, *, latest: Callable[[str], Reading | None],
-                 device_state: Callable[[str], str | None], write: Write | None = None) -> None:
+                 device_state: Callable[[str], str | None],
+                 request_write: WriteRequest | None = None) -> None:
         assert config.mqtt is not None
         self.cfg, self.settings = config.mqtt, config.sparkplug
         self.outbox = outbox
         self.latest = latest
         self.device_state = device_state
-        self.write = write
+        self.request_write = request_write  # the safety gate, source "sparkplug"
         self.topics = spb.SparkplugTopics(self.settings.group_id, self.settings.edge_node_id)
         self.devices: dict[str, tuple[PointConfig, ...]] = {d.name: tuple(d.points) for d in config.devices}
         self.owner = {p.name: d for d, points in self.devices.items() for p in points}
@@ -438,7 +439,7 @@ class EdgeNode:
             self._on_device_command(device, command)
 
     def _on_device_command(self, device: str, command: spb.Command) -> None:
-        if not self.settings.accept_writes or self.write is None:
+        if not self.settings.accept_writes or self.request_write is None:
             self._refusals += 1
             level = logging.WARNING if self._refusals == 1 else logging.DEBUG
             log.log(level, "sparkplug: DCMD %s = %r refused: sparkplug.accept_writes is false", command.name,
@@ -456,11 +457,11 @@ class EdgeNode:
                         WRITE_QUEUE)
 
     async def _writer(self) -> None:
-        """DCMD writes, one at a time, through the safety gate (the agent's ``write`` callback)."""
+        """DCMD writes, one at a time, through the safety gate (the agent's ``request_write`` callback)."""
         while True:
             device, point, value = await self._writes.get()
-            assert self.write is not None
-            applied, verdict = await self.write(point, value)
+            assert self.request_write is not None
+            applied, verdict = await self.request_write(point, value)
             level = logging.INFO if applied else logging.WARNING
             log.log(level, "sparkplug: DCMD %s/%s = %r: %s", device, point, value, verdict)
 

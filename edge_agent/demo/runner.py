@@ -50,17 +50,19 @@ def demo_config(opcua_endpoint: str, modbus_port: int, data_dir: Path,
                 web_port: int | None = None) -> tuple[config_mod.AgentConfig, str]:
     """The packaged demo.toml with the plant's live ports, the shipped models and ``data_dir``, validated.
 
-    The web page gets ``web_port``, or a free port. Returns the config and its text (comments kept),
-    which the demo saves beside the twin.
+    The web page is served on ``web_port``; without one it is turned off (the tests that run the demo's
+    config need no page). Returns the config and its text (comments kept), which the demo saves beside
+    the twin.
     """
-    from edge_agent.demo.plant import free_port
-
     text = demo_text()
     text = re.sub(r'(?m)^(endpoint\s*=\s*)"opc\.tcp://[^"]*"', lambda m: f'{m.group(1)}"{opcua_endpoint}"', text)
     text = re.sub(r"(?m)^(port\s*=\s*)\d+", lambda m: f"{m.group(1)}{modbus_port}", text)
     # the [web] section's port line (the line above set it to the Modbus port with the others)
-    web = web_port or free_port()
-    text = re.sub(r"(?ms)^(\[web\]\n(?:[^\[\n][^\n]*\n|\n)*?port\s*=\s*)\d+", lambda m: f"{m.group(1)}{web}", text)
+    web = r"(?ms)^(\[web\]\n(?:[^\[\n][^\n]*\n|\n)*?{key}\s*=\s*)\S+"
+    if web_port is None:
+        text = re.sub(web.format(key="enabled"), lambda m: f"{m.group(1)}false", text)
+    else:
+        text = re.sub(web.format(key="port"), lambda m: f"{m.group(1)}{web_port}", text)
     text = re.sub(r'(?m)^(data_dir\s*=\s*)"[^"]*"', lambda m: f'{m.group(1)}"."', text)
     # model files: the ones installed with the package, wherever that is
     text = re.sub(r'(?m)^(file\s*=\s*)"([^"]*)"',
@@ -147,7 +149,7 @@ async def _demo(duration: float, data_dir: Path, out: TextIO) -> int:
     plant = Plant(opcua_port=free_port(), modbus_port=free_port(), seed=7, speed=DEMO_SPEED)
     await plant.start()
     try:
-        config, effective = demo_config(plant.opcua_endpoint, plant.modbus_port, data_dir)
+        config, effective = demo_config(plant.opcua_endpoint, plant.modbus_port, data_dir, web_port=free_port())
         await asyncio.to_thread(_save, data_dir, effective)
         agent = Agent(config)
         await agent.start()

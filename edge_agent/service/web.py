@@ -81,7 +81,11 @@ class WebPage:
     async def serve(self, host: str, port: int) -> None:
         """Serve until cancelled."""
         self._static = await asyncio.to_thread(_load_static)
-        server = await asyncio.start_server(self._handle, host, port, limit=MAX_LINE)
+        try:
+            server = await asyncio.start_server(self._handle, host, port, limit=MAX_LINE)
+        except OSError as exc:  # the task dies with it: status and `edge-agent status` show the dead part
+            log.error("web: cannot serve the local page on %s:%d: %s (check web.host and web.port)", host, port, exc)
+            raise
         log.info("web: serving the local page at http://%s:%d/", host, port)
         async with server:
             await server.serve_forever()
