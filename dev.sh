@@ -6,7 +6,8 @@
 #   ./dev.sh setup                       only set up .venv
 #
 # Works on a fresh Debian/Ubuntu machine with Python 3.11+; installs the few system
-# packages it needs (python3-venv, mosquitto) with apt when they are missing.
+# packages it needs (python3-venv; for the tests mosquitto, chromium, nodejs/npm, protobuf-compiler)
+# with apt when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -59,8 +60,18 @@ need_test_tools() {
     command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
     command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    # the web page is tested in headless Chromium; Sparkplug payloads are checked with Eclipse Tahu's own
+    # JavaScript codec (node + npm), and the vendored protobuf code against the vendored .proto (protoc)
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+    command -v node >/dev/null 2>&1 || missing+=(nodejs)
+    command -v npm >/dev/null 2>&1 || missing+=(npm)
     if [ ${#missing[@]} -gt 0 ]; then
         apt_install "${missing[@]}"
+    fi
+    local js=tests/sparkplug_js
+    if [ ! -d "$js/node_modules/sparkplug-payload" ] || [ "$js/package-lock.json" -nt "$js/node_modules" ]; then
+        npm ci --prefix "$js" --no-audit --no-fund --loglevel=error
     fi
 }
 

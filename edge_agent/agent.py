@@ -37,6 +37,7 @@ from edge_agent.store.writer import TwinWriter
 from edge_agent.tasks import cancel_all
 
 if TYPE_CHECKING:
+    from edge_agent.cloud.edge_node import EdgeNode
     from edge_agent.control.inference import ModelRunner
     from edge_agent.control.optimizer import Optimizer
     from edge_agent.remote.dispatch import CommandHandler
@@ -58,6 +59,8 @@ class Agent:
         self.outbox: Outbox | None = None
         self.sync: Sync | None = None
         self.commands: CommandHandler | None = None
+        self.edge_node: EdgeNode | None = None  # the Sparkplug B edge node ([sparkplug] enabled)
+        self.edge_outbox: Outbox | None = None
         self.runners: dict[str, DeviceRunner] = {}
         self.models: dict[str, ModelRunner] = {}
         self.optimizer: Optimizer | None = None
@@ -165,7 +168,8 @@ class Agent:
             optimizer_mode=self.optimizer.mode if self.optimizer is not None else None,
             dead_parts=dead, errors=tuple(self.recent_errors),
             overrides=tuple(OverrideState(h.point, h.since, h.until, h.event_id, h.old, h.new)
-                            for h in self.gate.holds()))
+                            for h in self.gate.holds()),
+            sparkplug=self._sparkplug_state())
 
     def _link_state(self) -> LinkState | None:
         sync, outbox = self.sync, self.outbox
@@ -178,6 +182,17 @@ class Agent:
             stats, error = None, str(exc)
         return LinkState(f"{link.cfg.host}:{link.cfg.port}", link.connected.is_set(), link.last_error, sync.published,
                          sync.acked, stats, error)
+
+    def _sparkplug_state(self) -> LinkState | None:
+        node, outbox = self.edge_node, self.edge_outbox
+        if node is None or outbox is None:
+            return None
+        try:
+            stats, error = outbox.stats(), ""
+        except TwinError as exc:
+            stats, error = None, str(exc)
+        return LinkState(f"{node.cfg.host}:{node.cfg.port}", node.link.connected.is_set(), node.link.last_error,
+                         node.published, node.acked, stats, error)
 
     def current(self) -> list[dict[str, Any]]:
         """Every configured point's latest value, quality, source time and unit (from memory)."""
@@ -243,6 +258,7 @@ class Agent:
         for device in config.devices:
             self._start_device(device)
         await self._start_sync()
+        await self._start_sparkplug()
         for model in config.models:
             self._start_model(model)
         self.spawn(self.gate.run(), "safety-gate")
@@ -253,6 +269,7 @@ class Agent:
             from edge_agent.service import metrics
 
             self.spawn(metrics.serve(self.status, config.metrics.host, config.metrics.port), "metrics")
+        self._start_web()
         await self.write_status()
         if not config.devices:
             log.warning("no devices configured: the agent runs but mirrors nothing")
@@ -319,20 +336,69 @@ class Agent:
             self.commands.attach()
             on_message = self.commands.on_message
         self.sync = Sync(self._config, self.outbox, self.current, on_message=on_message)
-        assert self.writer is not None
-        self.writer.forward = self.sync
+        self._forward()
         self.sync.start()
+
+    def _forward(self) -> None:
+        """Point the twin writer at whatever carries data out now: the JSON sync, the Sparkplug node, both."""
+        if self.writer is not None:
+            targets = [t for t in (self.sync, self.edge_node) if t is not None]
+            self.writer.forward = _Forwards(targets) if targets else None
 
     async def _stop_sync(self) -> None:
         """Leave the broker (Will: offline) and close the outbox; what it holds stays on disk."""
-        if self.writer is not None:
-            self.writer.forward = None
-        if self.sync is not None:
-            await self.sync.stop()
-            self.sync = None
+        sync, self.sync = self.sync, None
+        self._forward()
+        if sync is not None:
+            await sync.stop()
         if self.outbox is not None:
             await asyncio.to_thread(self.outbox.close)
             self.outbox = None
+
+    async def _start_sparkplug(self) -> None:
+        """The Sparkplug B edge node: its own outbox file and its own MQTT connection (see cloud/edge_node.py)."""
+        config = self._config
+        if not config.sparkplug.enabled or config.mqtt is None:
+            return
+        from edge_agent.cloud.edge_node import EdgeNode
+
+        mqtt = config.mqtt
+        limits = OutboxLimits(max_rows=mqtt.outbox_max_rows, max_bytes=mqtt.outbox_max_bytes)
+        self.edge_outbox = await asyncio.to_thread(
+            Outbox.open, config.agent.data_dir / "sparkplug.db", limits=limits, max_inflight=mqtt.max_inflight,
+            synchronous=mqtt.outbox_sync)
+        self.edge_node = EdgeNode(config, self.edge_outbox, latest=self.last_value, device_state=self._device_state,
+                                  request_write=self._sparkplug_write if config.sparkplug.accept_writes else None)
+        self._forward()
+        self.edge_node.start()
+
+    async def _stop_sparkplug(self) -> None:
+        """Publish NDEATH and leave; what the node's outbox holds stays on disk for the next session."""
+        node, self.edge_node = self.edge_node, None
+        self._forward()
+        if node is not None:
+            await node.stop()
+        if self.edge_outbox is not None:
+            await asyncio.to_thread(self.edge_outbox.close)
+            self.edge_outbox = None
+
+    def _device_state(self, name: str) -> str | None:
+        runner = self.runners.get(name)
+        return runner.status.state if runner is not None else None
+
+    async def _sparkplug_write(self, point: str, value: Any) -> tuple[bool, str]:
+        """A DCMD write (sparkplug.accept_writes = true): through the safety gate like every other."""
+        result = await self.request_write(point, value, source="sparkplug", actor=None)
+        return result.ok, result.result + (f": {result.reason}" if result.reason else "")
+
+    def _start_web(self) -> None:
+        web = self._config.web
+        if not web.enabled:
+            return
+        from edge_agent.service.web import WebPage
+
+        page = WebPage(self.status, lambda: self._config, self.current, self.query)
+        self._parts["web"] = self.spawn(page.serve(web.host, web.port), "web")
 
     async def restart_device(self, name: str) -> None:
         """Close a device's connection and start its supervisor afresh (the restart_driver command)."""
@@ -363,6 +429,7 @@ class Agent:
         if self.writer is not None:
             await self.writer.flush(final=True)
             await self.writer.store_records()
+        await self._stop_sparkplug()
         await self._stop_sync()
         await asyncio.to_thread(self._reader.close)
         if self.writer is not None:
@@ -406,6 +473,15 @@ class Agent:
             await self._stop_sync()
             await self._start_sync()
             changes.append("mqtt restarted")
+        if (old.mqtt, old.sparkplug, old.devices) != (new.mqtt, new.sparkplug, new.devices):
+            await self._stop_sparkplug()
+            await self._start_sparkplug()
+            if old.sparkplug.enabled or new.sparkplug.enabled:
+                changes.append("sparkplug restarted")
+        if old.web != new.web and (old.web.enabled or new.web.enabled):
+            await self._stop_part("web")
+            self._start_web()
+            changes.append("web restarted")
         if old.optimizer != new.optimizer or any(c.startswith("model") for c in changes):
             await self._stop_part("optimizer")
             self.optimizer = None
@@ -463,6 +539,21 @@ def _model_state(name: str, runner: ModelRunner) -> ModelState:
     return ModelState(name, runner.cfg.kind, s.state, s.last_score, s.last_ts, s.evaluations, sum(s.skips.values()),
                       s.last_skip, runner.anomaly_active, s.last_error,
                       runner.model.source if runner.model else None, s.cpu_us)
+
+
+class _Forwards:
+    """The twin writer's one forward, fanned out to each part that carries data out."""
+
+    def __init__(self, targets: list[Any]) -> None:
+        self.targets = targets
+
+    def add(self, readings: Sequence[Reading]) -> None:
+        for target in self.targets:
+            target.add(readings)
+
+    async def append_event(self, kind: str, fields: dict[str, Any]) -> None:
+        for target in self.targets:
+            await target.append_event(kind, fields)
 
 
 def _task_done(task: asyncio.Task[None]) -> None:

@@ -197,7 +197,7 @@ class Broker:
     host = "127.0.0.1"
 
     def __init__(self, pki: Pki, directory: Path, *, port: int | None = None, persistence: bool = False,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, logins: dict[str, str] | None = None) -> None:
         self.pki = pki
         self.directory = directory
         self.port = port or free_port()
@@ -206,12 +206,18 @@ class Broker:
         self.log_path = directory / "mosquitto.log"
         self._process: subprocess.Popen[bytes] | None = None
         directory.mkdir(parents=True, exist_ok=True)
-        self.conf_path.write_text(self._config(persistence, verbose))
+        # With ``logins`` (user -> password) the broker has two more listeners for those users: plain
+        # MQTT on ``plain_port`` and TLS without a client certificate on ``login_port``.
+        self.logins = dict(logins or {})
+        self.plain_port = free_port() if logins else None
+        self.login_port = free_port() if logins else None
+        self.conf_path.write_text(self._config(persistence, verbose) + self._login_listeners())
 
     def _config(self, persistence: bool, verbose: bool) -> str:
         lines = [
             # Running as root, mosquitto would drop to the "mosquitto" user, which cannot read the tmp dir.
             f"user {pwd.getpwuid(os.getuid()).pw_name}",
+            *(["per_listener_settings true"] if self.logins else []),
             f"persistence {'true' if persistence else 'false'}",
             f"persistence_location {self.directory}/",
             "log_dest stderr",
@@ -231,6 +237,23 @@ class Broker:
             "allow_anonymous false",
         ]
         return "\n".join(lines) + "\n"
+
+    def _login_listeners(self) -> str:
+        if not self.logins:
+            return ""
+        passwords = self.directory / "passwords"
+        passwords.write_text("")
+        for user, password in self.logins.items():
+            subprocess.run(["mosquitto_passwd", "-b", str(passwords), user, password], check=True,
+                           capture_output=True, timeout=30)
+        passwords.chmod(0o600)
+        # per_listener_settings: the certificate listener keeps its identity-as-username, these two take logins
+        return "\n".join([
+            f"listener {self.plain_port} {self.host}", "allow_anonymous false", f"password_file {passwords}",
+            f"listener {self.login_port} {self.host}", f"cafile {self.pki.ca_cert}",
+            f"certfile {self.pki.server_cert}", f"keyfile {self.pki.server_key}", "require_certificate false",
+            "tls_version tlsv1.2", "allow_anonymous false", f"password_file {passwords}",
+        ]) + "\n"
 
     @property
     def running(self) -> bool:

@@ -54,11 +54,12 @@ def test_every_example_key_is_in_the_readme_reference() -> None:
     example = ROOT / "config" / "agent.example.toml"
     # the commented-out keys count too: uncomment every "# key = value" line
     text = re.sub(r"(?m)^(\s*)# ?([a-z_]+ = )", r"\1\2", example.read_text())
-    text = re.sub(r"(?m)^(\s*)# ?(\[\[?(devices|models|mqtt|metrics|gate|optimizer|commands))", r"\1\2", text)
+    text = re.sub(r"(?m)^(\s*)# ?(\[\[?(devices|models|mqtt|metrics|gate|optimizer|commands|sparkplug|web))",
+                  r"\1\2", text)
     raw = tomllib.loads(text)
     for key in sorted(_keys(raw)):
         if key.endswith(("devices", "points", "plausible")) or ".plausible." in key or ".objective." in key or key in {
-                "agent", "twin", "mqtt", "models", "metrics", "gate", "optimizer", "commands",
+                "agent", "twin", "mqtt", "models", "metrics", "gate", "optimizer", "commands", "sparkplug", "web",
                 "optimizer.constraints", "optimizer.guards", "commands.operators", "optimizer.objective"}:
             continue
         leaf = key.rsplit(".", 1)[-1]

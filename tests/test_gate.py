@@ -238,6 +238,7 @@ async def test_chiller_with_a_stuck_setpoint_is_marked_failed(tmp_path: Path) ->
 NOT_DRIVERS = {
     ("edge_agent/demo/runner.py", "out"),  # the live view's text stream
     ("edge_agent/service/metrics.py", "writer"),  # the HTTP response stream
+    ("edge_agent/service/web.py", "writer"),  # the local web page's HTTP response stream
     ("edge_agent/remote/admin.py", "f"),  # atomic_write's temporary file
 }
 # Where driver writes may be called: the gate, and the drivers themselves (their own helpers).

@@ -48,6 +48,18 @@ def test_the_wheel_holds_the_demo_config_and_the_models(installed: Path) -> None
     assert int(out[2]) == len((ROOT / "edge_agent" / "demo" / "demo.toml").read_text())
 
 
+def test_the_wheel_serves_the_web_page_assets_and_carries_the_sparkplug_schema(installed: Path) -> None:
+    probe = ("import asyncio; from importlib import resources; from edge_agent.service import web; "
+             "print(sorted(web._load_static())); "
+             "print(resources.files('edge_agent.cloud').joinpath('sparkplug_b.proto').read_text()[:40]); "
+             "from edge_agent.cloud import sparkplug; print(len(sparkplug.nbirth(3)) > 10)")
+    out = subprocess.run([str(installed / "bin" / "python"), "-c", probe], capture_output=True, text=True,
+                         cwd=installed.parent, env=_env(), timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "['web.css', 'web.js']" and "Copyright" in lines[1] and lines[2] == "True", out.stdout
+
+
 def test_edge_agent_demo_runs_from_any_directory(installed: Path, tmp_path: Path) -> None:
     elsewhere = tmp_path / "somewhere"
     elsewhere.mkdir()
@@ -57,6 +69,7 @@ def test_edge_agent_demo_runs_from_any_directory(installed: Path, tmp_path: Path
     assert proc.returncode == 0, proc.stdout + proc.stderr
     good = re.search(r"summary: ran \d+ s; (\d+)/(\d+) device points good", proc.stdout)
     assert good and good.group(1) == good.group(2) and int(good.group(2)) > 0, proc.stdout
+    assert re.search(r"^web page: http://127\.0\.0\.1:\d+/ ", proc.stdout, re.M), proc.stdout  # the page's address
     assert (data / "twin.db").stat().st_size > 0 and (data / "agent.toml").exists()
     show = subprocess.run([str(installed / "bin" / "edge-agent"), "twin", "show", "--config", str(data / "agent.toml"),
                            "--json"], capture_output=True, text=True, cwd=elsewhere, env=_env(), timeout=60)

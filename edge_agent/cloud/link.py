@@ -1,4 +1,5 @@
-"""The MQTT connection: paho-mqtt 2.x driven from the asyncio event loop, over TLS.
+"""The MQTT connection: paho-mqtt 2.x driven from the asyncio event loop, over TLS (or plain TCP where
+the site sets ``mqtt.tls = false``).
 
 paho's socket is registered with the event loop (``add_reader``/``add_writer``) so no network
 thread runs; only the blocking TCP connect and TLS handshake go to the default executor. The
@@ -18,7 +19,7 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,10 +37,14 @@ log = logging.getLogger(__name__)
 
 
 OnMessage = Callable[[paho.MQTTMessage], None]
+# The Will's payload, fixed, or made afresh before every CONNECT (a Sparkplug NDEATH carries a new bdSeq each time).
+WillPayload = bytes | Callable[[], Awaitable[bytes]]
 
 
 def tls_context(cfg: MqttSection) -> ssl.SSLContext:
     """TLS 1.2+ with the configured CA, and the client certificate when mutual TLS is set up."""
+    if cfg.ca_file is None:
+        raise LinkError("mqtt.ca_file is required with TLS")
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cfg.ca_file))
     except (OSError, ssl.SSLError) as exc:
@@ -107,11 +112,15 @@ def explain(exc: BaseException, cfg: MqttSection) -> str:
 class MqttLink:
     """One MQTT client connection, kept up for as long as :meth:`run` runs."""
 
-    def __init__(self, cfg: MqttSection, *, will_topic: str, will_payload: bytes,
-                 subscriptions: tuple[str, ...] = (), on_message: OnMessage | None = None) -> None:
+    def __init__(self, cfg: MqttSection, *, will_topic: str, will_payload: WillPayload,
+                 subscriptions: tuple[str, ...] = (), on_message: OnMessage | None = None,
+                 will_retain: bool = True, client_id: str | None = None, name: str = "mqtt") -> None:
         self.cfg = cfg
         self.will_topic = will_topic
         self.will_payload = will_payload
+        self.will_retain = will_retain
+        self.client_id = client_id or cfg.client_id
+        self.name = name  # how the logs call this connection ("mqtt", "sparkplug")
         self.subscriptions = subscriptions
         self.on_message = on_message
         self.connected = asyncio.Event()
@@ -129,17 +138,18 @@ class MqttLink:
 
     # ------------------------------------------------------------------ client setup
 
-    def _new_client(self) -> paho.Client:
+    def _new_client(self, will: bytes) -> paho.Client:
         cfg = self.cfg
         protocol = paho.MQTTv5 if cfg.version == "5" else paho.MQTTv311
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=protocol,
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol,
                              clean_session=None if protocol == paho.MQTTv5 else True)
-        client.tls_set_context(tls_context(cfg))
-        if cfg.tls_insecure:
-            client.tls_insecure_set(True)
+        if cfg.tls:
+            client.tls_set_context(tls_context(cfg))
+            if cfg.tls_insecure:
+                client.tls_insecure_set(True)
         if cfg.username is not None:
             client.username_pw_set(cfg.username, cfg.password)
-        client.will_set(self.will_topic, self.will_payload, qos=1, retain=True)
+        client.will_set(self.will_topic, will, qos=1, retain=self.will_retain)
         # Our outbox limits what is in flight; paho must never queue or refuse on its own.
         client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
@@ -158,7 +168,11 @@ class MqttLink:
     async def run(self) -> None:
         """Connect, stay connected, reconnect after any failure; only cancellation ends it."""
         self._loop = asyncio.get_running_loop()
-        if self.cfg.tls_insecure:
+        if not self.cfg.tls:
+            log.warning("%s: mqtt.tls = false: PLAIN MQTT to %s:%d, NOT encrypted: anyone on the network can read "
+                        "the data%s and inject messages; use it only on a trusted plant network", self.name,
+                        self.cfg.host, self.cfg.port, " and the password" if self.cfg.password else "")
+        elif self.cfg.tls_insecure:
             log.warning("mqtt.tls_insecure = true: the broker's host name is NOT verified; lab use only")
         attempt = 0
         while True:
@@ -175,7 +189,8 @@ class MqttLink:
     async def _session(self) -> None:
         assert self._loop is not None
         check_client_certificate(self.cfg)
-        client = self._new_client()
+        will = self.will_payload if isinstance(self.will_payload, bytes) else await self.will_payload()
+        client = self._new_client(will)
         self._client = client
         self._disconnected.clear()
         misc: asyncio.Task[None] | None = None
@@ -265,10 +280,11 @@ class MqttLink:
         self.connects += 1
         now = time.time()
         if self._down_since is not None:
-            log.info("mqtt: connected to %s:%d again after %.1f s", self.cfg.host, self.cfg.port,
+            log.info("%s: connected to %s:%d again after %.1f s", self.name, self.cfg.host, self.cfg.port,
                      now - self._down_since)
         else:
-            log.info("mqtt: connected to %s:%d (MQTT %s, TLS)", self.cfg.host, self.cfg.port, self.cfg.version)
+            log.info("%s: connected to %s:%d (MQTT %s, %s)", self.name, self.cfg.host, self.cfg.port,
+                     self.cfg.version, "TLS" if self.cfg.tls else "plain TCP, not encrypted")
         self._down_since = None
         self.last_error = ""
         self.connected.set()
@@ -351,7 +367,7 @@ class MqttLink:
         self.last_error = message
         if self._down_since is None:
             self._down_since = time.time()
-            log.warning("mqtt: %s; buffering in the outbox and retrying with backoff up to %g s", message,
+            log.warning("%s: %s; buffering in the outbox and retrying with backoff up to %g s", self.name, message,
                         self.cfg.retry_max)
         else:
-            log.debug("mqtt: still down: %s", message)
+            log.debug("%s: still down: %s", self.name, message)

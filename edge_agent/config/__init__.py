@@ -28,7 +28,9 @@ from edge_agent.config.schema import (
     CommandsSection,
     GateSection,
     MetricsSection,
+    SparkplugSection,
     TwinSection,
+    WebSection,
 )
 from edge_agent.config.table import Table
 from edge_agent.errors import ConfigError
@@ -62,6 +64,8 @@ def parse(raw: Mapping[str, Any], source: Path) -> AgentConfig:
     commands = _sections.commands(root, source.parent)
     gate = _sections.gate(root)
     optimizer = _sections.optimizer(root, models, devices)
+    sparkplug = _sections.sparkplug(root, agent_id, site, devices, mqtt)
+    web = _sections.web(root)
     mt = root.table("metrics")
     metrics = {"enabled": mt.boolean("enabled", False), "host": mt.string("host", "127.0.0.1"),
                "port": mt.integer("port", 9108, low=1, high=65535)}
@@ -87,6 +91,8 @@ def parse(raw: Mapping[str, Any], source: Path) -> AgentConfig:
         commands=commands or CommandsSection(),
         gate=gate or GateSection(),
         optimizer=optimizer,
+        sparkplug=sparkplug or SparkplugSection(),
+        web=web or WebSection(),
         raw=raw,
     )
 

@@ -239,8 +239,8 @@ class MqttSection:
     """The cloud link: a TLS MQTT broker, and the outbox that buffers for it."""
 
     host: str
-    port: int = 8883
-    ca_file: Path
+    port: int = 8883  # 1883 when tls = false
+    ca_file: Path | None  # required with TLS
     cert_file: Path | None = None
     key_file: Path | None = None
     username: str | None = None
@@ -260,6 +260,28 @@ class MqttSection:
     replay_rate: float = 100_000.0
     retry_min: float = 1.0
     retry_max: float = 60.0
+    tls: bool = True  # false: plain MQTT on a trusted network (logged loudly at start)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SparkplugSection:
+    """A Sparkplug B 3.0 edge node on the [mqtt] broker, beside the JSON topics (see edge_agent/cloud/edge_node.py)."""
+
+    enabled: bool = False
+    group_id: str = ""  # default: agent.site
+    edge_node_id: str = ""  # default: agent.id
+    client_id: str = ""  # default: mqtt.client_id + "-sparkplug" (its own connection, its own Will: NDEATH)
+    primary_host: str = ""  # a Primary Host Application id: births wait for its STATE online
+    accept_writes: bool = False  # DCMD writes, through the safety gate with source "sparkplug"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebSection:
+    """The read-only local web page (see edge_agent/service/web.py)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -276,6 +298,8 @@ class AgentConfig:
     commands: CommandsSection = field(default_factory=CommandsSection)
     gate: GateSection = field(default_factory=GateSection)
     optimizer: OptimizerSection | None = None
+    sparkplug: SparkplugSection = field(default_factory=SparkplugSection)
+    web: WebSection = field(default_factory=WebSection)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property

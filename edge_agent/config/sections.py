@@ -1,5 +1,5 @@
 """Validation of the optional sections: ``[mqtt]``, ``[[models]]``, ``[commands]``, ``[gate]``,
-``[optimizer]``."""
+``[optimizer]``, ``[sparkplug]``, ``[web]``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from edge_agent.config.schema import (
     MqttSection,
     Operator,
     OptimizerSection,
+    SparkplugSection,
+    WebSection,
 )
 from edge_agent.config.table import REQUIRED as _REQUIRED
 from edge_agent.config.table import Table
@@ -36,10 +38,12 @@ def mqtt(root: Table, agent_id: str | None, base: Path) -> MqttSection | None:
         root.seen.add("mqtt")
         return None
     t = root.table("mqtt")
+    # tls = false (plain MQTT, a site's own choice on a trusted network): no CA needed, port 1883
+    tls = t.boolean("tls", True)
     values: dict[str, Any] = {
         "host": t.string("host", _REQUIRED),
-        "port": t.integer("port", 8883, low=1, high=65535),
-        "ca_file": resolve(base, t.string("ca_file", _REQUIRED)),
+        "port": t.integer("port", 8883 if tls else 1883, low=1, high=65535),
+        "ca_file": resolve(base, t.string("ca_file", _REQUIRED if tls else None)),
         "cert_file": resolve(base, t.string("cert_file")),
         "key_file": resolve(base, t.string("key_file")),
         "username": t.string("username"),
@@ -65,15 +69,20 @@ def mqtt(root: Table, agent_id: str | None, base: Path) -> MqttSection | None:
                   "cert_file and key_file go together (mutual TLS), expected both or neither")
     if values["password"] is not None and values["username"] is None:
         t.problem("password", "given without username")
+    if not tls:
+        for key in ("ca_file", "cert_file", "key_file", "tls_insecure"):
+            if t.has(key) and values[key]:
+                t.problem(key, "only applies with TLS, but tls = false (plain MQTT); remove it or set tls = true")
+    values["tls"] = tls
     prefix = values["topic_prefix"]
     if prefix is not None and (any(c in prefix for c in "+#") or prefix.startswith("/") or prefix.endswith("/")):
         t.problem("topic_prefix", f'expected topic levels without wildcards or a leading/trailing "/", got "{prefix}"')
         values["topic_prefix"] = None
     t.finish()
-    required = ("host", "port", "ca_file", "client_id", "topic_prefix", "version", "keepalive", "publish_interval",
+    required = ("host", "port", "tls", "client_id", "topic_prefix", "version", "keepalive", "publish_interval",
                 "max_samples", "max_inflight", "twin_interval", "outbox_max_rows", "outbox_max_bytes",
                 "outbox_sync", "replay_rate", "retry_min", "retry_max")
-    if any(values[key] is None for key in required):
+    if any(values[key] is None for key in required) or (tls and values["ca_file"] is None):
         return None
     return MqttSection(**values)
 
@@ -251,3 +260,47 @@ class _Anything(set[str]):
 
 
 _ANY = _Anything()
+
+
+def _topic_level(text: str) -> bool:
+    """Whether ``text`` can be one MQTT topic level (Sparkplug ids are topic levels)."""
+    return bool(text) and not any(c in text for c in "/+#") and "\x00" not in text
+
+
+def sparkplug(root: Table, agent_id: str | None, site: str | None, devices: list[DeviceConfig],
+              mqtt: MqttSection | None) -> SparkplugSection | None:
+    """``[sparkplug]``: a Sparkplug B edge node on the ``[mqtt]`` broker."""
+    t = root.table("sparkplug")
+    values: dict[str, Any] = {
+        "enabled": t.boolean("enabled", False),
+        "group_id": t.string("group_id", site or ""),
+        "edge_node_id": t.string("edge_node_id", agent_id or ""),
+        "client_id": t.string("client_id", f"{mqtt.client_id}-sparkplug" if mqtt is not None else ""),
+        "primary_host": t.string("primary_host", ""),
+        "accept_writes": t.boolean("accept_writes", False),
+    }
+    t.finish()
+    for key in ("group_id", "edge_node_id", "primary_host"):
+        text = values[key]
+        if text and not _topic_level(text):
+            t.problem(key, f'expected a Sparkplug id without "/", "+" or "#" (it is an MQTT topic level), got "{text}"')
+            values[key] = None
+    if values["enabled"]:
+        if not root.has("mqtt"):
+            t.problem("enabled", "Sparkplug needs the broker settings of an [mqtt] section")
+        for i, device in enumerate(devices):
+            if not _topic_level(device.name):
+                t.problem("enabled", f'devices[{i}].name "{device.name}" cannot be a Sparkplug device id '
+                                     '(no "/", "+" or "#": it is an MQTT topic level)')
+    if None in values.values():
+        return None
+    return SparkplugSection(**values)
+
+
+def web(root: Table) -> WebSection | None:
+    """``[web]``: the read-only local web page."""
+    t = root.table("web")
+    values = {"enabled": t.boolean("enabled", False), "host": t.string("host", "127.0.0.1"),
+              "port": t.integer("port", 8080, low=1, high=65535)}
+    t.finish()
+    return None if None in values.values() else WebSection(**values)

@@ -50,7 +50,7 @@ from edge_agent.errors import DriverError
 log = logging.getLogger(__name__)
 
 APPLIED, REJECTED, FAILED, ROLLED_BACK = "applied", "rejected", "failed", "rolled_back"
-SOURCES = ("operator", "cloud", "optimizer", "rollback", "local")
+SOURCES = ("operator", "cloud", "optimizer", "rollback", "local", "sparkplug")
 TICK = 0.25  # seconds between looks at overrides, holds and watches while no request comes
 
 

@@ -46,14 +46,23 @@ def shipped_model(name: str) -> Path:
     return path
 
 
-def demo_config(opcua_endpoint: str, modbus_port: int, data_dir: Path) -> tuple[config_mod.AgentConfig, str]:
+def demo_config(opcua_endpoint: str, modbus_port: int, data_dir: Path,
+                web_port: int | None = None) -> tuple[config_mod.AgentConfig, str]:
     """The packaged demo.toml with the plant's live ports, the shipped models and ``data_dir``, validated.
 
-    Returns the config and its text (comments kept), which the demo saves beside the twin.
+    The web page is served on ``web_port``; without one it is turned off (the tests that run the demo's
+    config need no page). Returns the config and its text (comments kept), which the demo saves beside
+    the twin.
     """
     text = demo_text()
     text = re.sub(r'(?m)^(endpoint\s*=\s*)"opc\.tcp://[^"]*"', lambda m: f'{m.group(1)}"{opcua_endpoint}"', text)
     text = re.sub(r"(?m)^(port\s*=\s*)\d+", lambda m: f"{m.group(1)}{modbus_port}", text)
+    # the [web] section's port line (the line above set it to the Modbus port with the others)
+    web = r"(?ms)^(\[web\]\n(?:[^\[\n][^\n]*\n|\n)*?{key}\s*=\s*)\S+"
+    if web_port is None:
+        text = re.sub(web.format(key="enabled"), lambda m: f"{m.group(1)}false", text)
+    else:
+        text = re.sub(web.format(key="port"), lambda m: f"{m.group(1)}{web_port}", text)
     text = re.sub(r'(?m)^(data_dir\s*=\s*)"[^"]*"', lambda m: f'{m.group(1)}"."', text)
     # model files: the ones installed with the package, wherever that is
     text = re.sub(r'(?m)^(file\s*=\s*)"([^"]*)"',
@@ -95,6 +104,9 @@ def _render(agent: Agent, plant: Any, timeline: Timeline, out: TextIO, live: boo
     fault = f"  FAULT: bearing wear since t={timeline.fault_at:.0f}s" if timeline.fault_at is not None else ""
     held = "".join(f"  OVERRIDE: {hold.point}" for hold in agent.status().overrides)
     header = f"edge-agent demo  t={timeline.now():5.1f}s  devices: {devices}  stored={agent.stored} rows{fault}{held}"
+    web = agent.config.web
+    if web.enabled and live:  # the live view clears the screen; the plain log printed it once at start
+        header += f"\nweb page: http://{web.host}:{web.port}/"
     if live:
         out.write("\x1b[H\x1b[2J")
     out.write(header + "\n")
@@ -146,10 +158,13 @@ async def _demo(duration: float, data_dir: Path, out: TextIO) -> int:
     plant = Plant(opcua_port=free_port(), modbus_port=free_port(), seed=7, speed=DEMO_SPEED)
     await plant.start()
     try:
-        config, effective = demo_config(plant.opcua_endpoint, plant.modbus_port, data_dir)
+        config, effective = demo_config(plant.opcua_endpoint, plant.modbus_port, data_dir, web_port=free_port())
         await asyncio.to_thread(_save, data_dir, effective)
         agent = Agent(config)
         await agent.start()
+        if config.web.enabled:
+            out.write(f"web page: http://{config.web.host}:{config.web.port}/ (open it in a browser on this machine)\n")
+            out.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -90,6 +90,7 @@ class GatewayStatus:
     dead_parts: tuple[str, ...]  # "device:NAME task died: <exception>" for every part whose task died
     errors: tuple[str, ...]  # the last warnings and errors logged
     overrides: tuple[OverrideState, ...] = ()  # operator overrides holding automatic writes
+    sparkplug: LinkState | None = None  # the Sparkplug B edge node's connection and outbox, when enabled
 
     @property
     def devices_up(self) -> frozenset[str]:
@@ -140,6 +141,7 @@ class GatewayStatus:
             "twin": {"stored": self.twin.stored, "flushes": self.twin.flushes, "flush_errors": self.twin.flush_errors,
                      "pending": self.twin.pending},
             "mqtt": _mqtt(self.mqtt),
+            "sparkplug": _mqtt(self.sparkplug),
             "errors": list(self.errors),
             "overrides": [{"point": o.point, "since": o.since, "until": o.until, "event": o.event, "old": o.old,
                            "new": o.new} for o in self.overrides],

@@ -107,6 +107,32 @@ class TwinView:
         sql, params = self._newest("SELECT * FROM writes WHERE ts >= ? ORDER BY id", [since], limit)
         return self._rows(sql, params)
 
+    def trend(self, point: str, since: float, until: float, buckets: int, *,
+              budget: float = 2.0) -> list[dict[str, Any]]:
+        """A chart's worth of one point's numeric history: at most ``buckets`` rows, each the average, min,
+        max and count of the samples in one equal slice of ``since..until`` (bounded for the web page).
+
+        The query may scan many rows of other points (history is indexed by time only), so it gets
+        ``budget`` seconds of SQLite's time; past that it is interrupted and TwinError says so.
+        """
+        width = max((until - since) / max(buckets, 1), 1e-3)
+        sql = ("SELECT CAST((ts - ?) / ? AS INTEGER) AS bucket, min(ts) AS first_ts, max(ts) AS last_ts, "
+               "avg(value) AS avg, min(value) AS min, max(value) AS max, count(*) AS n FROM history "
+               "WHERE point = ? AND ts >= ? AND ts <= ? AND typeof(value) IN ('integer', 'real') "
+               "GROUP BY bucket ORDER BY bucket")
+        deadline = time.monotonic() + budget
+        conn = self.db.conn
+        conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
+        try:
+            return self._rows(sql, [since, width, point, since, until])
+        except TwinError as exc:
+            if "interrupted" in str(exc):
+                raise TwinError(f"{self.path}: the history of {point} over this range takes more than "
+                                f"{budget:g} s to read; choose a shorter range") from exc
+            raise
+        finally:
+            conn.set_progress_handler(None, 0)
+
     def desired(self) -> list[dict[str, Any]]:
         """The desired state of every point that was ever requested."""
         return list(self.db["desired"].rows_where(order_by="point"))
