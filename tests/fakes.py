@@ -18,6 +18,7 @@ a test can prove that writes came through the safety gate.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import traceback
 from collections.abc import Iterable
@@ -40,7 +41,8 @@ class FakeDevice:
     as ``default``, which it then holds), a write sets it. With ``counting`` every read first sets
     every point to the number of reads so far, so each sample is distinct and checkable.
     ``reachable = False`` refuses connections and fails reads. With ``accepts_writes = False`` a
-    write fails the test: for agents that must never write.
+    write fails the test: for agents that must never write. ``connect_delay`` seconds pass before
+    a connection completes (a slow device, still connecting when the rest of the agent is up).
     """
 
     def __init__(self, name: str, *, default: Value = None, counting: bool = False,
@@ -51,6 +53,7 @@ class FakeDevice:
         self.counting = counting
         self.accepts_writes = accepts_writes
         self.reachable = True
+        self.connect_delay = 0.0
         self.connects = 0  # successful connections
         self.reads = 0  # successful reads
         self.written: list[tuple[str, Any]] = []  # (point, value) of every write, in order
@@ -109,6 +112,8 @@ class FakeDriver(Driver):
         host = getattr(self.device, "host", "")
         if host in self.plant.unreachable_hosts:
             raise ConnectError(self.device.name, f"{host} unreachable (test)")
+        if self.state.connect_delay:
+            await asyncio.sleep(self.state.connect_delay)
         if not self.state.reachable:
             raise ConnectError(self.device.name, "connection refused")
         self.state.connects += 1
