@@ -400,3 +400,34 @@ def test_the_last_version_survives_and_pending_points_left_by_a_stop_become_fail
     assert (newer.accepted, newer.last_version, newer.last_id) == (True, 4, "doc-4")
     assert twin.desired_state(["dev.sp"])["dev.sp"]["status"] == "pending"
     twin.close()
+
+
+async def test_a_verdict_still_queued_never_overwrites_a_newer_document(tmp_path: Path) -> None:
+    """Version 1's verdict is queued in the writer when version 2 is claimed: it is stored first, so
+    the point shows version 2 pending, not version 1's value as if version 2 were applied."""
+    cfg = builders.load(builders.config(tmp_path, devices=[builders.modbus("dev", [
+        builders.point("dev.sp", address=0, writable=True, min=0, max=20)])]), tmp_path / "agent.toml")
+    twin = Twin.open(cfg.twin_path)
+    twin.sync_points(cfg)
+    writer = TwinWriter(twin, cfg.twin)
+    changes: list[int] = []
+    writer.on_desired = lambda: changes.append(1)
+    first = DesiredDocument(1, "doc-1", "bob", 100.0, 200.0, 150.0, {"dev.sp": 7}, "pending")
+    assert (await writer.claim_desired(first)).accepted
+    assert writer.desired["dev.sp"]["status"] == "pending" and changes == [1]
+    writer.record("write", {"ts": 151.0, "source": "cloud", "actor": "bob", "point": "dev.sp", "old": 5.0,
+                            "requested": 7.0, "written": 7.0, "readback": 7.0, "result": "applied", "reason": ""})
+    second = DesiredDocument(2, "doc-2", "bob", 100.0, 200.0, 152.0, {"dev.sp": 9}, "pending")
+    assert (await writer.claim_desired(second)).accepted
+    pending = {"value": 9.0, "version": 2, "source": "cloud", "status": "pending", "reason": ""}
+    assert writer.desired["dev.sp"] == pending == twin.desired_state()["dev.sp"]
+    assert twin.conn.execute("SELECT point, result FROM writes").fetchall() == [("dev.sp", "applied")]
+    writer.record("write", {"ts": 153.0, "source": "cloud", "actor": "bob", "point": "dev.sp", "old": 7.0,
+                            "requested": 9.0, "written": 9.0, "readback": 9.0, "result": "applied", "reason": ""})
+    writer.record("write", {"ts": 154.0, "source": "operator", "actor": "alice", "point": "dev.sp", "old": 9.0,
+                            "requested": 8.0, "written": 8.0, "readback": 8.0, "result": "applied", "reason": ""})
+    await writer.store_records()
+    assert writer.desired["dev.sp"] == {"value": 8.0, "version": 3, "source": "operator", "status": "applied",
+                                        "reason": ""}  # an operator's write counts on from the document's version
+    assert len(changes) == 5
+    await writer.close()

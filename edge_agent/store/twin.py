@@ -158,9 +158,16 @@ Chunk = tuple[float, Sequence[Reading]]  # (received_ts, readings)
 
 CURRENT = "SELECT name, device, value, quality, source_ts AS ts, received_ts, unit FROM points ORDER BY name"
 
-# A write from the cloud keeps the version its desired document gave the point's desired state
-# (set by claim_desired, status pending); any other source counts its requests.
-_NEXT_VERSION = "CASE WHEN excluded.source = 'cloud' THEN desired.version ELSE desired.version + 1 END"
+# A point's desired state after a write: a write from the cloud (a desired document's point)
+# takes the version of the document being applied, the last one claimed (documents are applied
+# one at a time, and a claim stores the verdicts queued before it first); any other source counts
+# its requests (:doc_version is NULL).
+_UPSERT_DESIRED = (
+    "INSERT INTO desired (point, value, source, actor, version, status, reason, ts) "
+    "VALUES (:point, :requested, :source, :actor, coalesce(:doc_version, 1), :result, :reason, :ts) "
+    "ON CONFLICT (point) DO UPDATE SET value = excluded.value, source = excluded.source, actor = excluded.actor, "
+    "version = coalesce(:doc_version, desired.version + 1), status = excluded.status, reason = excluded.reason, "
+    "ts = excluded.ts")
 
 _INSERT_HISTORY = "INSERT INTO history (point, value, quality, ts) VALUES (?, ?, ?, ?)"
 # Numbered parameters let SQLite take the driver's Reading tuples (point, value, quality, ts)
@@ -300,13 +307,13 @@ class Twin:
                 cur = conn.execute(f"INSERT INTO writes ({', '.join(columns)}) VALUES ({marks})",
                                    tuple(attempt.get(c) for c in columns))
                 if attempt.get("configured", True):  # no desired row for a point that does not exist
-                    conn.execute(
-                        "INSERT INTO desired (point, value, source, actor, version, status, reason, ts) "
-                        "VALUES (?, ?, ?, ?, 1, ?, ?, ?) ON CONFLICT (point) DO UPDATE SET value = excluded.value, "
-                        "source = excluded.source, actor = excluded.actor, version = " + _NEXT_VERSION + ", "
-                        "status = excluded.status, reason = excluded.reason, ts = excluded.ts",
-                        (attempt["point"], attempt.get("requested"), attempt["source"], attempt.get("actor"),
-                         attempt["result"], attempt.get("reason", ""), attempt["ts"]))
+                    doc_version = None
+                    if attempt["source"] == "cloud":
+                        doc_version = conn.execute("SELECT max(version) FROM desired_documents").fetchone()[0]
+                    conn.execute(_UPSERT_DESIRED, {
+                        "point": attempt["point"], "requested": attempt.get("requested"), "source": attempt["source"],
+                        "actor": attempt.get("actor"), "doc_version": doc_version, "result": attempt["result"],
+                        "reason": attempt.get("reason", ""), "ts": attempt["ts"]})
         except sqlite3.Error as exc:
             raise TwinError(f"{self.path}: cannot record a write: {exc}") from exc
         return int(cur.lastrowid or 0)

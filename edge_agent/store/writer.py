@@ -195,6 +195,11 @@ class TwinWriter:
 
     async def store_records(self) -> None:
         """Store pending events and write records in the twin, then hand them to the cloud."""
+        # under the lock: the twin connection takes one transaction at a time (prune, claims)
+        async with self._lock:
+            await self._store_records()
+
+    async def _store_records(self) -> None:
         records, self._records = self._records, []
         for kind, record in records:
             try:
@@ -230,6 +235,9 @@ class TwinWriter:
     async def claim_desired(self, document: DesiredDocument) -> DesiredClaim:
         """Record a desired document as handled when its version is new (see :meth:`Twin.claim_desired`)."""
         async with self._lock:
+            # the verdicts already queued belong to older documents: stored first, they cannot
+            # overwrite the new document's pending states
+            await self._store_records()
             claim = await finish_in_thread(self.twin.claim_desired, document)
             if claim.accepted:
                 self._refresh_desired(await finish_in_thread(self.twin.desired_state, list(document.points)))
