@@ -41,8 +41,9 @@ class FakeDevice:
     as ``default``, which it then holds), a write sets it. With ``counting`` every read first sets
     every point to the number of reads so far, so each sample is distinct and checkable.
     ``reachable = False`` refuses connections and fails reads. With ``accepts_writes = False`` a
-    write fails the test: for agents that must never write. ``connect_delay`` seconds pass before
-    a connection completes (a slow device, still connecting when the rest of the agent is up).
+    write fails the test: for agents that must never write. A connection attempt waits until
+    ``connect_open`` is set (it is, unless a test clears it: a slow device, still connecting while
+    the rest of the agent is up).
     """
 
     def __init__(self, name: str, *, default: Value = None, counting: bool = False,
@@ -53,7 +54,8 @@ class FakeDevice:
         self.counting = counting
         self.accepts_writes = accepts_writes
         self.reachable = True
-        self.connect_delay = 0.0
+        self.connect_open = asyncio.Event()
+        self.connect_open.set()
         self.connects = 0  # successful connections
         self.reads = 0  # successful reads
         self.written: list[tuple[str, Any]] = []  # (point, value) of every write, in order
@@ -112,8 +114,7 @@ class FakeDriver(Driver):
         host = getattr(self.device, "host", "")
         if host in self.plant.unreachable_hosts:
             raise ConnectError(self.device.name, f"{host} unreachable (test)")
-        if self.state.connect_delay:
-            await asyncio.sleep(self.state.connect_delay)
+        await self.state.connect_open.wait()
         if not self.state.reachable:
             raise ConnectError(self.device.name, "connection refused")
         self.state.connects += 1

@@ -197,15 +197,21 @@ async def test_a_document_waits_for_a_device_still_connecting_after_a_start(tmp_
     before the slow device has delivered any data: it stays pending until then, instead of being
     refused by the gate for want of data (and never tried again)."""
     plant = FakePlant(default=5.0)
-    plant.device("dev").connect_delay = 2.5
+    device = plant.device("dev")
+    device.connect_open.clear()
     cfg = agent_config(tmp_path, broker.port, pki, keys)
     with Recorder(broker, f"{PREFIX}/#") as recorder:
         publish(recorder, document(keys, "bob", 3, {"dev.sp": 7}))
         agent = await started(cfg, plant, device_up=False)
         try:
-            assert agent.runners["dev"].status.state == "connecting"
+            assert agent.desired is not None
+            await wait_for(lambda: agent.desired is not None and agent.desired.handled == 1, what="document claimed")
+            await recorder.wait_for_async(lambda ms: any(s["dev.sp"] is not None and s["dev.sp"]["status"] == "pending"
+                                                         for s in snapshots(ms)), topic=TWIN)
+            assert agent.runners["dev"].status.state == "connecting" and agent.desired.last is None
+            device.connect_open.set()
             done = await outcome(agent, "applied")
-            assert done.results == {"dev.sp": "applied"} and plant.device("dev").written == [("dev.sp", 7.0)]
+            assert done.results == {"dev.sp": "applied"} and device.written == [("dev.sp", 7.0)]
             assert desired_rows(cfg)["dev.sp"]["status"] == "applied"
         finally:
             await agent.stop()
