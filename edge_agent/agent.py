@@ -40,7 +40,9 @@ if TYPE_CHECKING:
     from edge_agent.cloud.edge_node import EdgeNode
     from edge_agent.control.inference import ModelRunner
     from edge_agent.control.optimizer import Optimizer
+    from edge_agent.remote.desired import DesiredState
     from edge_agent.remote.dispatch import CommandHandler
+    from edge_agent.store.twin import DesiredClaim, DesiredDocument
 
 log = logging.getLogger(__name__)
 STATUS_INTERVAL = 5.0  # seconds between refreshes of data_dir/status.json
@@ -61,6 +63,7 @@ class Agent:
         self.commands: CommandHandler | None = None
         self.edge_node: EdgeNode | None = None  # the Sparkplug B edge node ([sparkplug] enabled)
         self.edge_outbox: Outbox | None = None
+        self.desired: DesiredState | None = None  # the cloud's desired state, with commands
         self.runners: dict[str, DeviceRunner] = {}
         self.models: dict[str, ModelRunner] = {}
         self.optimizer: Optimizer | None = None
@@ -204,6 +207,24 @@ class Agent:
                          "ts": r.ts if r else None, "unit": unit})
         return rows
 
+    def twin_points(self) -> list[dict[str, Any]]:
+        """:meth:`current`, plus each point's desired state (``desired``) when it has one: the retained twin."""
+        desired = self.writer.desired if self.writer is not None else {}
+        return [{**row, "desired": desired.get(row["name"])} for row in self.current()]
+
+    def data_ready(self, point: str) -> bool:
+        owner = self._owner.get(point)
+        runner = self.runners.get(owner) if owner else None
+        if runner is None:
+            return True
+        state = runner.status
+        return state.state == "down" or (state.state == "up" and state.reads + state.updates > 0)
+
+    async def claim_desired(self, document: DesiredDocument) -> DesiredClaim:
+        if self.writer is None:
+            raise TwinError("the twin is not open")
+        return await self.writer.claim_desired(document)
+
     async def query(self, fn: Callable[[TwinView], T]) -> T:
         """Run ``fn`` on the agent's own read connection to the twin, off the event loop."""
         return await asyncio.to_thread(self._reader.call, fn)
@@ -325,7 +346,7 @@ class Agent:
         self.outbox = await asyncio.to_thread(
             Outbox.open, self._config.agent.data_dir / "outbox.db", limits=limits, max_inflight=mqtt.max_inflight,
             synchronous=mqtt.outbox_sync)
-        on_message = None
+        on_message = on_desired = None
         if self._config.commands.enabled:
             from edge_agent.remote.dispatch import CommandHandler
 
@@ -335,7 +356,8 @@ class Agent:
                 self.commands = CommandHandler(self)
             self.commands.attach()
             on_message = self.commands.on_message
-        self.sync = Sync(self._config, self.outbox, self.current, on_message=on_message)
+            on_desired = self._attach_desired()
+        self.sync = Sync(self._config, self.outbox, self.twin_points, on_message=on_message, on_desired=on_desired)
         self._forward()
         self.sync.start()
 
@@ -344,6 +366,16 @@ class Agent:
         if self.writer is not None:
             targets = [t for t in (self.sync, self.edge_node) if t is not None]
             self.writer.forward = _Forwards(targets) if targets else None
+            self.writer.on_desired = self.sync.twin_changed if self.sync is not None else None
+
+    def _attach_desired(self) -> Callable[[Any], None]:
+        """The cloud's desired state (signed like commands): one receiver for the agent's life."""
+        from edge_agent.remote.desired import DesiredState
+
+        if self.desired is None:
+            self.desired = DesiredState(self)
+        self.desired.attach()
+        return self.desired.on_message
 
     async def _stop_sync(self) -> None:
         """Leave the broker (Will: offline) and close the outbox; what it holds stays on disk."""

@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
 
     twin = sub.add_parser("twin", help="inspect the local twin database")
     twin_sub = twin.add_subparsers(dest="twin_command", required=True, metavar="TWIN_COMMAND")
-    show = twin_sub.add_parser("show", help="every point with value, quality, timestamp and unit")
+    show = twin_sub.add_parser("show", help="every point with value, quality, timestamp and unit, and its desired "
+                                            "state (value, version, source, status, reason) when it has one")
     show.add_argument("--config", required=True, help="path to the TOML config file")
     show.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     hist = twin_sub.add_parser("history", help="the stored samples of one point")
@@ -468,13 +469,7 @@ def _twin(args: argparse.Namespace) -> int:
     twin = TwinView.open(config.twin_path)
     try:
         if args.twin_command == "show":
-            rows = twin.current()
-            if args.json:
-                print(json.dumps([_public_point(r) for r in rows], indent=1))
-            else:
-                _table(["point", "value", "quality", "time", "unit"],
-                       [[r["name"], _fmt(r["value"]), r["quality"], _when(r["ts"]), r["unit"]] for r in rows])
-            return EXIT_OK
+            return _show(twin.current(), twin.desired(), args.json)
         try:
             since = time.time() - parse_duration(args.since)
         except ValueError:
@@ -495,6 +490,26 @@ def _twin(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         twin.close()
+
+
+def _show(rows: list[dict[str, Any]], desired_rows: list[dict[str, Any]], as_json: bool) -> int:
+    """Every point; a point with a desired state also shows it, and why it is not applied when it is not."""
+    desired = {d["point"]: {k: d[k] for k in ("value", "version", "source", "status", "reason")} for d in desired_rows}
+    if as_json:
+        print(json.dumps([{**_public_point(r), "desired": desired.get(r["name"])} for r in rows], indent=1))
+        return EXIT_OK
+    table = []
+    for r in rows:
+        d = desired.get(r["name"])
+        wanted = [_fmt(d["value"]), f'{d["status"]} (v{d["version"]}, {d["source"]})'] if d else ["-", "-"]
+        table.append([r["name"], _fmt(r["value"]), r["quality"], _when(r["ts"]), r["unit"], *wanted])
+    _table(["point", "value", "quality", "time", "unit", "desired", "desired status"], table)
+    reasons = [(r["name"], desired[r["name"]]) for r in rows if desired.get(r["name"], {}).get("reason")]
+    if reasons:
+        print()
+        for name, d in reasons:
+            print(f'{name}: desired {_fmt(d["value"])} {d["status"]}: {d["reason"]}')
+    return EXIT_OK
 
 
 def _events(rows: list[dict[str, Any]], as_json: bool) -> int:

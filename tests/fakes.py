@@ -18,6 +18,7 @@ a test can prove that writes came through the safety gate.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -41,7 +42,9 @@ class FakeDevice:
     every point to the number of reads so far, so each sample is distinct and checkable.
     ``reachable = False`` refuses connections and fails reads. With ``accepts_writes = False`` a
     write fails the test: for agents that must never write. ``holds`` maps a written value to what
-    the device keeps of it (default: all of it), for devices that cannot hold every value.
+    the device keeps of it (default: all of it), for devices that cannot hold every value. A
+    connection attempt waits until ``connect_open`` is set (it is, unless a test clears it: a slow
+    device, still connecting while the rest of the agent is up).
     """
 
     def __init__(self, name: str, *, default: Value = None, counting: bool = False,
@@ -53,6 +56,8 @@ class FakeDevice:
         self.accepts_writes = accepts_writes
         self.reachable = True
         self.holds: Callable[[Any], Any] = lambda value: value
+        self.connect_open = asyncio.Event()
+        self.connect_open.set()
         self.connects = 0  # successful connections
         self.reads = 0  # successful reads
         self.written: list[tuple[str, Any]] = []  # (point, value) of every write, in order
@@ -111,6 +116,7 @@ class FakeDriver(Driver):
         host = getattr(self.device, "host", "")
         if host in self.plant.unreachable_hosts:
             raise ConnectError(self.device.name, f"{host} unreachable (test)")
+        await self.state.connect_open.wait()
         if not self.state.reachable:
             raise ConnectError(self.device.name, "connection refused")
         self.state.connects += 1

@@ -116,3 +116,26 @@ def test_schemas_reject_a_payload_from_a_future_version() -> None:
     assert validate({**body, "v": 2}, load_schema("state")) == ["$.v: expected 1, got 2"]
     assert validate({**body, "state": "sleeping"}, load_schema("state")) == [
         "$.state: expected one of ['online', 'offline'], got 'sleeping'"]
+
+
+def test_twin_payload_with_desired_state_validates() -> None:
+    """A point with a desired state carries exactly value, version, source, status and reason."""
+    schema = load_schema("twin")
+    statuses = ["pending", "applied", "rejected", "failed", "rolled_back", "expired"]
+    points = [{"name": f"p{i}", "value": 5.0, "quality": "good", "ts": 1.0, "unit": "",
+               "desired": {"value": 7.5, "version": 3, "source": "cloud", "status": status, "reason": ""}}
+              for i, status in enumerate(statuses)]
+    points.append({"name": "never.asked", "value": 1.0, "quality": "good", "ts": 1.0, "unit": "", "desired": None})
+    twin = json.loads(payloads.twin_snapshot("gw-01", points))
+    assert validate(twin, schema) == []
+    assert [p.get("desired", {}).get("status") for p in twin["points"]] == [*statuses, None]
+    assert "desired" not in twin["points"][-1]
+    desired = twin["points"][0]["desired"]
+    assert desired == {"value": 7.5, "version": 3, "source": "cloud", "status": "pending", "reason": ""}
+    assert load_schema("twin")["properties"]["points"]["items"]["properties"]["desired"]["required"] == [
+        "value", "version", "source", "status", "reason"]
+    bad = json.loads(json.dumps(twin))
+    bad["points"][0]["desired"] = {**desired, "status": "done", "by": "x"}
+    assert validate(bad, schema) == ["$.points[0].desired.status: expected one of "
+                                     f"{['pending', 'applied', 'rejected', 'failed', 'rolled_back', 'expired']!r}, "
+                                     "got 'done'", "$.points[0].desired: unexpected property 'by'"]

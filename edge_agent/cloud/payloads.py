@@ -5,9 +5,11 @@ Under ``{topic_prefix}/{site}/{gateway_id}/``:
 - ``state``      retained ``{"v":1,"gateway","state":"online"|"offline","ts"}``; "offline" is the Will.
 - ``telemetry``  ``{"v":1,"gateway","seq","points":[{"name","ts","value","quality"}...]}``, plus
                  ``"gap":{"from_seq","to_seq","messages","samples"}`` when the outbox had to drop.
-- ``twin``       retained ``{"v":1,"gateway","ts","points":[{"name","value","quality","ts","unit"}...]}``.
+- ``twin``       retained ``{"v":1,"gateway","ts","points":[{"name","value","quality","ts","unit"}...]}``;
+                 a point with a desired state also has ``"desired":{"value","version","source","status","reason"}``.
 - ``events``     ``{"v":1,"gateway","seq","ts","type",...}``, one event per message.
-- ``cmd`` and ``cmd/response`` belong to remote management.
+- ``cmd`` and ``cmd/response`` belong to remote management; ``desired`` (retained, from the cloud)
+  to desired state (:mod:`edge_agent.remote.desired`).
 
 Telemetry is the hot path (every sample goes through it), so its JSON is written by hand with
 point names encoded once; everything else uses :func:`json.dumps`.
@@ -62,6 +64,10 @@ class Topics:
     def cmd_response(self) -> str:
         return f"{self.base}/cmd/response"
 
+    @property
+    def desired(self) -> str:
+        return f"{self.base}/desired"
+
 
 def _value(value: Any) -> str:
     """One JSON value; NaN and infinities (not JSON) become null."""
@@ -114,11 +120,19 @@ def state(gateway: str, value: str) -> bytes:
 
 
 def twin_snapshot(gateway: str, points: Iterable[Mapping[str, Any]]) -> bytes:
-    """The retained ``twin`` payload: every point's current value and quality."""
-    body = {"v": VERSION, "gateway": gateway, "ts": time.time(),
-            "points": [{"name": p["name"], "value": _finite(p["value"]), "quality": p["quality"], "ts": p["ts"],
-                        "unit": p["unit"]} for p in points]}
+    """The retained ``twin`` payload: every point's current value and quality, and its desired state
+    when it has one (a ``desired`` mapping of value, version, source, status and reason)."""
+    body = {"v": VERSION, "gateway": gateway, "ts": time.time(), "points": [_twin_point(p) for p in points]}
     return json.dumps(body, ensure_ascii=False).encode()
+
+
+def _twin_point(p: Mapping[str, Any]) -> dict[str, Any]:
+    point = {"name": p["name"], "value": _finite(p["value"]), "quality": p["quality"], "ts": p["ts"], "unit": p["unit"]}
+    desired = p.get("desired")
+    if desired is not None:
+        point["desired"] = {"value": _finite(desired["value"]), "version": desired["version"],
+                            "source": desired["source"], "status": desired["status"], "reason": desired["reason"]}
+    return point
 
 
 def event(gateway: str, stamp: Stamp, kind: str, fields: Mapping[str, Any]) -> bytes:

@@ -14,8 +14,12 @@ sees live seqs run ahead while the backlog fills in behind them: every seq arriv
 backlog's own seqs arrive in order. At most ``mqtt.max_inflight`` messages are unacknowledged.
 
 The retained ``twin`` snapshot is appended on connect and on change, at most every
-``mqtt.twin_interval``; ``state`` "online" is appended on connect, and the broker publishes the
+``mqtt.twin_interval``; a change of a desired state (:meth:`Sync.twin_changed`) goes out at the
+next publish interval. ``state`` "online" is appended on connect, and the broker publishes the
 Will ("offline") when the agent goes away, cleanly or not.
+
+Incoming: ``cmd`` goes to ``on_message`` and the retained ``desired`` document to ``on_desired``,
+each subscribed only when its receiver is given.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drivers.base import Reading
 from edge_agent.cloud import payloads
@@ -35,6 +39,9 @@ from edge_agent.errors import LinkError, TwinError
 from edge_agent.pacing import TokenBucket
 from edge_agent.store.messages import Draft, Message
 from edge_agent.store.outbox import Outbox
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as paho
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +54,18 @@ class Sync:
     """Keeps the cloud in step with the twin through the outbox."""
 
     def __init__(self, config: AgentConfig, outbox: Outbox, snapshot: Snapshot,
-                 on_message: OnMessage | None = None) -> None:
+                 on_message: OnMessage | None = None, on_desired: OnMessage | None = None) -> None:
         assert config.mqtt is not None
         self.cfg = config.mqtt
         self.gateway = config.agent.id
         self.outbox = outbox
         self.snapshot = snapshot
         self.topics = payloads.Topics.of(self.cfg.topic_prefix, config.agent.site, config.agent.id)
+        self._receivers = {topic: receiver for topic, receiver in
+                           ((self.topics.cmd, on_message), (self.topics.desired, on_desired)) if receiver}
         self.link = MqttLink(self.cfg, will_topic=self.topics.state,
                              will_payload=payloads.state(self.gateway, "offline"),
-                             subscriptions=(self.topics.cmd,) if on_message else (), on_message=on_message)
+                             subscriptions=tuple(self._receivers), on_message=self._route if self._receivers else None)
         self.link.on_ack = self._on_ack
         self.link.on_refused = self._on_refused
         self.link.on_up = self._wake_up
@@ -66,6 +75,7 @@ class Sync:
         self.acked = 0
         self._samples: list[Reading] = []
         self._twin_dirty = True
+        self._twin_urgent = False  # a desired state changed: the snapshot goes out at the next batch
         self._twin_sent = 0.0
         self._mids: dict[int, int] = {}  # paho mid -> outbox id
         self._responses: set[int] = set()  # mids of command responses
@@ -80,6 +90,17 @@ class Sync:
         if readings:
             self._samples.extend(readings)
             self._twin_dirty = True
+
+    def twin_changed(self) -> None:
+        """A desired state changed: republish the twin snapshot at the next publish interval."""
+        self._twin_dirty = self._twin_urgent = True
+
+    def _route(self, message: paho.MQTTMessage) -> None:
+        receiver = self._receivers.get(message.topic)
+        if receiver is not None:
+            receiver(message)
+        else:
+            log.debug("mqtt: message on unexpected topic %r ignored", message.topic)
 
     def event(self, kind: str, fields: dict[str, Any]) -> Draft:
         """A draft ``events`` message, for :meth:`append`."""
@@ -165,9 +186,9 @@ class Sync:
         samples, self._samples = self._samples, []
         drafts = self._telemetry_drafts(samples)
         now = time.monotonic()
-        if self._twin_dirty and now - self._twin_sent >= self.cfg.twin_interval:
+        if self._twin_dirty and (self._twin_urgent or now - self._twin_sent >= self.cfg.twin_interval):
             drafts.append(await self._twin_draft())
-            self._twin_sent, self._twin_dirty = now, False
+            self._twin_sent, self._twin_dirty, self._twin_urgent = now, False, False
         try:
             await self.append(drafts)
         except TwinError:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from edge_agent.config import AgentConfig
     from edge_agent.control.gate import WriteResult
     from edge_agent.service.status import GatewayStatus
+    from edge_agent.store.twin import DesiredClaim, DesiredDocument
     from edge_agent.store.views import TwinView
 
 T = TypeVar("T")
@@ -48,6 +49,18 @@ class Gateway(Protocol):
     def event_acked(self, event_id: int, operator: str) -> list[str]:
         """An operator acknowledged event ``event_id``: lift what it held (returns the points whose
         automatic writes resume)."""
+        ...
+
+    def data_ready(self, point: str) -> bool:
+        """Whether the safety gate can judge a write to ``point`` on current data: its device has
+        delivered data since it connected, or has failed to connect (False while it is still
+        connecting, e.g. right after a start). True for a point that does not exist."""
+        ...
+
+    async def claim_desired(self, document: DesiredDocument) -> DesiredClaim:
+        """Record a verified desired document as the last one handled, durably and before anything
+        is written, when its version is greater than the last one's; its points' desired state
+        becomes ``document.status``. TwinError when the twin cannot record it."""
         ...
 
     def optimizer_mode(self) -> str | None:

@@ -6,6 +6,8 @@ Schema (documented in the README; open it with sqlite3, sqlite-utils or Datasett
 - ``history``: samples over time, pruned past ``twin.history_retention``.
 - ``events``, ``desired``, ``writes``: anomalies and outages, the safety gate's desired state and
   every write attempt.
+- ``desired_documents``: the cloud's desired-state documents handled, newest kept; the greatest
+  version is the last one handled (see :meth:`Twin.claim_desired`).
 
 :class:`Twin` is the agent's own connection, used by its writer only. Readings arrive in batches
 and each batch is one transaction, never one per value; the hot insert path hands the driver's
@@ -21,20 +23,35 @@ import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drivers.base import Reading
 from edge_agent.config import AgentConfig
 from edge_agent.errors import TwinError
 from edge_agent.store import sqlite
 
+if TYPE_CHECKING:
+    import sqlite_utils
+
 log = logging.getLogger(__name__)
 
+
+
+def _desired_documents(db: sqlite_utils.Database) -> None:
+    """4: the cloud's desired-state documents handled; the greatest version is the last one handled."""
+    db.table("desired_documents").create(
+        {"version": int, "id": str, "operator": str, "issued_at": float, "expires_at": float, "received": float,
+         "status": str, "points": str},
+        pk="version", not_null={"id", "operator", "issued_at", "expires_at", "received", "status", "points"})
+
+
 # Each entry moves the schema one version up (PRAGMA user_version). Append, never edit:
-# a gateway in the field may be on any earlier version.
-MIGRATIONS: list[str] = [
+# a gateway in the field may be on any earlier version. Steps after the third are sqlite-utils
+# functions (see edge_agent.store.sqlite).
+MIGRATIONS: list[sqlite.Step] = [
     # 1: current values and history
     """
     CREATE TABLE points (
@@ -102,11 +119,55 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX writes_ts ON writes (ts);
     """,
+    _desired_documents,
 ]
+
+DESIRED_KEPT = 100  # handled desired documents kept in desired_documents (the newest)
+DESIRED_FIELDS = ("value", "version", "source", "status", "reason")  # a point's desired state, as published
+
+
+@dataclass(frozen=True)
+class DesiredDocument:
+    """A verified desired-state document from the cloud, to be claimed by :meth:`Twin.claim_desired`.
+
+    ``status`` is what its points' desired state becomes when it is claimed: ``pending`` (the gate
+    will apply them) or ``expired`` (never applied), with ``reason``.
+    """
+
+    version: int
+    id: str
+    operator: str
+    issued_at: float
+    expires_at: float
+    received: float
+    points: dict[str, float | bool]
+    status: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class DesiredClaim:
+    """What :meth:`Twin.claim_desired` did: ``accepted`` (the document is now the last one handled),
+    and the version and id of the last one handled before it (None before the first)."""
+
+    accepted: bool
+    last_version: int | None
+    last_id: str | None
 
 Chunk = tuple[float, Sequence[Reading]]  # (received_ts, readings)
 
 CURRENT = "SELECT name, device, value, quality, source_ts AS ts, received_ts, unit FROM points ORDER BY name"
+
+# A point's desired state after a write: a write from the cloud (a desired document's point)
+# takes the version of the document being applied, the last one claimed (documents are applied
+# one at a time, and a claim stores the verdicts queued before it first); any other source counts
+# its requests (:doc_version is NULL).
+_UPSERT_DESIRED = (
+    "INSERT INTO desired (point, value, source, actor, version, status, reason, ts) "
+    "VALUES (:point, :requested, :source, :actor, coalesce(:doc_version, 1), :result, :reason, :ts) "
+    "ON CONFLICT (point) DO UPDATE SET value = excluded.value, source = excluded.source, actor = excluded.actor, "
+    "version = coalesce(:doc_version, desired.version + 1), status = excluded.status, reason = excluded.reason, "
+    "ts = excluded.ts")
 
 _INSERT_HISTORY = "INSERT INTO history (point, value, quality, ts) VALUES (?, ?, ?, ?)"
 # Numbered parameters let SQLite take the driver's Reading tuples (point, value, quality, ts)
@@ -246,16 +307,74 @@ class Twin:
                 cur = conn.execute(f"INSERT INTO writes ({', '.join(columns)}) VALUES ({marks})",
                                    tuple(attempt.get(c) for c in columns))
                 if attempt.get("configured", True):  # no desired row for a point that does not exist
-                    conn.execute(
-                        "INSERT INTO desired (point, value, source, actor, version, status, reason, ts) "
-                        "VALUES (?, ?, ?, ?, 1, ?, ?, ?) ON CONFLICT (point) DO UPDATE SET value = excluded.value, "
-                        "source = excluded.source, actor = excluded.actor, version = desired.version + 1, "
-                        "status = excluded.status, reason = excluded.reason, ts = excluded.ts",
-                        (attempt["point"], attempt.get("requested"), attempt["source"], attempt.get("actor"),
-                         attempt["result"], attempt.get("reason", ""), attempt["ts"]))
+                    doc_version = None
+                    if attempt["source"] == "cloud":
+                        doc_version = conn.execute("SELECT max(version) FROM desired_documents").fetchone()[0]
+                    conn.execute(_UPSERT_DESIRED, {
+                        "point": attempt["point"], "requested": attempt.get("requested"), "source": attempt["source"],
+                        "actor": attempt.get("actor"), "doc_version": doc_version, "result": attempt["result"],
+                        "reason": attempt.get("reason", ""), "ts": attempt["ts"]})
         except sqlite3.Error as exc:
             raise TwinError(f"{self.path}: cannot record a write: {exc}") from exc
         return int(cur.lastrowid or 0)
+
+    def claim_desired(self, document: DesiredDocument) -> DesiredClaim:
+        """Make ``document`` the last desired document handled, if its version is greater than the last one's.
+
+        In one transaction: the version check, the document's row, and the desired state of each of
+        its points that is in the points table (version = the document's, source ``cloud``, status
+        and reason from the document). Committed before anything is written to a device, so a
+        document that was claimed is never applied again, whatever happens next (restart, crash,
+        re-delivery of the retained message).
+        """
+        try:
+            with self.transaction() as conn:
+                last = conn.execute("SELECT version, id FROM desired_documents "
+                                    "ORDER BY version DESC LIMIT 1").fetchone()
+                if last is not None and document.version <= last[0]:
+                    return DesiredClaim(False, last[0], last[1])
+                conn.execute(
+                    "INSERT INTO desired_documents (version, id, operator, issued_at, expires_at, received, status, "
+                    "points) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (document.version, document.id, document.operator, document.issued_at, document.expires_at,
+                     document.received, document.status, json.dumps(document.points)))
+                conn.execute("DELETE FROM desired_documents WHERE version NOT IN (SELECT version FROM "
+                             "desired_documents ORDER BY version DESC LIMIT ?)", (DESIRED_KEPT,))
+                configured = {row[0] for row in conn.execute("SELECT name FROM points")}
+                conn.executemany(
+                    "INSERT INTO desired (point, value, source, actor, version, status, reason, ts) "
+                    "VALUES (?, ?, 'cloud', ?, ?, ?, ?, ?) ON CONFLICT (point) DO UPDATE SET value = excluded.value, "
+                    "source = excluded.source, actor = excluded.actor, version = excluded.version, "
+                    "status = excluded.status, reason = excluded.reason, ts = excluded.ts",
+                    [(point, float(value), document.operator, document.version, document.status, document.reason,
+                      document.received) for point, value in document.points.items() if point in configured])
+        except sqlite3.Error as exc:
+            raise TwinError(f"{self.path}: cannot record desired document version {document.version}: {exc}") from exc
+        return DesiredClaim(True, last[0] if last else None, last[1] if last else None)
+
+    def desired_state(self, points: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """The desired state (value, version, source, status, reason) of ``points`` (default: every
+        point that has one), by point."""
+        sql = f"SELECT point, {', '.join(DESIRED_FIELDS)} FROM desired"
+        if points is None:
+            rows = self._query(sql)
+        else:
+            rows = sqlite.query(self.conn, self.path, sql + " WHERE point IN (SELECT value FROM json_each(?))",
+                                (json.dumps(list(points)),))
+        return {row.pop("point"): row for row in rows}
+
+    def interrupt_pending(self, reason: str, now: float) -> int:
+        """Mark desired states still ``pending`` (the agent stopped before applying them) ``failed``.
+
+        They are not retried: the cloud publishes a new version to try again. Returns how many.
+        """
+        try:
+            with self.transaction() as conn:
+                cur = conn.execute("UPDATE desired SET status = 'failed', reason = ?, ts = ? WHERE status = 'pending'",
+                                   (reason, now))
+        except sqlite3.Error as exc:
+            raise TwinError(f"{self.path}: cannot update the desired state: {exc}") from exc
+        return cur.rowcount
 
     def prune(self, before: float, *, chunk: int = 20_000) -> int:
         """Delete history older than ``before`` (unix seconds), in small transactions."""

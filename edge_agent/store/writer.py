@@ -5,7 +5,9 @@ Data path: drivers and models -> :meth:`TwinWriter.submit` (an in-memory list of
 readings are waiting) stores everything pending in one SQLite transaction off the event loop,
 then hands what history kept to the cloud (:class:`Forward`). Events and write records take the
 same road. The writer also keeps the latest Reading of every point in memory for the parts that
-need current values fast (models, the safety gate).
+need current values fast (models, the safety gate), and every point's desired state (the twin's
+``desired`` table, refreshed as write records and desired documents are stored) for the retained
+``twin`` snapshot; ``on_desired`` is called when it changes.
 
 Back-pressure: once four ``flush_max`` are waiting, :meth:`room` blocks the pollers until a
 flush catches up, so memory stays bounded however slow the disk is. A flush that fails (disk
@@ -18,17 +20,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from drivers.base import Reading
 from edge_agent.config import AgentConfig, TwinSection
 from edge_agent.errors import TwinError
-from edge_agent.store.twin import Chunk, Twin
+from edge_agent.store.twin import Chunk, DesiredClaim, DesiredDocument, Twin
 from edge_agent.tasks import finish_in_thread
 
 log = logging.getLogger(__name__)
+
+INTERRUPTED = "the agent stopped before this was applied; not retried (publish a new version to try again)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,8 @@ class TwinWriter:
         self.settings = settings
         self.forward: Forward | None = None  # set while the cloud sync runs
         self.latest: dict[str, Reading] = {}
+        self.desired: dict[str, dict[str, Any]] = {}  # point -> its desired state (DESIRED_FIELDS)
+        self.on_desired: Callable[[], None] | None = None  # called when a desired state changed
         self.stored = 0  # history rows written since start
         self.received = 0  # readings received from devices and models since start
         self.flush_seconds = 0.0  # wall time spent in twin flushes (for the average write latency)
@@ -76,10 +82,16 @@ class TwinWriter:
         self._points_synced = 0.0
 
     def restore(self) -> None:
-        """Take every point's last stored value as its latest (blocking: call from a worker thread)."""
+        """Take every point's last stored value as its latest, and the desired states (blocking: call
+        from a worker thread). A desired state still pending was cut short by a stop: it becomes failed."""
         for row in self.twin.current():
             if row["ts"] is not None:
                 self.latest[row["name"]] = Reading(row["name"], row["value"], row["quality"], row["ts"])
+        interrupted = self.twin.interrupt_pending(INTERRUPTED, time.time())
+        if interrupted:
+            log.warning("desired state: %d point(s) were still pending when the agent stopped; marked failed, "
+                        "not retried", interrupted)
+        self.desired = self.twin.desired_state()
 
     @property
     def pending_count(self) -> int:
@@ -183,11 +195,19 @@ class TwinWriter:
 
     async def store_records(self) -> None:
         """Store pending events and write records in the twin, then hand them to the cloud."""
+        # under the lock: the twin connection takes one transaction at a time (prune, claims)
+        async with self._lock:
+            await self._store_records()
+
+    async def _store_records(self) -> None:
         records, self._records = self._records, []
         for kind, record in records:
-            store = self.twin.record_write if kind == "write" else self.twin.add_event
             try:
-                record["id"] = await finish_in_thread(store, record)
+                if kind == "write":
+                    record["id"], desired = await finish_in_thread(self._store_write, record)
+                    self._refresh_desired(desired)
+                else:
+                    record["id"] = await finish_in_thread(self.twin.add_event, record)
             except TwinError as exc:
                 log.error("%s; %s kept in memory for the next attempt", exc, kind)
                 self._records.append((kind, record))
@@ -198,6 +218,30 @@ class TwinWriter:
                     await self.forward.append_event(event_type, {k: v for k, v in record.items() if k != "kind"})
                 except TwinError as exc:
                     log.error("%s; %s %s is in the twin but not queued for the cloud", exc, kind, record["id"])
+
+    def _store_write(self, record: dict[str, Any]) -> tuple[int, dict[str, dict[str, Any]]]:
+        """Store a write record; returns its id and the point's desired state after it (worker thread)."""
+        record_id = self.twin.record_write(record)
+        return record_id, self.twin.desired_state([record["point"]])
+
+    def _refresh_desired(self, rows: dict[str, dict[str, Any]]) -> None:
+        """Take desired states read back from the twin (on the event loop); tell ``on_desired`` of a change."""
+        changed = {point: row for point, row in rows.items() if self.desired.get(point) != row}
+        if changed:
+            self.desired.update(changed)
+            if self.on_desired is not None:
+                self.on_desired()
+
+    async def claim_desired(self, document: DesiredDocument) -> DesiredClaim:
+        """Record a desired document as handled when its version is new (see :meth:`Twin.claim_desired`)."""
+        async with self._lock:
+            # the verdicts already queued belong to older documents: stored first, they cannot
+            # overwrite the new document's pending states
+            await self._store_records()
+            claim = await finish_in_thread(self.twin.claim_desired, document)
+            if claim.accepted:
+                self._refresh_desired(await finish_in_thread(self.twin.desired_state, list(document.points)))
+        return claim
 
     async def sync_points(self, config: AgentConfig) -> None:
         """Make the twin's points table match a (reloaded) config, between flushes."""
