@@ -18,6 +18,7 @@ REGISTER_WIDTH = {
     "float32": 2, "float64": 4, "bool": 1,
 }
 WORD_ORDERS = ("big", "little")
+BYTE_ORDERS = ("big", "little")
 PARITIES = ("N", "E", "O")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -54,6 +55,7 @@ class ModbusPoint(PointConfig):
     address: int
     type: str = "uint16"
     word_order: str = "big"
+    byte_order: str = "big"  # order of the two bytes inside each register (the Modbus spec says big)
     scale: float = 1.0
     offset: float = 0.0
 
@@ -90,6 +92,7 @@ class OpcUaDevice(DeviceConfig):
     security: str = "None"
     username: str | None = None
     password: str | None = None
+    server_certificate: Path | None = None  # pinned server certificate (PEM or DER); None: trust on first use
     points: tuple[OpcUaPoint, ...] = ()
 
 
