@@ -59,6 +59,8 @@ need_test_tools() {
     command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
     command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    # Modbus RTU tests run over a real pseudo-terminal pair joined by socat (tests/serial_line.py)
+    command -v socat >/dev/null 2>&1 || missing+=(socat)
     if [ ${#missing[@]} -gt 0 ]; then
         apt_install "${missing[@]}"
     fi
