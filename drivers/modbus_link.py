@@ -5,9 +5,12 @@ Why share
     line of drives (one ``host:port``, one unit id per drive), or several meters on one serial
     port. The gateway serves one transaction at a time (the serial line behind it can carry no
     more) and often accepts only a handful of TCP connections; a serial port can be opened once.
-    So every configured device whose ``host:port`` (``protocol = "modbus"``) or ``serial_port``
-    (``"modbus-rtu"``) is the same uses one :class:`ModbusLink`: one pymodbus client, one request
-    on the wire at a time, each with the unit id and the timeout of the device that sent it.
+    So the devices on one serial port (``"modbus-rtu"``), and the TCP devices on one
+    ``host:port`` that say ``connection = "shared"``, use one :class:`ModbusLink`: one pymodbus
+    client, one request on the wire at a time, each with the unit id and the timeout of the
+    device that sent it. A TCP device with ``connection = "own"`` (the default) gets a link of
+    its own, as before: a server that answers connections in parallel is read faster that way
+    (bench/bench_plant.py measures both).
 
 The pool
     :func:`acquire` hands a device's driver the link for its address, creating it on first use;
@@ -54,7 +57,7 @@ from edge_agent.errors import ConnectError, ReadError, WriteError
 
 log = logging.getLogger(__name__)
 
-LinkKey = tuple[str, str, int]  # ("tcp", host, port) or ("rtu", serial port, 0)
+LinkKey = tuple[str, ...]  # ("tcp", host, port), ("tcp", host, port, device) for "own", ("rtu", serial port)
 
 # Connection-level failures from pymodbus: ConnectionException and ModbusIOException (a timeout
 # with retries=0) are ModbusExceptions; socket errors and asyncio timeouts are OSErrors.
@@ -65,8 +68,10 @@ _NEVER = 2**31  # pymodbus disconnects after this many timeouts in a row: never,
 def link_key(device: ModbusDevice) -> LinkKey:
     """The address devices share a link by: host and port, or the serial port."""
     if device.protocol == "modbus-rtu":
-        return ("rtu", device.serial_port, 0)
-    return ("tcp", device.host, device.port)
+        return ("rtu", device.serial_port)
+    if device.connection == "shared":
+        return ("tcp", device.host, str(device.port))
+    return ("tcp", device.host, str(device.port), device.name)
 
 
 class ModbusLink:

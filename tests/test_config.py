@@ -97,17 +97,19 @@ def test_issue14_keys_load_with_their_defaults(tmp_path: Path) -> None:
         builders.modbus("m1", [builders.point("m1.e", address=0, type="float32", word_order="little",
                                               byte_order="little"),
                                builders.point("m1.f", address=2, type="float32")]),
+        builders.modbus("m2", [builders.point("m2.e", address=0)], connection="shared"),
         {"name": "r1", "protocol": "modbus-rtu", "serial_port": "/dev/ttyUSB0", "unit_id": 1, "baudrate": 9600,
          "points": [builders.point("r1.e", address=0)]},
         {"name": "r2", "protocol": "modbus-rtu", "serial_port": "/dev/ttyUSB0", "unit_id": 2, "baudrate": 9600,
          "points": [builders.point("r2.e", address=0)]},
     ])
     cfg = builders.load(doc, tmp_path / "agent.toml")
-    plc1, plc2, m1, r1, r2 = cfg.devices
+    plc1, plc2, m1, m2, r1, r2 = cfg.devices
     assert isinstance(plc1, OpcUaDevice) and isinstance(plc2, OpcUaDevice)
     assert plc1.server_certificate == pinned.resolve()  # relative to the config file's folder
     assert plc2.server_certificate is None  # trust on first use
     assert isinstance(m1, ModbusDevice)
     assert [(p.word_order, p.byte_order) for p in m1.points] == [("little", "little"), ("big", "big")]
+    assert isinstance(m2, ModbusDevice) and (m1.connection, m2.connection) == ("own", "shared")
     assert isinstance(r1, ModbusDevice) and isinstance(r2, ModbusDevice)
     assert (r1.serial_port, r1.baudrate) == (r2.serial_port, r2.baudrate)  # one line, the same settings: fine

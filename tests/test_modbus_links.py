@@ -94,14 +94,14 @@ class Gateway:
 @asynccontextmanager
 async def tcp_gateway(units: Sequence[int], silent: Sequence[int] = ()) -> AsyncIterator[tuple[Gateway,
                                                                                                dict[str, Any]]]:
-    """A Modbus TCP gateway on a free port; yields it and the device settings that reach it."""
+    """A Modbus TCP gateway on a free port; yields it and the device settings that reach it (shared connection)."""
     gateway = Gateway(units, silent=set(silent))
     port = free_port()
     gateway.server = ModbusTcpServer(gateway.devices(), address=("127.0.0.1", port), trace_packet=gateway._packet,
                                      trace_pdu=gateway._pdu, trace_connect=gateway._connect)
     await gateway.server.serve_forever(background=True)
     try:
-        yield gateway, {"protocol": "modbus", "host": "127.0.0.1", "port": port}
+        yield gateway, {"protocol": "modbus", "host": "127.0.0.1", "port": port, "connection": "shared"}
     finally:
         await gateway.stop()
 
@@ -153,6 +153,21 @@ async def test_devices_on_one_address_share_one_connection_and_the_last_closes_i
         await drivers[2].close()
         await wait_for(lambda: gateway.disconnects == 1, what="the connection closed by the last device")
         assert modbus_link.links() == ()
+
+
+async def test_devices_with_their_own_connection_do_not_share_even_on_one_address() -> None:
+    async with tcp_gateway([1, 2], silent=[2]) as (gateway, link):
+        own = {**link, "connection": "own"}  # the default
+        one = ModbusDriver(unit_device("one", 1, own), Path("."))
+        two = ModbusDriver(unit_device("two", 2, own, timeout=0.2), Path("."))
+        async with one, two:
+            assert len(modbus_link.links()) == 2
+            assert (await one.read())[0].value == 100
+            with pytest.raises(ReadError, match="no answer from unit 2"):
+                await two.read()
+            await wait_for(lambda: gateway.disconnects == 1, what="unit 2's own connection closed")
+            assert (await one.read())[0].value == 100  # its own connection: untouched
+        assert gateway.connects == 2
 
 
 async def test_writes_and_reads_of_units_on_one_connection_carry_their_own_unit_id() -> None:

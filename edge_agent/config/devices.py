@@ -9,6 +9,7 @@ from typing import Any
 from edge_agent.config.schema import (
     _NODE_ID,
     BYTE_ORDERS,
+    MODBUS_CONNECTIONS,
     OPCUA_MODES,
     OPCUA_SECURITY,
     PARITIES,
@@ -177,7 +178,8 @@ def _modbus_device(t: Table, device: dict[str, Any]) -> ModbusDevice | None:
             "bytesize": t.integer("bytesize", 8, low=7, high=8),
         }
     else:
-        extra |= {"host": t.string("host", _REQUIRED), "port": t.integer("port", 502, low=1, high=65535)}
+        extra |= {"host": t.string("host", _REQUIRED), "port": t.integer("port", 502, low=1, high=65535),
+                  "connection": t.choice("connection", MODBUS_CONNECTIONS, "own")}
     points = [_modbus_point(p) for p in t.tables("points")]
     t.finish()
     if None in extra.values() or None in device.values() or None in points:

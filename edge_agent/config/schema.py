@@ -20,6 +20,7 @@ REGISTER_WIDTH = {
 WORD_ORDERS = ("big", "little")
 BYTE_ORDERS = ("big", "little")
 PARITIES = ("N", "E", "O")
+MODBUS_CONNECTIONS = ("own", "shared")  # modbus (TCP): a connection per device, or one per host:port
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -110,6 +111,7 @@ class ModbusDevice(DeviceConfig):
     unit_id: int = 1
     max_registers: int = 125
     max_gap: int = 0
+    connection: str = "own"  # TCP: "shared" with the other "shared" devices on host:port; RTU always shares the port
     points: tuple[ModbusPoint, ...] = ()
 
 
