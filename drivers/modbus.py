@@ -2,10 +2,11 @@
 
 The read plan is built once, at init (see :mod:`drivers.modbus_codec`); ``read`` sends one
 request per block, under the device's lock, so one device's reads and writes never interleave.
-The connection is a :class:`~drivers.modbus_link.ModbusLink` shared with every other device on
-the same ``host:port`` or serial port (a TCP gateway, an RS-485 line): one request on the wire
-at a time, each with this device's unit id and timeout; see that module for why and how a dead
-unit is kept from stalling the others.
+The connection is a :class:`~drivers.modbus_link.ModbusLink`: the device's own TCP connection
+(``connection = "own"``, the default), or one shared with the other devices on the same serial
+port, or on the same ``host:port`` with ``connection = "shared"`` (a TCP gateway in front of an
+RS-485 line): one request on the wire at a time, each with this device's unit id and timeout.
+See that module for why, and how a dead unit is kept from stalling the others.
 
 Errors: a block answered with a Modbus exception response (illegal address, device busy...)
 turns only its points' quality to "bad"; so does a float register holding NaN or infinity (for
