@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import os
 import socket
 import stat
@@ -282,7 +283,9 @@ def test_coerce_and_plain_values() -> None:
 # --------------------------------------------------------------------------- security, users
 
 
-def _server_certificate() -> tuple[bytes, bytes]:
+@functools.cache
+def _server_certificate(which: int = 0) -> tuple[bytes, bytes]:
+    """Server certificate and key number ``which`` (made once per test session: RSA keys take a while)."""
     key = cert_gen.generate_private_key()
     cert = cert_gen.generate_self_signed_app_certificate(
         key, "edge-agent test server", {},
@@ -379,7 +382,7 @@ class Witness(UserManager):
 
 
 async def test_server_certificate_is_trusted_on_first_use_and_a_swapped_one_is_refused(tmp_path: Path) -> None:
-    genuine, impostor = _server_certificate(), _server_certificate()
+    genuine, impostor = _server_certificate(1), _server_certificate(2)
     sessions: list[tuple[str, list[str]]] = []
 
     async def record(cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
@@ -422,7 +425,7 @@ async def test_server_certificate_is_trusted_on_first_use_and_a_swapped_one_is_r
 
 
 async def test_a_pinned_server_certificate_overrides_the_one_trusted_on_first_use(tmp_path: Path) -> None:
-    old, new = _server_certificate(), _server_certificate()
+    old, new = _server_certificate(1), _server_certificate(2)
     port = free_port()
     pinned = tmp_path / "plc1-server.pem"
     pinned.write_bytes(x509.load_der_x509_certificate(new[0]).public_bytes(serialization.Encoding.PEM))
@@ -446,7 +449,7 @@ async def test_a_pinned_server_certificate_overrides_the_one_trusted_on_first_us
 
 async def test_a_refused_server_certificate_makes_the_device_go_down_loudly(tmp_path: Path,
                                                                            caplog: pytest.LogCaptureFixture) -> None:
-    genuine, impostor = _server_certificate(), _server_certificate()
+    genuine, impostor = _server_certificate(1), _server_certificate(2)
     port = free_port()
     async with plant(certificate=genuine, port=port) as p:
         config = device(p.endpoint, [point("temp", p.node_id("Temp"))], security="Basic256Sha256,SignAndEncrypt",
