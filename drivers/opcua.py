@@ -59,7 +59,7 @@ import datetime as dt
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -73,6 +73,7 @@ from cryptography.hazmat.primitives import serialization
 from drivers import opcua_pki
 from drivers.base import BAD, GOOD, UNCERTAIN, Driver, Reading, ReadingSink, Value
 from drivers.opcua_limits import OperationLimits, batched, read_limits
+from drivers.opcua_monitor import MonitoredItems
 from edge_agent.config import OpcUaDevice, OpcUaPoint
 from edge_agent.errors import ConnectError, ReadError, WriteError
 
@@ -262,10 +263,7 @@ class OpcUaDriver(Driver):
         self._limits = OperationLimits()
         self._keepalive = keepalive_period(device.interval)
         self._probe_at = math.inf  # monotonic time of the next "does the subscription exist?" probe
-        self._monitored: dict[int, int] = {}  # handle (point index) -> the server's MonitoredItemId
-        self._retry: dict[int, str] = {}  # handle -> why it is not monitored (status name)
-        self._retry_delay = device.retry_min
-        self._retry_at = math.inf
+        self._items: MonitoredItems | None = None
         self._vanished: set[str] = set()  # points whose node the server does not know (logged once)
         self._first_use: tuple[Path, bytes] | None = None  # a server certificate to trust once connected
 
@@ -393,11 +391,9 @@ class OpcUaDriver(Driver):
     async def close(self) -> None:
         """Close the session and the socket; never raises."""
         client, self._client = self._client, None
-        self._subscription = None
+        self._subscription = self._items = None
         self._variant_types.clear()
-        self._monitored.clear()
-        self._retry.clear()
-        self._retry_at = self._probe_at = math.inf
+        self._probe_at = math.inf
         if client is not None:
             await self._disconnect(client)
 
@@ -458,27 +454,10 @@ class OpcUaDriver(Driver):
         self._keepalive = created.RevisedPublishingInterval / 1000.0 * max(created.RevisedMaxKeepAliveCount, 1)
         self._stale_after = _STALE_KEEPALIVES * self._keepalive + self.device.timeout
         self._probe_at = time.monotonic() + _PROBE_KEEPALIVES * self._keepalive
-        refused = await self._monitor(subscription, range(len(self._nodes)))
+        self._items = MonitoredItems(self.device, self._nodes, self._limits, LIBRARY_ERRORS)
+        refused = await self._items.create(subscription, range(len(self._nodes)))
         if refused:
-            self._report_unmonitored(refused, sink)
-
-    async def _monitor(self, subscription: PointSubscription, handles: Iterable[int]) -> dict[int, ua.StatusCode]:
-        """Create monitored items for ``handles`` (split to the server's limit); returns the ones refused."""
-        handles = list(handles)
-        interval_ms = self.device.interval * 1000.0
-        requests = [self._monitor_request(handle, self._nodes[handle], interval_ms) for handle in handles]
-        try:
-            results = await batched(subscription.create_monitored_items, requests, self._limits, "monitor",
-                                    self.device.name)
-        except LIBRARY_ERRORS as exc:
-            raise ReadError(self.device.name, f"cannot monitor the points: {_describe(exc)}") from exc
-        refused: dict[int, ua.StatusCode] = {}
-        for handle, result in zip(handles, results, strict=True):
-            if isinstance(result, ua.StatusCode):
-                refused[handle] = result
-            else:
-                self._monitored[handle] = result
-        return refused
+            self._items.refused(refused, sink)
 
     def _subscription_params(self, interval_ms: float) -> ua.CreateSubscriptionParameters:
         params = ua.CreateSubscriptionParameters()
@@ -491,43 +470,18 @@ class OpcUaDriver(Driver):
         params.Priority = 0
         return params
 
-    @staticmethod
-    def _monitor_request(handle: int, node: Node, interval_ms: float) -> ua.MonitoredItemCreateRequest:
-        request = ua.MonitoredItemCreateRequest()
-        request.ItemToMonitor = ua.ReadValueId(NodeId=node.nodeid, AttributeId=ua.AttributeIds.Value)
-        request.MonitoringMode = ua.MonitoringMode.Reporting
-        request.RequestedParameters = ua.MonitoringParameters(
-            ClientHandle=handle, SamplingInterval=interval_ms, QueueSize=1, DiscardOldest=True)
-        return request
-
-    def _report_unmonitored(self, refused: dict[int, ua.StatusCode], sink: ReadingSink) -> None:
-        names = list(self.points)
-        now = time.time()
-        sink([Reading(names[handle], None, BAD, now) for handle in refused])
-        logger.warning("%s: the server refused to monitor %d point(s): %s; they read bad and are tried again "
-                       "from %g s to every %g s", self.device.name, len(refused),
-                       ", ".join(f"{names[h]} ({status.name})" for h, status in refused.items()),
-                       self.device.retry_min, self.device.retry_max)
-        self._schedule_retry({handle: status.name for handle, status in refused.items()})
-
-    def _schedule_retry(self, failed: dict[int, str]) -> None:
-        if not self._retry:
-            self._retry_delay = self.device.retry_min
-        self._retry.update(failed)
-        self._retry_at = min(self._retry_at, time.monotonic() + self._retry_delay)
-
     async def check(self) -> None:
         """Raise ReadError when the connection, the session or the subscription is dead.
 
         Also drops the monitored items of nodes the server reported unknown, and re-creates
-        the missing ones when their retry is due.
+        the missing ones when their retry is due (:mod:`drivers.opcua_monitor`).
         """
         client = self._require(ReadError)
         name = self.device.name
         if client.state is not UaClientState.CONNECTED:
             raise ReadError(name, f"connection to {self.device.endpoint} lost ({client.state.value})")
-        sub = self._subscription
-        if sub is None:
+        sub, items = self._subscription, self._items
+        if sub is None or items is None:
             return
         if sub.sink_error is not None:
             raise ReadError(name, f"reading sink failed: {sub.sink_error!r}") from sub.sink_error
@@ -540,9 +494,11 @@ class OpcUaDriver(Driver):
         if silent > _PROBE_KEEPALIVES * self._keepalive and time.monotonic() >= self._probe_at:
             await self._probe(client, sub, silent)
         if sub.lost:
-            await self._forget_lost(sub)
-        if self._retry and time.monotonic() >= self._retry_at:
-            await self._retry_unmonitored(sub)
+            lost, sub.lost = sub.lost, set()
+            for point in await items.forget(sub, lost):
+                self._variant_types.pop(point, None)  # a re-created node may have another type
+        if items.due():
+            await items.retry(sub)
 
     async def _probe(self, client: Client, sub: PointSubscription, silent: float) -> None:
         """Ask the server whether the subscription still exists (SetPublishingMode changes nothing)."""
@@ -556,49 +512,6 @@ class OpcUaDriver(Driver):
         if results and not results[0].is_good():
             raise ReadError(self.device.name, f"the server no longer has subscription {sub.subscription_id} "
                                               f"({results[0].name}); no publish response for {silent:.1f} s")
-
-    async def _forget_lost(self, sub: PointSubscription) -> None:
-        """Drop the monitored items of nodes the server no longer knows; they are re-created with backoff."""
-        handles = sorted(sub.lost)
-        sub.lost.clear()
-        names = list(self.points)
-        mids = [self._monitored.pop(handle) for handle in handles if handle in self._monitored]
-        for handle in handles:
-            self._variant_types.pop(names[handle], None)
-            logger.warning("%s: point %s: the server no longer knows node %s; point bad, monitoring it again "
-                           "from %g s to every %g s", self.device.name, names[handle], self.points[names[handle]].node,
-                           self.device.retry_min, self.device.retry_max)
-        if mids:
-            try:
-                await batched(self._unsubscribe(sub), mids, self._limits, "monitor", self.device.name)
-            except LIBRARY_ERRORS as exc:  # the item may be gone with its node; nothing is lost
-                logger.debug("%s: deleting monitored items %s: %s", self.device.name, mids, _describe(exc))
-        self._schedule_retry(dict.fromkeys(handles, "BadNodeIdUnknown"))
-
-    @staticmethod
-    def _unsubscribe(sub: PointSubscription) -> Callable[[Sequence[int]], Awaitable[list[None]]]:
-        async def delete(mids: Sequence[int]) -> list[None]:
-            await sub.unsubscribe(list(mids))
-            return [None] * len(mids)
-        return delete
-
-    async def _retry_unmonitored(self, sub: PointSubscription) -> None:
-        handles = sorted(self._retry)
-        refused = await self._monitor(sub, handles)
-        names = list(self.points)
-        for handle in handles:
-            if handle not in refused:
-                del self._retry[handle]
-                logger.info("%s: point %s: monitoring node %s again", self.device.name, names[handle],
-                            self.points[names[handle]].node)
-        self._retry.update({handle: status.name for handle, status in refused.items()})
-        if self._retry:
-            self._retry_delay = min(self._retry_delay * 2, self.device.retry_max)
-            self._retry_at = time.monotonic() + self._retry_delay
-            logger.debug("%s: %d point(s) still not monitored; next try in %g s", self.device.name,
-                         len(self._retry), self._retry_delay)
-        else:
-            self._retry_at = math.inf
 
     # ------------------------------------------------------------------ write
 
