@@ -42,8 +42,9 @@ Nodes that vanish
     renamed, a PLC program reloaded) reads as quality "bad" while the other points keep
     flowing; it is logged once and logged again when it is back. In poll mode every Read asks
     again. In subscribe mode its monitored item is dropped (or was never created) and
-    re-created by ``check`` with a backoff from ``retry_min`` to ``retry_max``, so one missing
-    node never fails a subscription (Telegraf #19186).
+    re-created by ``check`` with a backoff from ``retry_min`` to ``retry_max``
+    (:mod:`drivers.opcua_monitor`), so one missing node never fails a subscription (Telegraf
+    #19186).
 
 Writes
     The Value attribute is written with a Variant of the node's own type (its DataType, or
