@@ -66,6 +66,9 @@ need_test_tools() {
     command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
     command -v node >/dev/null 2>&1 || missing+=(nodejs)
     command -v npm >/dev/null 2>&1 || missing+=(npm)
+
+    # Modbus RTU tests run over a real pseudo-terminal pair joined by socat (tests/serial_line.py)
+    command -v socat >/dev/null 2>&1 || missing+=(socat)
     if [ ${#missing[@]} -gt 0 ]; then
         apt_install "${missing[@]}"
     fi

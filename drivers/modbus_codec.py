@@ -9,13 +9,28 @@ response in a handful of C calls: the block's registers are packed into bytes on
 *run* of adjacent points of the same type and word order is unpacked by one precompiled
 :class:`struct.Struct`.
 
-Byte layout: bytes within a register are always big-endian (Modbus spec). ``word_order =
-"big"`` puts the most significant register first; ``"little"`` puts it last. Packing the
-registers little-endian (``<H``, each register's two bytes swapped) turns a little-word-order
-value into a plain little-endian one, so ``<f``, ``<i``... decode it directly::
+Byte layout: ``word_order = "big"`` puts the most significant register first, ``"little"`` puts
+it last; ``byte_order = "big"`` (the Modbus spec) puts the most significant byte of each register
+first, ``"little"`` swaps the two. The four combinations of a value with bytes A B C D (most
+significant first), as devices ship them::
 
-    float32 1.5 = 0x3FC00000   big: [0x3FC0, 0x0000]   little: [0x0000, 0x3FC0]
-    little registers packed "<H": 00 00 C0 3F  ==  struct.pack("<f", 1.5)
+    word big,    byte big     ABCD   [0xAABB, 0xCCDD]     pack ">H", unpack ">"
+    word little, byte big     CDAB   [0xCCDD, 0xAABB]     pack "<H", unpack "<"
+    word big,    byte little  BADC   [0xBBAA, 0xDDCC]     pack "<H", unpack ">"
+    word little, byte little  DCBA   [0xDDCC, 0xBBAA]     pack ">H", unpack "<"
+
+A block packs its registers once big-endian (``>H``) and, when a point needs it, once with each
+register's bytes swapped (``<H``); each run then unpacks from one of the two with the struct
+byte order of its word order. So every combination costs the same one C call per run::
+
+    float32 1.5 = 0x3FC00000, word little: [0x0000, 0x3FC0]
+    packed "<H": 00 00 C0 3F  ==  struct.pack("<f", 1.5)
+
+Byte order applies to 16-bit values too (a swapped int16 is [0xBBAA]); word order only to
+values of two or four registers.
+
+Float values that are NaN or infinite are returned as they are; :meth:`Block.decode` tells the
+driver where they are (:attr:`Block.may_be_nonfinite`), and the driver gives them quality "bad".
 
 Values: ``value = raw * scale + offset``; integer types stay ``int`` when scale is 1 and
 offset 0, and become ``float`` otherwise. Writes invert this exactly (:func:`encode`), and
@@ -55,10 +70,13 @@ INTEGER_RANGES = {
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    """Adjacent points of one type and word order inside a register block, unpacked at once."""
+    """Adjacent points of one type, word and byte order inside a register block, unpacked at once.
+
+    ``swapped``: unpacked from the block's registers packed with their bytes swapped (``<H``).
+    """
 
     unpack_from: struct.Struct
-    little: bool
+    swapped: bool
     byte_offset: int
     scales: tuple[float, ...] | None  # None: scale 1, offset 0 for every point (no arithmetic)
     offsets: tuple[float, ...] | None
@@ -79,6 +97,7 @@ class Block:
     bit_indexes: tuple[int, ...] = ()
     pack_big: struct.Struct | None = None
     pack_little: struct.Struct | None = None
+    may_be_nonfinite: bool = False  # a float type, or a scale that can overflow: the driver checks isfinite
 
     @property
     def bits(self) -> bool:
@@ -97,7 +116,7 @@ class Block:
         little = self.pack_little.pack(*data) if self.pack_little is not None else b""
         values: list[Value] = []
         for run in self.runs:
-            raw = run.unpack_from.unpack_from(little if run.little else big, run.byte_offset)
+            raw = run.unpack_from.unpack_from(little if run.swapped else big, run.byte_offset)
             if run.scales is None or run.offsets is None:
                 values.extend(raw)
             else:
@@ -136,6 +155,8 @@ def _check_point(point: ModbusPoint) -> None:
                          f'register = "{point.register}"')
     if point.word_order not in ("big", "little"):
         raise ValueError(f'point "{point.name}": unknown word_order "{point.word_order}"')
+    if point.byte_order not in ("big", "little"):
+        raise ValueError(f'point "{point.name}": unknown byte_order "{point.byte_order}"')
 
 
 def _group(points: list[ModbusPoint], limit: int, max_gap: int) -> list[list[ModbusPoint]]:
@@ -161,18 +182,19 @@ def _block(table: str, points: list[ModbusPoint]) -> Block:
                      bit_indexes=tuple(p.address - address for p in points))
     grouped = _runs(points)
     runs = [_run(run, address) for run in grouped]
-    little = any(run.little for run in runs)
-    big = not all(run.little for run in runs)
+    swapped = any(run.swapped for run in runs)
+    plain = not all(run.swapped for run in runs)
     return Block(
         table, address, count, tuple(p.name for run in grouped for p in run),
         runs=tuple(runs),
-        pack_big=struct.Struct(f">{count}H") if big else None,
-        pack_little=struct.Struct(f"<{count}H") if little else None,
+        pack_big=struct.Struct(f">{count}H") if plain else None,
+        pack_little=struct.Struct(f"<{count}H") if swapped else None,
+        may_be_nonfinite=any(map(_may_be_nonfinite, points)),
     )
 
 
 def _runs(points: list[ModbusPoint]) -> list[list[ModbusPoint]]:
-    """Adjacent points sharing type, word order and whether they need scale/offset arithmetic."""
+    """Adjacent points sharing type, word and byte order and whether they need scale/offset arithmetic."""
     runs: list[list[ModbusPoint]] = []
     for point in points:
         if runs and _run_key(runs[-1][-1]) == _run_key(point) and \
@@ -183,26 +205,37 @@ def _runs(points: list[ModbusPoint]) -> list[list[ModbusPoint]]:
     return runs
 
 
-def _little(point: ModbusPoint) -> bool:
+def _little_words(point: ModbusPoint) -> bool:
     return point.word_order == "little" and point.width > 1
+
+
+def _little_bytes(point: ModbusPoint) -> bool:
+    return point.byte_order == "little"
+
+
+def _may_be_nonfinite(point: ModbusPoint) -> bool:
+    # Integers scale to a finite float unless the scale (or offset) is absurdly large.
+    return point.type in ("float32", "float64") or not math.isfinite(abs(point.scale) * 2.0**64 + abs(point.offset))
 
 
 def _identity(point: ModbusPoint) -> bool:
     return point.scale == 1 and point.offset == 0
 
 
-def _run_key(point: ModbusPoint) -> tuple[str, bool, bool]:
-    return point.type, _little(point), _identity(point)
+def _run_key(point: ModbusPoint) -> tuple[str, bool, bool, bool]:
+    return point.type, _little_words(point), _little_bytes(point), _identity(point)
 
 
 def _run(points: list[ModbusPoint], block_address: int) -> Run:
     first = points[0]
-    little = _little(first)
-    fmt = f"{'<' if little else '>'}{len(points)}{STRUCT_CODES[first.type]}"
+    little_words = _little_words(first)
+    # See the module docstring's table: the struct byte order follows the word order, and the
+    # registers are byte-swapped exactly when one of the two orders is little and the other big.
+    fmt = f"{'<' if little_words else '>'}{len(points)}{STRUCT_CODES[first.type]}"
     identity = _identity(first)
     return Run(
         unpack_from=struct.Struct(fmt),
-        little=little,
+        swapped=little_words != _little_bytes(first),
         byte_offset=2 * (first.address - block_address),
         scales=None if identity else tuple(float(p.scale) for p in points),
         offsets=None if identity else tuple(float(p.offset) for p in points),
@@ -216,7 +249,8 @@ def encode(point: ModbusPoint, value: object) -> list[int] | bool:
     """The registers (or the coil state) that make ``read`` return ``value`` for ``point``.
 
     Inverts the decoding exactly: ``raw = (value - offset) / scale``, integers rounded to the
-    nearest and range-checked, floats packed as the point's type, words in its word order.
+    nearest and range-checked, floats packed as the point's type, words in its word order and
+    the bytes of each register in its byte order.
     Raises ValueError for a value the point cannot hold (out of range, NaN, infinite, wrong kind).
     """
     if point.type == "bool":
@@ -230,7 +264,8 @@ def encode(point: ModbusPoint, value: object) -> list[int] | bool:
         data = struct.pack(f">{STRUCT_CODES[point.type]}", raw)
     except (struct.error, OverflowError) as exc:
         raise ValueError(f'{value!r} is out of range for {point.type} point "{point.name}"') from exc
-    registers = list(struct.unpack(f">{point.width}H", data))
+    # Reading the big-endian bytes as "<H" registers swaps the two bytes of each register.
+    registers = list(struct.unpack(f"{'<' if _little_bytes(point) else '>'}{point.width}H", data))
     return registers[::-1] if point.word_order == "little" else registers
 
 

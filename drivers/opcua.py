@@ -4,23 +4,47 @@ Connecting
     One asyncua ``Client`` per device, ``device.timeout`` per request. ``nsu=<uri>;...`` node
     ids are resolved against the server's NamespaceArray at connect; an unknown URI is a
     ConnectError naming the point. Node ids that do not exist are not checked at connect:
-    the server answers them with a Bad status and the point reads as quality "bad".
+    the server answers them with a Bad status and the point reads as quality "bad". The
+    server's OperationLimits are read at connect and every Read and CreateMonitoredItems is
+    split to fit them (:mod:`drivers.opcua_limits`); a write carries one node and always fits.
 
 Security
     ``security = "Basic256Sha256,Sign"`` or ``"...,SignAndEncrypt"`` uses the agent's
     application instance certificate (:mod:`drivers.opcua_pki`, under ``data_dir/pki``).
-    Server certificate trust: the client accepts the certificate the server presents on its
-    matching endpoint (GetEndpoints, then checked again in CreateSession) and logs its
-    SHA-1 thumbprint at INFO, so an operator can compare it with the server's. There is no
-    pinning yet; the server side, as usual in OPC UA, decides whether it trusts the agent.
+    Server certificate trust: before the secure channel is opened, the certificate the server
+    presents on its matching endpoint (GetEndpoints) is compared with the one expected of it,
+    the pinned ``devices[].server_certificate`` or else the one trusted on first use
+    (``data_dir/pki/trusted/``). Another certificate is refused with a ConnectError that names
+    both and how to accept the new one, so the device goes down loudly (log, event, status) and
+    no password is ever encrypted to a stranger's key. The expected certificate, not the one
+    presented, is then given to asyncua, which checks it again in CreateSession.
 
 Subscribe mode
     One subscription (publishing interval = ``device.interval``) with a monitored item per
     point on its Value. asyncua 2.1 hands every notification to a handler in its own task
     (``Subscription._deliver``), which costs more than decoding it; so the driver subclasses
     ``Subscription`` and turns each publish response into one batch of readings, one sink call.
-    ``check`` raises ReadError when the client's watchdog saw the connection die, the server
-    reported the subscription gone, or no publish response (data or keep-alive) came in time.
+
+Recovery
+    ``check`` (every interval) raises ReadError, and the device supervisor reconnects with
+    backoff and subscribes afresh, when: the client's watchdog saw the connection die (server
+    stopped or restarted), the server closed the session, the server reported the subscription
+    gone (a StatusChangeNotification), or no publish response came for too long. Any publish
+    response counts, data as well as keep-alive: a busy subscription sends no keep-alives
+    (OPC 10000-4 §5.13.1; HiveMQ Edge #1303). The keep-alive period is ten publishing
+    intervals, 1 to 5 s. After one and a half keep-alive periods of silence the driver asks
+    the server whether the subscription still exists (SetPublishingMode), so a subscription the
+    server dropped (deleted, expired) is found within a few seconds rather than after three
+    missed keep-alives.
+
+Nodes that vanish
+    A point whose node the server does not know (BadNodeIdUnknown, BadNodeIdInvalid: deleted,
+    renamed, a PLC program reloaded) reads as quality "bad" while the other points keep
+    flowing; it is logged once and logged again when it is back. In poll mode every Read asks
+    again. In subscribe mode its monitored item is dropped (or was never created) and
+    re-created by ``check`` with a backoff from ``retry_min`` to ``retry_max``
+    (:mod:`drivers.opcua_monitor`), so one missing node never fails a subscription (Telegraf
+    #19186).
 
 Writes
     The Value attribute is written with a Variant of the node's own type (its DataType, or
@@ -46,11 +70,14 @@ from typing import Any, ClassVar
 from asyncua import Client, Node, ua
 from asyncua.client.ua_client import UaClientState
 from asyncua.common.subscription import Subscription
-from asyncua.crypto import security_policies
+from asyncua.crypto import security_policies, uacrypto
 from asyncua.crypto.uacrypto import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 
 from drivers import opcua_pki
 from drivers.base import BAD, GOOD, UNCERTAIN, Driver, Reading, ReadingSink, Value, float32_spacing
+from drivers.opcua_limits import OperationLimits, batched, read_limits
+from drivers.opcua_monitor import MonitoredItems
 from edge_agent.config import OpcUaDevice, OpcUaPoint
 from edge_agent.errors import ConnectError, ReadError, WriteError
 
@@ -63,8 +90,13 @@ LIBRARY_ERRORS = (OSError, ua.UaError, InvalidSignature)
 # StatusCode severity is its top two bits: 00 good, 01 uncertain, 10 bad, 11 reserved (= bad).
 _QUALITY = (GOOD, UNCERTAIN, BAD, BAD)
 _PLAIN = frozenset((float, int, bool, str, type(None)))
-_KEEPALIVE_PERIOD = 5.0  # seconds between keep-alives the server sends on an idle subscription
+# Seconds between keep-alives the server sends on an idle subscription: ten publishing
+# intervals, at least 1 s, at most 5 s.
+_KEEPALIVE_INTERVALS, _KEEPALIVE_MIN, _KEEPALIVE_MAX = 10, 1.0, 5.0
 _STALE_KEEPALIVES = 3  # missed keep-alive periods before the subscription counts as dead
+_PROBE_KEEPALIVES = 1.5  # silent keep-alive periods before asking the server whether it still exists
+# Status codes that say the server does not know the node (any more).
+_LOST = frozenset((ua.StatusCodes.BadNodeIdUnknown, ua.StatusCodes.BadNodeIdInvalid))
 
 _INT_RANGES = {
     ua.VariantType.SByte: (-(2**7), 2**7 - 1), ua.VariantType.Byte: (0, 2**8 - 1),
@@ -104,6 +136,16 @@ def reading(name: str, data: ua.DataValue, clock: Any = time.time) -> Reading:
     status = data.StatusCode
     return Reading(name, value, GOOD if status is None else _QUALITY[status.value >> 30],
                    clock() if stamp is None else stamp.timestamp())
+
+
+def node_lost(status: ua.StatusCode | None) -> bool:
+    """True for the status of a node the server does not know (deleted, renamed, never there)."""
+    return status is not None and status.value in _LOST
+
+
+def keepalive_period(interval: float) -> float:
+    """Seconds between the keep-alives asked of the server for a subscription publishing every ``interval``."""
+    return min(_KEEPALIVE_MAX, max(_KEEPALIVE_MIN, _KEEPALIVE_INTERVALS * interval))
 
 
 def resolve_node_id(text: str, namespaces: Sequence[str] | None) -> ua.NodeId:
@@ -163,19 +205,38 @@ async def open_client(device: OpcUaDevice, data_dir: Path) -> Client:
     """A connected Client (secure channel and session) for ``device``; ConnectError on any failure.
 
     With a ``security`` other than None, the client certificate under ``data_dir/pki`` is used
-    (created on first use). Shared by the driver and the read-only commissioning tools.
+    (created on first use), and the server must present the certificate it is held to: the one
+    pinned by ``server_certificate``, else the one trusted on first use under
+    ``data_dir/pki/trusted/``. A server presenting another one is refused before any secret is
+    sent. Shared by the driver and the read-only commissioning tools.
     """
     client = new_client(device)
+    first_use = None
     try:
         if device.security != "None":
-            await _secure(client, device, data_dir)
+            first_use = await _secure(client, device, data_dir)
         await client.connect()
     except LIBRARY_ERRORS as exc:  # asyncua has already closed the socket and channel
         raise ConnectError(device.name, f"cannot connect to {device.endpoint}: {_describe(exc)}") from exc
+    if first_use is not None:  # the session proved the server holds the certificate's key: keep it
+        try:
+            await _trust_first_use(device, *first_use)
+        except BaseException:
+            await close_client(client, device.name)
+            raise
     return client
 
 
-async def _secure(client: Client, device: OpcUaDevice, data_dir: Path) -> None:
+async def close_client(client: Client, name: str) -> None:
+    """Close the session and the socket; never raises."""
+    try:
+        await client.disconnect()
+    except Exception as exc:  # closing must never raise; the session is gone either way
+        logger.debug("%s: error while disconnecting: %r", name, exc)
+
+
+async def _secure(client: Client, device: OpcUaDevice, data_dir: Path) -> tuple[Path, bytes] | None:
+    """Set up the secure channel; returns (where to keep it, the certificate) when it is trusted on first use."""
     policy_name, _, mode_name = device.security.partition(",")
     policy = getattr(security_policies, f"SecurityPolicy{policy_name}")
     mode = getattr(ua.MessageSecurityMode, mode_name)
@@ -184,12 +245,50 @@ async def _secure(client: Client, device: OpcUaDevice, data_dir: Path) -> None:
     except (OSError, ValueError) as exc:
         raise ConnectError(device.name, "cannot prepare the client certificate under "
                            f"{data_dir / 'pki'}: {exc}") from exc
-    # server_certificate=None: take the one the server's matching endpoint presents.
-    await client.set_security(policy, pair.cert_path, pair.key_path, mode=mode)
-    server_der = client.security_policy.peer_certificate
-    logger.info("%s: accepting server certificate with SHA-1 thumbprint %s (%s); "
-                "client certificate thumbprint %s", device.name,
-                opcua_pki.thumbprint(server_der) if server_der else "none", device.security, pair.thumbprint)
+    offered = await _offered_certificate(client, device, policy, mode)
+    endpoint = device.endpoint
+    try:
+        trust = await asyncio.to_thread(opcua_pki.expected_server_certificate, data_dir, endpoint,
+                                        device.server_certificate)
+    except (OSError, ValueError) as exc:
+        raise ConnectError(device.name, f"cannot read the server certificate it is to be held to: {exc}") from exc
+    if trust.der is not None and trust.der != offered:
+        try:
+            rejected = await asyncio.to_thread(opcua_pki.keep_rejected, data_dir, endpoint, offered)
+        except OSError as exc:
+            logger.debug("%s: cannot keep the refused certificate: %s", device.name, exc)
+            rejected = data_dir / "pki" / opcua_pki.REJECTED_DIR / opcua_pki.endpoint_file_name(endpoint)
+        raise ConnectError(device.name, opcua_pki.mismatch(endpoint, trust, offered, rejected))
+    # The expected certificate, not the one just presented: asyncua encrypts to it and checks
+    # the one in CreateSession against it.
+    await client.set_security(policy, pair.cert_path, pair.key_path, server_certificate=trust.der or offered,
+                              mode=mode)
+    logger.info("%s: server certificate %s (%s); client certificate SHA-1 %s", device.name,
+                opcua_pki.describe(offered), trust.source if trust.der else "first use", pair.thumbprint)
+    return None if trust.der is not None else (trust.path, offered)
+
+
+async def _offered_certificate(client: Client, device: OpcUaDevice, policy: type[security_policies.SecurityPolicy],
+                               mode: ua.MessageSecurityMode) -> bytes:
+    """The certificate the server presents on its endpoint for ``policy`` and ``mode`` (GetEndpoints)."""
+    endpoints = await client.connect_and_get_server_endpoints()  # discovery, over a None channel
+    endpoint = Client.find_endpoint(endpoints, mode, policy.URI)
+    cert = uacrypto.x509_from_der(endpoint.ServerCertificate)  # the first of a chain
+    if cert is None:
+        raise ConnectError(device.name, f"the server's {device.security} endpoint presents no certificate")
+    der: bytes = cert.public_bytes(serialization.Encoding.DER)
+    return der
+
+
+async def _trust_first_use(device: OpcUaDevice, path: Path, der: bytes) -> None:
+    try:
+        await asyncio.to_thread(opcua_pki.trust_on_first_use, path, der)
+    except OSError as exc:
+        raise ConnectError(device.name, f"cannot keep the server certificate in {path}: {exc}") from exc
+    logger.warning("%s: trusting the server certificate of %s on first use: %s, kept in %s; it must not change "
+                   "from now on (pin it with devices[].server_certificate to decide yourself)",
+                   device.name, device.endpoint, opcua_pki.describe(der), path)
+
 
 def exact_value(value: Any, kind: ua.VariantType) -> bool | int | float:
     """What a node of ``kind`` holds after ``value`` is written: ``coerce`` of the value rounded to the type.
@@ -244,13 +343,16 @@ class PointSubscription(Subscription):
         self.failure: str | None = None
         self.sink_error: BaseException | None = None
         self.started = time.monotonic()
+        self.lost: set[int] = set()  # handles whose node the server reported unknown
+        self.keepalives = 0  # publish responses without data
 
     async def publish_callback(self, publish_result: ua.PublishResult) -> None:
         """Called by asyncua's publish loop for every PublishResponse of this subscription."""
-        self.last_publish_at = time.monotonic()
+        self.last_publish_at = time.monotonic()  # data or keep-alive: either proves it alive
         message = publish_result.NotificationMessage
         if not message.NotificationData:
-            return  # keep-alive
+            self.keepalives += 1
+            return
         self.last_sequence_number = int(message.SequenceNumber)
         batch: list[Reading] = []
         for notification in message.NotificationData:
@@ -267,7 +369,10 @@ class PointSubscription(Subscription):
         for item in items:
             handle = item.ClientHandle
             if 0 <= handle < count:
-                append(reading(names[handle], item.Value, clock))
+                sample = reading(names[handle], item.Value, clock)
+                append(sample)
+                if sample[2] is BAD and node_lost(item.Value.StatusCode):
+                    self.lost.add(handle)  # check() drops the item and re-creates it with backoff
 
     def _status_changed(self, status: ua.StatusCode) -> None:
         if not status.is_good():
@@ -303,6 +408,11 @@ class OpcUaDriver(Driver):
         self._variant_types: dict[str, ua.VariantType] = {}
         self._subscription: PointSubscription | None = None
         self._stale_after = math.inf
+        self._limits = OperationLimits()
+        self._keepalive = keepalive_period(device.interval)
+        self._probe_at = math.inf  # monotonic time of the next "does the subscription exist?" probe
+        self._items: MonitoredItems | None = None
+        self._vanished: set[str] = set()  # points whose node the server does not know (logged once)
 
     # ------------------------------------------------------------------ connect / close
 
@@ -312,13 +422,15 @@ class OpcUaDriver(Driver):
         client = await open_client(self.device, self.data_dir)
         try:
             self._nodes = await self._resolve(client)
+            self._limits = await read_limits(client, LIBRARY_ERRORS)
         except BaseException:
             await self._disconnect(client)
             raise
         self._node_by_point = {p.name: n for p, n in zip(self.device.points, self._nodes, strict=True)}
         self._client = client
-        logger.info("%s: connected to %s (%d points, security %s)", self.device.name,
-                    self.device.endpoint, len(self._nodes), self.device.security)
+        logger.info("%s: connected to %s (%d points, security %s; server limits per request: %s)",
+                    self.device.name, self.device.endpoint, len(self._nodes), self.device.security,
+                    self._limits.describe())
 
     async def _resolve(self, client: Client) -> list[Node]:
         namespaces: list[str] | None = None
@@ -343,16 +455,14 @@ class OpcUaDriver(Driver):
     async def close(self) -> None:
         """Close the session and the socket; never raises."""
         client, self._client = self._client, None
-        self._subscription = None
+        self._subscription = self._items = None
         self._variant_types.clear()
+        self._probe_at = math.inf
         if client is not None:
             await self._disconnect(client)
 
     async def _disconnect(self, client: Client) -> None:
-        try:
-            await client.disconnect()
-        except Exception as exc:  # close() must never raise; the session is gone either way
-            logger.debug("%s: error while disconnecting: %r", self.device.name, exc)
+        await close_client(client, self.device.name)
 
     def _require(self, error: type[ReadError] | type[WriteError]) -> Client:
         if self._client is None:
@@ -364,34 +474,56 @@ class OpcUaDriver(Driver):
     async def read(self) -> list[Reading]:
         """Read every point's Value in one Read request, keeping each StatusCode."""
         client = self._require(ReadError)
+
+        async def read_values(nodes: Sequence[Node]) -> list[ua.DataValue]:
+            values: list[ua.DataValue] = await client.read_attributes(list(nodes), ua.AttributeIds.Value)
+            return values
+
         try:
-            values = await client.read_attributes(self._nodes, ua.AttributeIds.Value)
+            values = await batched(read_values, self._nodes, self._limits, "read", self.device.name)
         except LIBRARY_ERRORS as exc:
             raise ReadError(self.device.name, f"read from {self.device.endpoint} failed: "
                             f"{_describe(exc)}") from exc
-        return [reading(point.name, data) for point, data in zip(self.device.points, values, strict=True)]
+        readings = [reading(point.name, data) for point, data in zip(self.device.points, values, strict=True)]
+        if self._vanished or any(r[2] is BAD for r in readings):
+            self._note_vanished(readings, values)
+        return readings
+
+    def _note_vanished(self, readings: Sequence[Reading], values: Sequence[ua.DataValue]) -> None:
+        """Log a node the server does not know once, and once again when it is back (poll mode)."""
+        for sample, data in zip(readings, values, strict=True):
+            name, status = sample.point, data.StatusCode
+            if status is not None and node_lost(status):
+                if name not in self._vanished:
+                    self._vanished.add(name)
+                    logger.warning("%s: point %s: the server does not know node %s (%s); point bad, asked "
+                                   "again every read", self.device.name, name, self.points[name].node, status.name)
+            elif name in self._vanished:
+                self._vanished.discard(name)
+                logger.info("%s: point %s: node %s is back", self.device.name, name, self.points[name].node)
 
     async def subscribe(self, sink: ReadingSink) -> None:
         """Monitor every point's Value; each publish response becomes one ``sink`` call."""
         client = self._require(ReadError)
-        interval_ms = self.device.interval * 1000.0
-        subscription = PointSubscription(client, self._subscription_params(interval_ms),
+        subscription = PointSubscription(client, self._subscription_params(self.device.interval * 1000.0),
                                          list(self.points), sink, self.device.name)
         try:
             created = await subscription.init()
-            results = await subscription.create_monitored_items(
-                [self._monitor_request(handle, node, interval_ms) for handle, node in enumerate(self._nodes)])
         except LIBRARY_ERRORS as exc:
             raise ReadError(self.device.name, f"cannot subscribe: {_describe(exc)}") from exc
-        keepalive_s = created.RevisedPublishingInterval / 1000.0 * max(created.RevisedMaxKeepAliveCount, 1)
-        self._stale_after = _STALE_KEEPALIVES * keepalive_s + self.device.timeout
         self._subscription = subscription
-        self._report_unmonitored(results, sink)
+        self._keepalive = created.RevisedPublishingInterval / 1000.0 * max(created.RevisedMaxKeepAliveCount, 1)
+        self._stale_after = _STALE_KEEPALIVES * self._keepalive + self.device.timeout
+        self._probe_at = time.monotonic() + _PROBE_KEEPALIVES * self._keepalive
+        self._items = MonitoredItems(self.device, self._nodes, self._limits, LIBRARY_ERRORS)
+        refused = await self._items.create(subscription, range(len(self._nodes)))
+        if refused:
+            self._items.refused(refused, sink)
 
     def _subscription_params(self, interval_ms: float) -> ua.CreateSubscriptionParameters:
         params = ua.CreateSubscriptionParameters()
         params.RequestedPublishingInterval = interval_ms
-        keepalive = max(1, math.ceil(_KEEPALIVE_PERIOD / self.device.interval))
+        keepalive = max(1, math.ceil(keepalive_period(self.device.interval) / self.device.interval))
         params.RequestedMaxKeepAliveCount = keepalive
         params.RequestedLifetimeCount = 10 * keepalive  # the spec asks for >= 3x the keep-alive count
         params.MaxNotificationsPerPublish = 0  # no limit: one response per interval
@@ -399,43 +531,48 @@ class OpcUaDriver(Driver):
         params.Priority = 0
         return params
 
-    @staticmethod
-    def _monitor_request(handle: int, node: Node, interval_ms: float) -> ua.MonitoredItemCreateRequest:
-        request = ua.MonitoredItemCreateRequest()
-        request.ItemToMonitor = ua.ReadValueId(NodeId=node.nodeid, AttributeId=ua.AttributeIds.Value)
-        request.MonitoringMode = ua.MonitoringMode.Reporting
-        request.RequestedParameters = ua.MonitoringParameters(
-            ClientHandle=handle, SamplingInterval=interval_ms, QueueSize=1, DiscardOldest=True)
-        return request
-
-    def _report_unmonitored(self, results: Sequence[int | ua.StatusCode], sink: ReadingSink) -> None:
-        failed = [Reading(name, None, BAD, time.time())
-                  for name, result in zip(self.points, results, strict=True)
-                  if isinstance(result, ua.StatusCode)]
-        if failed:
-            logger.warning("%s: the server refused to monitor %d point(s): %s", self.device.name,
-                           len(failed), ", ".join(
-                               f"{r.point} ({s.name})" for r, s in zip(
-                                   failed, (x for x in results if isinstance(x, ua.StatusCode)),
-                                   strict=True)))
-            sink(failed)
-
     async def check(self) -> None:
-        """Raise ReadError when the connection, the session or the subscription is dead."""
+        """Raise ReadError when the connection, the session or the subscription is dead.
+
+        Also drops the monitored items of nodes the server reported unknown, and re-creates
+        the missing ones when their retry is due (:mod:`drivers.opcua_monitor`).
+        """
         client = self._require(ReadError)
         name = self.device.name
         if client.state is not UaClientState.CONNECTED:
             raise ReadError(name, f"connection to {self.device.endpoint} lost ({client.state.value})")
-        sub = self._subscription
-        if sub is None:
+        sub, items = self._subscription, self._items
+        if sub is None or items is None:
             return
         if sub.sink_error is not None:
             raise ReadError(name, f"reading sink failed: {sub.sink_error!r}") from sub.sink_error
         if sub.failure is not None:
             raise ReadError(name, sub.failure)
-        if sub.silent_for() > self._stale_after:
-            raise ReadError(name, f"no publish response for {sub.silent_for():.1f} s "
-                            f"(expected a keep-alive at least every {self._stale_after:.1f} s)")
+        silent = sub.silent_for()
+        if silent > self._stale_after:
+            raise ReadError(name, f"no publish response for {silent:.1f} s "
+                            f"(expected a keep-alive at least every {self._keepalive:.1f} s)")
+        if silent > _PROBE_KEEPALIVES * self._keepalive and time.monotonic() >= self._probe_at:
+            await self._probe(client, sub, silent)
+        if sub.lost:
+            lost, sub.lost = sub.lost, set()
+            for point in await items.forget(sub, lost):
+                self._variant_types.pop(point, None)  # a re-created node may have another type
+        if items.due():
+            await items.retry(sub)
+
+    async def _probe(self, client: Client, sub: PointSubscription, silent: float) -> None:
+        """Ask the server whether the subscription still exists (SetPublishingMode changes nothing)."""
+        self._probe_at = time.monotonic() + self._keepalive
+        params = ua.SetPublishingModeParameters(PublishingEnabled=True, SubscriptionIds=[sub.subscription_id])
+        try:
+            results = await client.uaclient.set_publishing_mode(params)
+        except LIBRARY_ERRORS as exc:
+            raise ReadError(self.device.name, f"no publish response for {silent:.1f} s, and the subscription "
+                                              f"cannot be checked: {_describe(exc)}") from exc
+        if results and not results[0].is_good():
+            raise ReadError(self.device.name, f"the server no longer has subscription {sub.subscription_id} "
+                                              f"({results[0].name}); no publish response for {silent:.1f} s")
 
     # ------------------------------------------------------------------ write
 

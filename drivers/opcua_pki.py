@@ -12,7 +12,23 @@ and reuses them on later starts. A certificate that expired, or that names anoth
 application URI (the host was renamed), is re-issued with the same key, so a server that
 trusts the key by thumbprint must re-trust it; this is logged at WARNING.
 
-Every device shares the pair: an OPC UA client is one application, whatever it talks to.
+Every device shares the pair: an OPC UA client is one application, whatever it talks to. Its
+application URI is the one the client sends as ``ApplicationUri`` in CreateSession, and servers
+refuse a certificate whose SubjectAltName URI differs (BadCertificateUriInvalid; ThingsBoard IoT
+Gateway #1677): both come from :func:`application_uri`.
+
+Server certificates (trust on first use, or pinned)
+    The server's certificate decides who gets the user's password (it is encrypted to the
+    server's key), so it is checked before anything secret is sent. A device may pin it
+    (``devices[].server_certificate``, a PEM or DER file). Otherwise the first certificate an
+    endpoint presents is trusted and kept, as SSH keeps known hosts::
+
+        data_dir/pki/trusted/<host>_<port>.der    trusted on first use, per endpoint host and port
+        data_dir/pki/rejected/<host>_<port>.der   the last certificate refused for that endpoint
+
+    A pinned certificate overrides the trusted one. A server that presents another certificate
+    is refused (:func:`mismatch`); the message names both thumbprints and how to accept the new
+    one: pin the rejected file, or delete the trusted one.
 """
 
 from __future__ import annotations
@@ -21,10 +37,12 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import re
 import socket
 import threading
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 CERT_FILE = "client_cert.der"
 KEY_FILE = "client_key.pem"
+TRUSTED_DIR = "trusted"
+REJECTED_DIR = "rejected"
 VALID_DAYS = 5 * 365
 KEY_SIZE = 2048  # Basic256Sha256 allows 2048..4096 bit keys
 
@@ -168,3 +188,89 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# --------------------------------------------------------------------------- server certificates
+
+
+class ServerTrust(NamedTuple):
+    """The server certificate a device expects: DER bytes (None: none yet, trust on first use),
+    where it comes from (``pinned`` or ``trusted``) and its file."""
+
+    der: bytes | None
+    source: str
+    path: Path
+
+
+def endpoint_file_name(endpoint: str) -> str:
+    """``opc.tcp://10.0.0.5:4840/x`` -> ``10.0.0.5_4840.der``: the trust store's name for an endpoint."""
+    parts = urlsplit(endpoint)
+    host = re.sub(r"[^A-Za-z0-9.-]", "-", parts.hostname or "localhost")
+    return f"{host}_{parts.port or 4840}.der"
+
+
+def certificate_der(data: bytes) -> bytes:
+    """A PEM or DER certificate as DER; ValueError when it is neither."""
+    if b"-----BEGIN CERTIFICATE-----" in data:
+        cert = x509.load_pem_x509_certificate(data)
+    else:
+        cert = x509.load_der_x509_certificate(data)
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def expected_server_certificate(data_dir: Path, endpoint: str, pinned: Path | None) -> ServerTrust:
+    """The certificate to hold the server to: the pinned file, else the one trusted on first use.
+
+    Blocking (file reads): call it through ``asyncio.to_thread``. OSError when a file cannot be
+    read, ValueError when it is not a certificate.
+    """
+    if pinned is not None:
+        return ServerTrust(certificate_der(pinned.read_bytes()), "pinned", pinned)
+    path = data_dir / "pki" / TRUSTED_DIR / endpoint_file_name(endpoint)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return ServerTrust(None, "trusted", path)
+    return ServerTrust(certificate_der(data), "trusted", path)
+
+
+def trust_on_first_use(path: Path, der: bytes) -> None:
+    """Keep ``der`` as the endpoint's trusted certificate (``path`` from :func:`expected_server_certificate`)."""
+    with _LOCK:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not path.exists():  # another device on the same endpoint may have been first
+            _write_atomic(path, der, 0o644)
+
+
+def keep_rejected(data_dir: Path, endpoint: str, der: bytes) -> Path:
+    """Save a refused server certificate where an operator can inspect (and pin) it."""
+    path = data_dir / "pki" / REJECTED_DIR / endpoint_file_name(endpoint)
+    with _LOCK:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not path.exists() or path.read_bytes() != der:
+            _write_atomic(path, der, 0o644)
+    return path
+
+
+def describe(der: bytes) -> str:
+    """``SHA-1 <thumbprint> (CN=..., valid until YYYY-MM-DD)`` for messages."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return f"SHA-1 {thumbprint(der)} (not a readable certificate)"
+    return f"SHA-1 {thumbprint(der)} ({cert.subject.rfc4514_string()}, valid until {cert.not_valid_after_utc:%Y-%m-%d})"
+
+
+def mismatch(endpoint: str, trust: ServerTrust, offered: bytes, rejected: Path) -> str:
+    """Why a server's certificate is refused, and how an operator accepts it if the change is wanted."""
+    assert trust.der is not None
+    if trust.source == "pinned":
+        origin = f"pinned in {trust.path}"
+        accept = f'point devices[].server_certificate at "{rejected}" (or copy that file over {trust.path})'
+    else:
+        origin = f"trusted on first use, kept in {trust.path}"
+        accept = (f'pin it with devices[].server_certificate = "{rejected}", or delete {trust.path} to '
+                  "trust the certificate the server presents next")
+    return (f"the server at {endpoint} presented certificate {describe(offered)}, but {describe(trust.der)} "
+            f"is expected ({origin}); refusing to connect (the offered certificate is saved as {rejected}). "
+            f"If the server's certificate was replaced on purpose, accept the new one: {accept}")

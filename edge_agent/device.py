@@ -3,6 +3,10 @@
 Each configured device gets one :class:`DeviceRunner` task. A failing device never blocks
 another: the runner catches its driver's errors, marks the device's points bad (then stale
 after three missed intervals), waits a capped, jittered exponential backoff and tries again.
+The device counts as up (and the backoff starts over) only once data flows: a first read, or a
+subscription in place. A connect alone proves little when the connection is shared (a unit
+behind a Modbus gateway whose connection other units keep open), so a unit that connects and
+then never answers keeps backing off instead of flapping up and down at ``retry_min``.
 Logging follows the 3 a.m. rule: the first failure is a WARNING naming the device and the
 cause, repeats are DEBUG, and recovery is one INFO line with the outage length.
 """
@@ -64,6 +68,7 @@ class DeviceRunner:
         self._rng = random.Random()
         self._marked: str | None = None  # quality we last forced on the points (bad/stale)
         self._down_since: float | None = None
+        self._attempt = 0  # consecutive failed attempts: the backoff exponent
         self._stopping = False
         self.driver: Driver | None = None
 
@@ -81,14 +86,11 @@ class DeviceRunner:
 
     async def run(self) -> None:
         """Connect and mirror until stopped or cancelled."""
-        attempt = 0
         while not self._stopping:
             driver = self._factory(self.device, self.data_dir)
             self.driver = driver
             try:
                 await driver.connect()
-                self._up()
-                attempt = 0
                 if self.subscribe and driver.supports_subscribe:
                     await self._follow(driver)
                 else:
@@ -98,8 +100,8 @@ class DeviceRunner:
             finally:
                 self.driver = None
                 await driver.close()
-            await asyncio.sleep(backoff(attempt, self.device.retry_min, self.device.retry_max, self._rng))
-            attempt += 1
+            await asyncio.sleep(backoff(self._attempt, self.device.retry_min, self.device.retry_max, self._rng))
+            self._attempt += 1
 
     async def _poll(self, driver: Driver) -> None:
         interval = self.device.interval
@@ -108,6 +110,8 @@ class DeviceRunner:
             if self.room is not None:
                 await self.room()  # the twin is behind: wait rather than pile readings up in memory
             readings = await driver.read()
+            if self.status.state != "up":
+                self._up()
             self._ok()
             self.status.reads += 1
             self.submit(readings)
@@ -120,6 +124,7 @@ class DeviceRunner:
 
     async def _follow(self, driver: Driver) -> None:
         await driver.subscribe(self._on_change)
+        self._up()
         while not self._stopping:
             await asyncio.sleep(self.device.interval)
             await driver.check()
@@ -142,6 +147,7 @@ class DeviceRunner:
         else:
             log.info("device %s: connected (%s)", self.device.name, self.device.protocol)
         self._down_since = None
+        self._attempt = 0
         self.status.state, self.status.since = "up", now
         self.status.failures = 0
         self.status.last_ok = now

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from drivers import opcua_pki
 from edge_agent import config
 from edge_agent.config import ModbusDevice, OpcUaDevice
 from edge_agent.config.table import parse_duration
 from edge_agent.errors import ConfigError
+from tests import builders
 
 HERE = Path(__file__).parent
 CASES = sorted(p for p in (HERE / "testcases" / "config").iterdir() if p.is_dir())
@@ -83,3 +85,31 @@ def test_durations(text: str, seconds: float) -> None:
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def test_issue14_keys_load_with_their_defaults(tmp_path: Path) -> None:
+    pinned = opcua_pki.ensure_client_certificate(tmp_path / "certs", "urn:plc:server", "plc").cert_path
+    doc = builders.config(tmp_path / "data", devices=[
+        builders.opcua("plc1", "opc.tcp://127.0.0.1:4840/", [builders.point("plc1.a", node="ns=2;s=A")],
+                       security="Basic256Sha256,Sign", server_certificate="certs/pki/client_cert.der"),
+        builders.opcua("plc2", "opc.tcp://127.0.0.1:4841/", [builders.point("plc2.a", node="ns=2;s=A")],
+                       security="Basic256Sha256,SignAndEncrypt"),
+        builders.modbus("m1", [builders.point("m1.e", address=0, type="float32", word_order="little",
+                                              byte_order="little"),
+                               builders.point("m1.f", address=2, type="float32")]),
+        builders.modbus("m2", [builders.point("m2.e", address=0)], connection="shared"),
+        {"name": "r1", "protocol": "modbus-rtu", "serial_port": "/dev/ttyUSB0", "unit_id": 1, "baudrate": 9600,
+         "points": [builders.point("r1.e", address=0)]},
+        {"name": "r2", "protocol": "modbus-rtu", "serial_port": "/dev/ttyUSB0", "unit_id": 2, "baudrate": 9600,
+         "points": [builders.point("r2.e", address=0)]},
+    ])
+    cfg = builders.load(doc, tmp_path / "agent.toml")
+    plc1, plc2, m1, m2, r1, r2 = cfg.devices
+    assert isinstance(plc1, OpcUaDevice) and isinstance(plc2, OpcUaDevice)
+    assert plc1.server_certificate == pinned.resolve()  # relative to the config file's folder
+    assert plc2.server_certificate is None  # trust on first use
+    assert isinstance(m1, ModbusDevice)
+    assert [(p.word_order, p.byte_order) for p in m1.points] == [("little", "little"), ("big", "big")]
+    assert isinstance(m2, ModbusDevice) and (m1.connection, m2.connection) == ("own", "shared")
+    assert isinstance(r1, ModbusDevice) and isinstance(r2, ModbusDevice)
+    assert (r1.serial_port, r1.baudrate) == (r2.serial_port, r2.baudrate)  # one line, the same settings: fine

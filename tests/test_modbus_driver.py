@@ -501,3 +501,105 @@ async def test_rtu_round_trip_over_socket_url() -> None:
             values = {r.point: (r.value, r.quality) for r in await driver.read()}
         assert await server.get("holding", 0, 2) == [0x0000, 0xC060]
     assert values == {"flow": (-3.5, GOOD), "run": (True, GOOD)}
+
+
+# --------------------------------------------------------------------------- byte order (issue 14)
+
+# (type, word order, byte order, value, registers on the wire): the four layouts devices ship,
+# with the value's bytes A B C D (most significant first) as ABCD, CDAB, BADC and DCBA.
+KNOWN_BYTES = [
+    ("float32", "big", "big", 1.5, [0x3FC0, 0x0000]),  # ABCD
+    ("float32", "little", "big", 1.5, [0x0000, 0x3FC0]),  # CDAB
+    ("float32", "big", "little", 1.5, [0xC03F, 0x0000]),  # BADC
+    ("float32", "little", "little", 1.5, [0x0000, 0xC03F]),  # DCBA
+    ("uint32", "big", "big", 0x11223344, [0x1122, 0x3344]),
+    ("uint32", "little", "big", 0x11223344, [0x3344, 0x1122]),
+    ("uint32", "big", "little", 0x11223344, [0x2211, 0x4433]),
+    ("uint32", "little", "little", 0x11223344, [0x4433, 0x2211]),
+    ("int32", "big", "little", -2, [0xFFFF, 0xFEFF]),
+    ("int64", "big", "little", 0x0102030405060708, [0x0201, 0x0403, 0x0605, 0x0807]),
+    ("int64", "little", "little", 0x0102030405060708, [0x0807, 0x0605, 0x0403, 0x0201]),
+    ("uint64", "little", "big", 0x0102030405060708, [0x0708, 0x0506, 0x0304, 0x0102]),
+    ("float64", "big", "little", 1.5, [0xF83F, 0x0000, 0x0000, 0x0000]),
+    ("float64", "little", "little", -0.1, [0x9A99, 0x9999, 0x9999, 0xB9BF]),
+    ("int16", "big", "little", 0x0102, [0x0201]),  # a 16-bit value swaps its two bytes too
+    ("uint16", "little", "little", 0xFF00, [0x00FF]),  # word order means nothing for one register
+]
+KNOWN_BYTES_IDS = [f"{t}-w{w}-b{b}" for t, w, b, _, _ in KNOWN_BYTES]
+
+
+@pytest.mark.parametrize(("kind", "words", "bytes_", "value", "registers"), KNOWN_BYTES, ids=KNOWN_BYTES_IDS)
+def test_byte_and_word_order_encode_and_decode_known_layouts(kind: str, words: str, bytes_: str, value: float,
+                                                             registers: list[int]) -> None:
+    p = point("p", 0, kind, word_order=words, byte_order=bytes_)
+    assert encode(p, value) == registers
+    assert decode_one(p, registers) == value
+
+
+@pytest.mark.parametrize(("kind", "words", "bytes_", "value", "registers"), KNOWN_BYTES, ids=KNOWN_BYTES_IDS)
+async def test_byte_order_reads_and_writes_on_the_wire(kind: str, words: str, bytes_: str, value: float,
+                                                       registers: list[int]) -> None:
+    p = point("p", 10, kind, word_order=words, byte_order=bytes_)
+    async with plant() as server:
+        await server.set("holding", 10, registers)
+        async with connected(device(server.port, [p])) as driver:
+            [read] = await driver.read()
+            await server.set("holding", 10, [0] * len(registers))
+            await driver.write("p", value)
+            [again] = await driver.read()
+        assert await server.get("holding", 10, len(registers)) == registers  # written as the device lays it out
+    assert (read.value, read.quality) == (value, GOOD)
+    assert (again.value, again.quality) == (value, GOOD)
+
+
+@given(st.sampled_from([t for t in TYPES if t != "bool"]), st.sampled_from(["big", "little"]),
+       st.sampled_from(["big", "little"]), st.data())
+def test_every_order_round_trips(kind: str, words: str, bytes_: str, data: st.DataObject) -> None:
+    p = point("p", 0, kind, word_order=words, byte_order=bytes_)
+    if kind in INTEGER_RANGES:
+        value: float = data.draw(st.integers(*INTEGER_RANGES[kind]))
+    else:
+        value = data.draw(st.floats(width=32 if kind == "float32" else 64, allow_nan=False, allow_infinity=False))
+    registers = encode(p, value)
+    assert decode_one(p, registers) == value  # type: ignore[arg-type]
+    plain = encode(point("q", 0, kind), value)  # the same value big/big: the same bytes, moved
+    assert isinstance(registers, list) and isinstance(plain, list)
+    swapped = [((r & 0xFF) << 8) | (r >> 8) for r in plain] if bytes_ == "little" else plain
+    assert registers == (swapped[::-1] if words == "little" else swapped)
+
+
+def test_mixed_orders_in_one_block_decode_like_alone() -> None:
+    orders = [("big", "big"), ("little", "big"), ("big", "little"), ("little", "little")]
+    points = [point(f"f{i}", 2 * i, "float32", word_order=w, byte_order=b) for i, (w, b) in enumerate(orders)]
+    points += [point(f"d{i}", 8 + 4 * i, "float64", word_order=w, byte_order=b) for i, (w, b) in enumerate(orders)]
+    values = {p.name: float(i) + 0.25 for i, p in enumerate(points)}
+    registers = [0] * 24
+    for p in points:
+        registers[p.address:p.address + p.width] = encode(p, values[p.name])  # type: ignore[assignment]
+    [block] = build_plan(points)
+    assert dict(zip(block.names, block.decode(registers), strict=True)) == values
+    assert block.pack_big is not None and block.pack_little is not None  # both packings, once each
+
+
+# --------------------------------------------------------------------------- NaN and infinity (issue 14)
+
+
+async def test_nan_and_infinity_from_a_float_register_read_bad_and_the_rest_good() -> None:
+    points = [point("ok", 0, "float32"), point("nan", 2, "float32"), point("inf", 4, "float32", word_order="little"),
+              point("ninf64", 6, "float64", byte_order="little"), point("count", 10, "uint16"),
+              point("scaled", 11, "uint16", scale=0.5)]
+    async with plant() as server:
+        await server.set("holding", 0, [0x3FC0, 0x0000, 0x7FC0, 0x0000, 0x0000, 0x7F80,
+                                        0xF0FF, 0x0000, 0x0000, 0x0000, 7, 8])
+        async with connected(device(server.port, points, max_gap=2)) as driver:
+            first = by_name(await driver.read())
+            await server.set("holding", 2, [0x4000, 0x0000])  # the sensor is back: 2.0
+            second = by_name(await driver.read())
+    assert (first["ok"].value, first["ok"].quality) == (1.5, GOOD)
+    assert math.isnan(first["nan"].value) and first["nan"].quality == BAD  # type: ignore[arg-type]
+    assert (first["inf"].value, first["inf"].quality) == (math.inf, BAD)
+    assert (first["ninf64"].value, first["ninf64"].quality) == (-math.inf, BAD)
+    assert (first["count"].value, first["count"].quality) == (7, GOOD)
+    assert (first["scaled"].value, first["scaled"].quality) == (4.0, GOOD)
+    assert (second["nan"].value, second["nan"].quality) == (2.0, GOOD)
+    assert second["inf"].quality == BAD

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import functools
 import os
 import socket
 import stat
@@ -14,6 +16,8 @@ from typing import Any
 
 import pytest
 from asyncua import Node, Server, ua
+from asyncua.common.callback import CallbackType
+from asyncua.common.utils import ServiceError
 from asyncua.crypto import cert_gen
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.user_managers import UserManager
@@ -23,8 +27,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from drivers import driver_class, opcua_pki
 from drivers.base import BAD, GOOD, UNCERTAIN, Reading
-from drivers.opcua import OpcUaDriver, coerce, exact_value, plain
+from drivers.opcua import OpcUaDriver, coerce, exact_value, keepalive_period, plain
 from edge_agent.config import OpcUaDevice, OpcUaPoint
+from edge_agent.device import DeviceRunner
 from edge_agent.errors import ConnectError, ReadError, WriteError
 from tests.helpers import free_port, wait_for
 
@@ -71,12 +76,15 @@ class Plant:
 
 @asynccontextmanager
 async def plant(*, certificate: tuple[bytes, bytes] | None = None, users: UserManager | None = None,
-                validator: Callable[..., Any] | None = None) -> AsyncIterator[Plant]:
-    """Start a server; with ``certificate`` (DER, PEM key) it offers only Basic256Sha256 SignAndEncrypt."""
+                validator: Callable[..., Any] | None = None, port: int | None = None) -> AsyncIterator[Plant]:
+    """Start a server; with ``certificate`` (DER, PEM key) it offers only Basic256Sha256 SignAndEncrypt.
+
+    ``port``: listen there (a restarted server, or another one on the same endpoint) instead of a free port.
+    """
     server = Server(user_manager=users)
     await server.init()
     server.disable_clock()  # its 1 s loop would make stop() wait a second
-    endpoint = f"opc.tcp://127.0.0.1:{free_port()}/edge-test/"
+    endpoint = f"opc.tcp://127.0.0.1:{port or free_port()}/edge-test/"
     server.set_endpoint(endpoint)
     if certificate is None:
         server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
@@ -111,8 +119,8 @@ async def plant(*, certificate: tuple[bytes, bytes] | None = None, users: UserMa
 
 def device(endpoint: str, points: list[OpcUaPoint], **extra: Any) -> OpcUaDevice:
     """An OPC UA device config as config.load would build it."""
-    return OpcUaDevice(name="plc1", protocol="opcua", endpoint=endpoint, interval=0.1, timeout=2.0,
-                       points=tuple(points), **extra)
+    settings: dict[str, Any] = {"interval": 0.1, "timeout": 2.0, **extra}
+    return OpcUaDevice(name="plc1", protocol="opcua", endpoint=endpoint, points=tuple(points), **settings)
 
 
 def point(name: str, node: str, writable: bool = False) -> OpcUaPoint:
@@ -299,7 +307,9 @@ def test_exact_value_is_what_the_node_will_hold() -> None:
 # --------------------------------------------------------------------------- security, users
 
 
-def _server_certificate() -> tuple[bytes, bytes]:
+@functools.cache
+def _server_certificate(which: int = 0) -> tuple[bytes, bytes]:
+    """Server certificate and key number ``which`` (made once per test session: RSA keys take a while)."""
     key = cert_gen.generate_private_key()
     cert = cert_gen.generate_self_signed_app_certificate(
         key, "edge-agent test server", {},
@@ -374,3 +384,332 @@ def test_client_certificate_is_reissued_for_a_new_application_uri_with_the_same_
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:host-b:edge-agent"]
     assert san.get_values_for_type(x509.DNSName) == ["host-b"]
     assert stat.S_IMODE(os.stat(tmp_path / "pki").st_mode) == 0o700
+
+
+# --------------------------------------------------------------------------- server certificate trust (issue 14)
+
+
+def _thumbprint(certificate: tuple[bytes, bytes]) -> str:
+    return opcua_pki.thumbprint(certificate[0])
+
+
+class Witness(UserManager):
+    """Accepts "operator"/"s3cret" like OneOperator, and remembers every password it was handed."""
+
+    def __init__(self) -> None:
+        self.passwords: list[str | None] = []
+
+    def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
+                 certificate: Any = None) -> User | None:
+        self.passwords.append(password)
+        return User(role=UserRole.User) if (username, password) == ("operator", "s3cret") else None
+
+
+async def test_server_certificate_is_trusted_on_first_use_and_a_swapped_one_is_refused(tmp_path: Path) -> None:
+    genuine, impostor = _server_certificate(1), _server_certificate(2)
+    sessions: list[tuple[str, list[str]]] = []
+
+    async def record(cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        sessions.append((app.ApplicationUri, san.get_values_for_type(x509.UniformResourceIdentifier)))
+
+    port = free_port()
+    trusted = tmp_path / "pki" / "trusted" / f"127.0.0.1_{port}.der"
+    rejected = tmp_path / "pki" / "rejected" / f"127.0.0.1_{port}.der"
+
+    async with plant(certificate=genuine, port=port, users=OneOperator(), validator=record) as p:
+        config = device(p.endpoint, [point("temp", p.node_id("Temp"))], security="Basic256Sha256,SignAndEncrypt",
+                        username="operator", password="s3cret")
+        async with OpcUaDriver(config, tmp_path) as driver:
+            assert (await driver.read())[0].value == 21.5
+    assert trusted.read_bytes() == genuine[0]  # the first certificate, kept
+    # The client's ApplicationUri in CreateSession is the URI in its certificate's SubjectAltName
+    # (servers refuse a mismatch with BadCertificateUriInvalid: ThingsBoard IoT Gateway #1677).
+    assert sessions == [(opcua_pki.application_uri(), [opcua_pki.application_uri()])]
+
+    witness = Witness()
+    async with plant(certificate=impostor, port=port, users=witness):  # same endpoint, another key
+        driver = OpcUaDriver(config, tmp_path)
+        with pytest.raises(ConnectError) as refused:
+            await driver.connect()
+        await driver.close()
+        assert witness.passwords == []  # the password never left the agent
+    message = str(refused.value)
+    assert message.startswith(f'device "plc1": the server at {config.endpoint} presented certificate '
+                              f"SHA-1 {_thumbprint(impostor)}")
+    assert f"but SHA-1 {_thumbprint(genuine)}" in message and f"trusted on first use, kept in {trusted}" in message
+    assert f'pin it with devices[].server_certificate = "{rejected}", or delete {trusted}' in message
+    assert rejected.read_bytes() == impostor[0]  # the refused one, ready to pin
+    assert trusted.read_bytes() == genuine[0]  # still the genuine one
+
+    trusted.unlink()  # the operator accepts the change: the next certificate is trusted on first use
+    async with plant(certificate=impostor, port=port, users=OneOperator()), OpcUaDriver(config, tmp_path) as driver:
+        assert (await driver.read())[0].value == 21.5
+    assert trusted.read_bytes() == impostor[0]
+
+
+async def test_a_pinned_server_certificate_overrides_the_one_trusted_on_first_use(tmp_path: Path) -> None:
+    old, new = _server_certificate(1), _server_certificate(2)
+    port = free_port()
+    pinned = tmp_path / "plc1-server.pem"
+    pinned.write_bytes(x509.load_der_x509_certificate(new[0]).public_bytes(serialization.Encoding.PEM))
+
+    async with plant(certificate=old, port=port) as p:  # trusted on first use: old
+        tofu = device(p.endpoint, [point("temp", p.node_id("Temp"))], security="Basic256Sha256,SignAndEncrypt")
+        async with OpcUaDriver(tofu, tmp_path) as driver:
+            assert (await driver.read())[0].quality == GOOD
+        pinning = device(p.endpoint, [point("temp", p.node_id("Temp"))], security="Basic256Sha256,SignAndEncrypt",
+                         server_certificate=pinned)
+        with pytest.raises(ConnectError, match=rf"presented certificate SHA-1 {_thumbprint(old)} .* but SHA-1 "
+                                               rf"{_thumbprint(new)} .* is expected \(pinned in {pinned}\)"):
+            await OpcUaDriver(pinning, tmp_path).connect()
+
+    async with plant(certificate=new, port=port) as p:  # the pin wins over the trusted (old) certificate
+        async with OpcUaDriver(pinning, tmp_path) as driver:
+            assert (await driver.read())[0].value == 21.5
+        with pytest.raises(ConnectError, match="trusted on first use"):  # without the pin: refused
+            await OpcUaDriver(tofu, tmp_path).connect()
+
+
+async def test_a_refused_server_certificate_makes_the_device_go_down_loudly(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    genuine, impostor = _server_certificate(1), _server_certificate(2)
+    port = free_port()
+    async with plant(certificate=genuine, port=port) as p:
+        config = device(p.endpoint, [point("temp", p.node_id("Temp"))], security="Basic256Sha256,SignAndEncrypt",
+                        retry_min=0.1, retry_max=0.2, mode="poll")
+        async with OpcUaDriver(config, tmp_path):
+            pass  # trusted on first use
+    latest: dict[str, Reading] = {"temp": Reading("temp", 21.5, GOOD, 0.0)}
+    events: list[dict[str, Any]] = []
+    runner = DeviceRunner(config, tmp_path, lambda rs: latest.update((r.point, r) for r in rs), latest.get,
+                          on_event=events.append)
+    async with plant(certificate=impostor, port=port):
+        task = asyncio.create_task(runner.run())
+        try:
+            await wait_for(lambda: runner.status.failures >= 2, timeout=20, what="two refused connects")
+        finally:
+            runner.stop()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert runner.status.state == "down"
+    for text in (runner.status.last_error, events[0]["message"]):
+        assert f"presented certificate SHA-1 {_thumbprint(impostor)}" in text
+        assert f"but SHA-1 {_thumbprint(genuine)}" in text and "delete" in text
+    assert [e["state"] for e in events] == ["down"]  # one event, not one per retry
+    assert latest["temp"] == Reading("temp", 21.5, BAD, latest["temp"].ts)  # last value kept, quality bad
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "presented certificate" in r.getMessage()]
+    assert len(warnings) == 1  # first failure WARNING, repeats DEBUG
+
+
+# --------------------------------------------------------------------------- recovery that recovers (issue 14)
+
+
+@asynccontextmanager
+async def supervised(config: OpcUaDevice, tmp_path: Path) -> AsyncIterator[tuple[DeviceRunner, dict[str, Reading]]]:
+    """The agent's device supervisor running the real driver; yields it and the latest reading per point."""
+    latest: dict[str, Reading] = {}
+    runner = DeviceRunner(config, tmp_path, lambda rs: latest.update((r.point, r) for r in rs), latest.get)
+    task = asyncio.create_task(runner.run())
+    try:
+        yield runner, latest
+    finally:
+        runner.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def flowing(latest: dict[str, Reading], name: str, value: Any) -> bool:
+    reading_ = latest.get(name)
+    return reading_ is not None and reading_.value == value and reading_.quality == GOOD
+
+
+def sessions_of(p: Plant) -> list[Any]:
+    # asyncua has no public list of a server's sessions; its internal server keeps them by token.
+    return list(p.server.iserver._external_sessions.values())
+
+
+async def test_values_flow_again_after_a_server_restart_on_the_same_port(tmp_path: Path) -> None:
+    port = free_port()
+    async with plant(port=port) as p:
+        config = device(p.endpoint, [point("count", p.node_id("Count"))], retry_min=0.1, retry_max=0.5)
+        async with supervised(config, tmp_path) as (runner, latest):
+            await wait_for(lambda: flowing(latest, "count", -7), what="values before the restart")
+            await p.stop()
+            await wait_for(lambda: runner.status.state == "down", what="the outage seen")
+            async with plant(port=port) as restarted:
+                await restarted.set("Count", ua.DataValue(ua.Variant(41, ua.VariantType.Int32)))
+                await wait_for(lambda: flowing(latest, "count", 41), timeout=20, what="values after the restart")
+                await restarted.set("Count", ua.DataValue(ua.Variant(42, ua.VariantType.Int32)))
+                await wait_for(lambda: flowing(latest, "count", 42), what="changes after the restart")
+                assert runner.status.state == "up"
+
+
+@pytest.mark.parametrize("mode", ["subscribe", "poll"])
+async def test_values_flow_again_after_the_server_closes_the_session(mode: str, tmp_path: Path) -> None:
+    async with plant() as p:
+        config = device(p.endpoint, [point("count", p.node_id("Count"))], mode=mode, retry_min=0.1, retry_max=0.5)
+        async with supervised(config, tmp_path) as (runner, latest):
+            await wait_for(lambda: flowing(latest, "count", -7), what="values before")
+            [session] = sessions_of(p)
+            await session.close_session()  # the server ends it (timeout, admin, restart of its session layer)
+            await wait_for(lambda: runner.status.read_errors >= 1, what="the closed session seen")
+            await p.set("Count", ua.DataValue(ua.Variant(5, ua.VariantType.Int32)))
+            await wait_for(lambda: flowing(latest, "count", 5), timeout=20, what="values in a new session")
+            assert [s for s in sessions_of(p) if s is not session]  # a fresh session
+
+
+async def test_values_flow_again_after_the_server_deletes_the_subscription(tmp_path: Path) -> None:
+    async with plant() as p:
+        config = device(p.endpoint, [point("count", p.node_id("Count"))], timeout=0.5, retry_min=0.1, retry_max=0.5)
+        async with supervised(config, tmp_path) as (runner, latest):
+            await wait_for(lambda: flowing(latest, "count", -7), what="values before")
+            subscriptions = p.server.iserver.subscription_service
+            [lost] = list(subscriptions.subscriptions)
+            await subscriptions.delete_subscriptions([lost])  # dropped by the server: the session lives on
+            await p.set("Count", ua.DataValue(ua.Variant(6, ua.VariantType.Int32)))
+            await wait_for(lambda: flowing(latest, "count", 6), timeout=10, what="values in a new subscription")
+            assert runner.status.read_errors >= 1 and "no longer has subscription" in runner.status.last_error
+            assert list(subscriptions.subscriptions) != [lost]
+
+
+async def test_data_counts_as_keep_alive_on_a_busy_subscription(tmp_path: Path) -> None:
+    """A server sends no keep-alive while it sends data (OPC 10000-4 §5.13.1): a client that waits for
+    keep-alives only declares a busy subscription dead (HiveMQ Edge #1303)."""
+    batches: list[list[Reading]] = []
+    async with plant() as p:
+        # interval 0.1 s: keep-alive every 1 s, so without data for 3 s + timeout the subscription is dead
+        config = device(p.endpoint, [point("count", p.node_id("Count"))], timeout=0.5)
+        assert keepalive_period(config.interval) == 1.0
+        async with OpcUaDriver(config, tmp_path) as driver:
+            await driver.subscribe(lambda batch: batches.append(list(batch)))
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            value = 0
+            while loop.time() - started < 4.0:  # longer than 3 keep-alive periods + timeout (3.5 s)
+                value += 1
+                await p.set("Count", ua.DataValue(ua.Variant(value, ua.VariantType.Int32)))
+                await asyncio.sleep(0.05)
+                await driver.check()  # raises if the subscription counted as silent
+            await wait_for(lambda: any(r.value == value for b in batches for r in b), what="the last value")
+    assert len({r.value for b in batches for r in b}) > 20
+
+
+# --------------------------------------------------------------------------- nodes that vanish (issue 14)
+
+
+async def vanish(p: Plant, name: str) -> None:
+    """Delete a variable as a compliant server would: monitored items on it get BadNodeIdUnknown.
+
+    asyncua 2.1 deletes the node without notifying them (its delete callback is a coroutine that is
+    never awaited), so the notification is sent first by writing that status to the node.
+    """
+    await p.set(name, ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadNodeIdUnknown)))
+    await p.server.delete_nodes([p.nodes[name]])
+
+
+async def reappear(p: Plant, name: str, value: Any, kind: ua.VariantType) -> None:
+    line = p.server.get_node(ua.NodeId("Line1", p.ns))
+    p.nodes[name] = await line.add_variable(ua.NodeId(f"Line1.{name}", p.ns), name, ua.Variant(value, kind))
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")  # asyncua's delete_nodes
+@pytest.mark.parametrize("mode", ["subscribe", "poll"])
+async def test_a_node_that_vanishes_reads_bad_and_comes_back_while_the_others_flow(mode: str,
+                                                                                  tmp_path: Path) -> None:
+    async with plant() as p:
+        points = [point("temp", p.node_id("Temp")), point("count", p.node_id("Count")),
+                  point("later", f"ns={p.ns};s=Line1.Later")]  # not there yet
+        config = device(p.endpoint, points, mode=mode, retry_min=0.1, retry_max=0.4)
+        async with supervised(config, tmp_path) as (runner, latest):
+            await wait_for(lambda: flowing(latest, "count", -7) and latest.get("later") is not None,
+                           what="first values")
+            assert (latest["later"].value, latest["later"].quality) == (None, BAD)
+
+            await vanish(p, "Count")
+            await wait_for(lambda: latest["count"].quality == BAD, what="count bad")
+            await p.set("Temp", ua.DataValue(ua.Variant(30.0, ua.VariantType.Double)))
+            await wait_for(lambda: flowing(latest, "temp", 30.0), what="temp still flowing")
+
+            await reappear(p, "Count", 77, ua.VariantType.Int32)
+            await reappear(p, "Later", 1.25, ua.VariantType.Double)
+            await wait_for(lambda: flowing(latest, "count", 77) and flowing(latest, "later", 1.25), timeout=15,
+                           what="both nodes back")
+            await p.set("Count", ua.DataValue(ua.Variant(78, ua.VariantType.Int32)))
+            await wait_for(lambda: flowing(latest, "count", 78), what="changes of the re-created node")
+            assert runner.status.state == "up" and runner.status.read_errors == 0  # the device never went down
+
+
+# --------------------------------------------------------------------------- operation limits (issue 14)
+
+
+class Limits:
+    """Makes a plant's server advertise and enforce OperationLimits, like a PLC with small ones:
+    a Read or CreateMonitoredItems with more operations than allowed is refused with BadTooManyOperations.
+    ``advertise=False`` enforces without advertising (the server's nodes say 0, no limit)."""
+
+    def __init__(self, p: Plant, read: int, monitor: int, *, advertise: bool = True) -> None:
+        self.plant, self.read, self.monitor = p, read, monitor
+        self.reads: list[int] = []
+        self.monitors: list[int] = []
+        self.refused = 0
+        self.advertise = advertise
+
+    async def install(self) -> None:
+        limits = ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead, \
+            ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall
+        for node_id, value in zip(limits, (self.read, self.monitor), strict=True):
+            await self.plant.server.write_attribute_value(
+                ua.NodeId(node_id), ua.DataValue(ua.Variant(value if self.advertise else 0, ua.VariantType.UInt32)))
+        self.plant.server.subscribe_server_callback(CallbackType.PreRead, self._pre_read)
+        self.plant.server.subscribe_server_callback(CallbackType.ItemSubscriptionCreated, self._created)
+
+    def _pre_read(self, event: Any, _dispatcher: Any) -> None:
+        if event.is_external:
+            nodes = event.request_params.NodesToRead
+            if any(n.NodeId.NamespaceIndex == self.plant.ns for n in nodes):  # the points, not the watchdog's
+                self.reads.append(len(nodes))
+            if len(nodes) > self.read:
+                self.refused += 1
+                raise ServiceError(ua.StatusCodes.BadTooManyOperations)
+
+    def _created(self, event: Any, _dispatcher: Any) -> None:
+        params = event.request_params
+        if event.is_external:
+            self.monitors.append(len(params.ItemsToCreate))
+            if len(params.ItemsToCreate) > self.monitor:
+                # The check runs after the server created the items: take them back, then refuse.
+                self.refused += 1
+                ids = [r.MonitoredItemId for r in event.response_params if r.StatusCode.is_good()]
+                self.plant.server.iserver.subscription_service.delete_monitored_items(
+                    ua.DeleteMonitoredItemsParameters(SubscriptionId=params.SubscriptionId, MonitoredItemIds=ids))
+                raise ServiceError(ua.StatusCodes.BadTooManyOperations)
+
+
+@pytest.mark.parametrize("advertise", [True, False], ids=["advertised", "unadvertised"])
+@pytest.mark.parametrize("mode", ["poll", "subscribe"])
+async def test_requests_are_split_to_fit_the_server_operation_limits(mode: str, advertise: bool,
+                                                                     tmp_path: Path) -> None:
+    names = [n for n in VARIABLES if n not in ("Broken", "Doubtful")]  # 6 good points
+    batches: list[list[Reading]] = []
+    async with plant() as p:
+        limits = Limits(p, read=4, monitor=3, advertise=advertise)
+        await limits.install()
+        points = [point(n.lower(), p.node_id(n)) for n in names]
+        async with OpcUaDriver(device(p.endpoint, points, mode=mode), tmp_path) as driver:
+            if mode == "poll":
+                got = {r.point: r for r in await driver.read()}
+                again = {r.point: r for r in await driver.read()}
+                assert again.keys() == got.keys()
+            else:
+                await driver.subscribe(lambda batch: batches.append(list(batch)))
+                got = await wait_for(lambda: {r.point: r for b in batches for r in b}
+                                     if len({r.point for b in batches for r in b}) == len(names) else None,
+                                     what="every point's first value")
+    assert {name: r.quality for name, r in got.items()} == {n.lower(): GOOD for n in names}
+    assert got["count"].value == -7
+    if mode == "poll":  # two reads of 6 points, at most 4 per request
+        assert limits.reads == ([4, 2, 4, 2] if advertise else [6, 3, 3, 3, 3])
+    else:  # 6 monitored items, at most 3 per request
+        assert limits.monitors == ([3, 3] if advertise else [6, 3, 3])
+    assert limits.refused == (0 if advertise else 1)  # refused once at most: then halved, and it stays so

@@ -57,7 +57,7 @@ def parse(raw: Mapping[str, Any], source: Path) -> AgentConfig:
         "prune_interval": tw.duration("prune_interval", "5m"),
     }
     tw.finish()
-    devices = _devices_mod.devices(root)
+    devices = _devices_mod.devices(root, source.parent)
     _devices_mod.check_names(root, devices)
     mqtt = _sections.mqtt(root, agent_id, source.parent)
     models = _sections.models(root, source.parent, {p.name: d.name for d in devices for p in d.points})

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 from edge_agent.config.schema import (
     _NODE_ID,
+    BYTE_ORDERS,
+    MODBUS_CONNECTIONS,
     OPCUA_MODES,
     OPCUA_SECURITY,
     PARITIES,
@@ -22,7 +25,7 @@ from edge_agent.config.schema import (
     OpcUaPoint,
 )
 from edge_agent.config.table import REQUIRED as _REQUIRED
-from edge_agent.config.table import Table
+from edge_agent.config.table import Table, _show
 
 
 def _common_point(t: Table) -> dict[str, Any]:
@@ -76,12 +79,16 @@ def _modbus_point(t: Table) -> ModbusPoint | None:
         address = None
     extra = {
         "word_order": t.choice("word_order", WORD_ORDERS, "big"),
+        "byte_order": t.choice("byte_order", BYTE_ORDERS, "big"),
         "scale": t.number("scale", 1.0),
         "offset": t.number("offset", 0.0),
     }
     if extra["scale"] == 0.0:
         t.problem("scale", "expected a non-zero number, got 0")
         extra["scale"] = None
+    if kind == "bool" and extra["byte_order"] == "little":
+        t.problem("byte_order", f'applies to register values, not to bool points in the {register} table')
+        extra["byte_order"] = None
     t.finish()
     if None in (point["name"], register, address, kind, *extra.values()):
         return None
@@ -102,7 +109,36 @@ def _common_device(t: Table, protocol: str) -> dict[str, Any]:
     return device
 
 
-def _opcua_device(t: Table, device: dict[str, Any]) -> OpcUaDevice | None:
+_PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+
+
+def _server_certificate(t: Table, base: Path | None, security: str | None) -> Path | None:
+    """``server_certificate``: a readable PEM or DER certificate file, only with a Basic256Sha256 mode."""
+    text = t.string("server_certificate")
+    if text is None:
+        return None
+    path = Path(text).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = (base / path).resolve()
+    if security == "None":
+        t.problem("server_certificate", 'pins the certificate of a secure channel, expected security = '
+                                        '"Basic256Sha256,Sign" or "Basic256Sha256,SignAndEncrypt" with it')
+        return None
+    try:
+        head = path.read_bytes()[:4096]
+    except OSError as exc:
+        t.problem("server_certificate", f"expected a readable PEM or DER certificate file, cannot read {path}: "
+                                        f"{exc.strerror or exc}")
+        return None
+    # A full parse happens at connect (drivers/opcua_pki.py); here only the shape of the file.
+    if _PEM_CERTIFICATE not in head and not head.startswith(b"\x30"):
+        t.problem("server_certificate", f"expected a PEM (-----BEGIN CERTIFICATE-----) or DER certificate, "
+                                        f"{path} is neither")
+        return None
+    return path
+
+
+def _opcua_device(t: Table, device: dict[str, Any], base: Path | None = None) -> OpcUaDevice | None:
     endpoint = t.string("endpoint", _REQUIRED)
     if endpoint is not None and not endpoint.startswith("opc.tcp://"):
         t.problem("endpoint", f'expected an URL starting with "opc.tcp://", got "{endpoint}"')
@@ -115,9 +151,13 @@ def _opcua_device(t: Table, device: dict[str, Any]) -> OpcUaDevice | None:
     }
     if extra["password"] is not None and extra["username"] is None:
         t.problem("password", "given without username")
+    pinned = t.has("server_certificate")
+    extra["server_certificate"] = _server_certificate(t, base, extra["security"])
     points = [_opcua_point(p) for p in t.tables("points")]
     t.finish()
     if None in (endpoint, extra["mode"], extra["security"], *device.values()) or None in points:
+        return None
+    if pinned and extra["server_certificate"] is None:
         return None
     return OpcUaDevice(endpoint=endpoint, points=tuple(points), **extra, **device)  # type: ignore[arg-type]
 
@@ -138,7 +178,8 @@ def _modbus_device(t: Table, device: dict[str, Any]) -> ModbusDevice | None:
             "bytesize": t.integer("bytesize", 8, low=7, high=8),
         }
     else:
-        extra |= {"host": t.string("host", _REQUIRED), "port": t.integer("port", 502, low=1, high=65535)}
+        extra |= {"host": t.string("host", _REQUIRED), "port": t.integer("port", 502, low=1, high=65535),
+                  "connection": t.choice("connection", MODBUS_CONNECTIONS, "own")}
     points = [_modbus_point(p) for p in t.tables("points")]
     t.finish()
     if None in extra.values() or None in device.values() or None in points:
@@ -162,13 +203,14 @@ def _check_overlaps(device: ModbusDevice, t: Table) -> None:
                     f'"{b.name}" overlaps "{a.name}" (registers {start_a}..{end_a - 1})')
 
 
-def devices(root: Table) -> list[DeviceConfig]:
+def devices(root: Table, base: Path | None = None) -> list[DeviceConfig]:
+    """Every ``[[devices]]`` entry; relative file names (``server_certificate``) resolve against ``base``."""
     devices: list[DeviceConfig] = []
     for t in root.tables("devices"):
         protocol = t.choice("protocol", PROTOCOLS, _REQUIRED)
         common = _common_device(t, protocol)
         if protocol == "opcua":
-            built: DeviceConfig | None = _opcua_device(t, common)
+            built: DeviceConfig | None = _opcua_device(t, common, base)
         elif protocol in ("modbus", "modbus-rtu"):
             built = _modbus_device(t, common)
         else:
@@ -177,7 +219,32 @@ def devices(root: Table) -> list[DeviceConfig]:
             built = None
         if built is not None:
             devices.append(built)
+    _check_shared_serial_ports(root)
     return devices
+
+
+_SERIAL_SETTINGS = (("baudrate", 19200), ("parity", "E"), ("stopbits", 1), ("bytesize", 8))
+
+
+def _check_shared_serial_ports(root: Table) -> None:
+    """Devices on one serial port share the line (drivers/modbus_link.py): they must agree on its settings."""
+    first: dict[str, tuple[int, dict[str, Any]]] = {}
+    for index, raw in enumerate(root.raw.get("devices", [])):
+        if not isinstance(raw, dict) or raw.get("protocol") != "modbus-rtu":
+            continue
+        if not isinstance(raw.get("serial_port"), str):
+            continue
+        settings = {key: raw.get(key, default) for key, default in _SERIAL_SETTINGS}
+        port = raw["serial_port"]
+        if port not in first:
+            first[port] = (index, settings)
+            continue
+        other, expected = first[port]
+        for key, _default in _SERIAL_SETTINGS:
+            if settings[key] != expected[key]:
+                root.problems.append(
+                    f"devices[{index}].{key}: devices on serial port {port} share the line, expected "
+                    f"{_show(expected[key])} as devices[{other}] has, got {_show(settings[key])}")
 
 
 def check_names(root: Table, devices: list[DeviceConfig]) -> None:

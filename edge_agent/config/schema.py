@@ -18,7 +18,9 @@ REGISTER_WIDTH = {
     "float32": 2, "float64": 4, "bool": 1,
 }
 WORD_ORDERS = ("big", "little")
+BYTE_ORDERS = ("big", "little")
 PARITIES = ("N", "E", "O")
+MODBUS_CONNECTIONS = ("own", "shared")  # modbus (TCP): a connection per device, or one per host:port
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -54,6 +56,7 @@ class ModbusPoint(PointConfig):
     address: int
     type: str = "uint16"
     word_order: str = "big"
+    byte_order: str = "big"  # order of the two bytes inside each register (the Modbus spec says big)
     scale: float = 1.0
     offset: float = 0.0
 
@@ -90,6 +93,7 @@ class OpcUaDevice(DeviceConfig):
     security: str = "None"
     username: str | None = None
     password: str | None = None
+    server_certificate: Path | None = None  # pinned server certificate (PEM or DER); None: trust on first use
     points: tuple[OpcUaPoint, ...] = ()
 
 
@@ -107,6 +111,7 @@ class ModbusDevice(DeviceConfig):
     unit_id: int = 1
     max_registers: int = 125
     max_gap: int = 0
+    connection: str = "own"  # TCP: "shared" with the other "shared" devices on host:port; RTU always shares the port
     points: tuple[ModbusPoint, ...] = ()
 
 
