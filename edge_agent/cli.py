@@ -177,17 +177,30 @@ async def _run_async(config: AgentConfig) -> int:
 
 async def _reload(agent: Any) -> Any:
     """SIGHUP: re-read the config file; apply it if valid, else keep running as before."""
-    from edge_agent.agent import Agent
-
     source = agent.config.source
     try:
-        new = load(source)
+        new = await asyncio.to_thread(load, source)  # a big file must not hold up the watchdog
     except ConfigError as exc:
         log.error("reload refused, the running config stays in place; %d problem(s) in %s:",
                   len(exc.problems), source)
         for problem in exc.problems:
             log.error("%s", problem)
         return agent
+    except Exception:  # whatever is in the file, a reload must never take the daemon down
+        log.exception("reload refused, the running config stays in place: %s could not be read", source)
+        return agent
+    try:
+        return await _apply(agent, new)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("reload of %s failed part-way; the agent keeps running (check `edge-agent status`)", source)
+        return agent
+
+
+async def _apply(agent: Any, new: AgentConfig) -> Any:
+    from edge_agent.agent import Agent
+
     if agent.needs_restart(new):
         log.info("reload: agent.* or twin.* changed; restarting the agent in place")
         old_config = agent.config
@@ -195,7 +208,7 @@ async def _reload(agent: Any) -> Any:
         try:
             agent = Agent(new)
             await agent.start()
-        except EdgeAgentError as exc:
+        except Exception as exc:  # any failure to start goes back to the config that ran
             log.error("reload failed, going back to the running config: %s", exc)
             await agent.stop()
             agent = Agent(old_config)
