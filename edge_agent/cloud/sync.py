@@ -54,9 +54,13 @@ class Sync:
         self.outbox = outbox
         self.snapshot = snapshot
         self.topics = payloads.Topics.of(self.cfg.topic_prefix, config.agent.site, config.agent.id)
+        # Commands larger than [commands] max_payload are refused anyway; with room for the topic and
+        # properties, the broker drops what is bigger still before it costs us a byte (MQTT 5).
+        max_packet = config.commands.max_payload + 64 * 1024 if on_message else None
         self.link = MqttLink(self.cfg, will_topic=self.topics.state,
                              will_payload=payloads.state(self.gateway, "offline"),
-                             subscriptions=(self.topics.cmd,) if on_message else (), on_message=on_message)
+                             subscriptions=(self.topics.cmd,) if on_message else (), on_message=on_message,
+                             max_packet=max_packet)
         self.link.on_ack = self._on_ack
         self.link.on_refused = self._on_refused
         self.link.on_up = self._wake_up

@@ -25,12 +25,18 @@ def _seen(db: sqlite_utils.Database) -> None:
                       pk="id", not_null={"operator", "name", "expires_at", "received"}, if_not_exists=True)
 
 
+def _per_operator(db: sqlite_utils.Database) -> None:
+    # Ids are an operator's own: with one namespace for everybody, a viewer who saw an admin's id
+    # first (audit records are on the events topic) could send it under their own name and burn it.
+    db.table("seen").transform(pk=("operator", "id"))
+
+
 # Each entry moves the schema one version up (PRAGMA user_version). Append, never edit.
-MIGRATIONS: list[sqlite.Step] = [_seen]
+MIGRATIONS: list[sqlite.Step] = [_seen, _per_operator]
 
 
 class ReplayStore:
-    """Ids of accepted commands, in ``data_dir/commands.db``, kept past their expiry across restarts.
+    """Ids of accepted commands per operator, in ``data_dir/commands.db``, kept past their expiry across restarts.
 
     An id is claimed (committed) before its command runs, so a crash mid-command cannot make
     it usable again. Ids are removed ``REPLAY_MARGIN`` s after they could no longer pass the
@@ -55,11 +61,13 @@ class ReplayStore:
         return self._conn
 
     def claim(self, envelope: Envelope, keep_until: float, now: float) -> bool:
-        """Record the id; False when it was seen before. A store that cannot be written refuses (TwinError)."""
+        """Record (operator, id); False when this operator used the id before. A store that cannot be
+        written refuses (TwinError)."""
         with self._lock:
             conn = self._open()
             try:
-                cur = conn.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?, ?)",
+                cur = conn.execute("INSERT OR IGNORE INTO seen (id, operator, name, expires_at, received) "
+                                   "VALUES (?, ?, ?, ?, ?)",
                                    (envelope.id, envelope.operator, envelope.name, keep_until, now))
                 self._claims += 1
                 if self._claims % 100 == 1:
