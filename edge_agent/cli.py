@@ -263,7 +263,8 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
         oldest = mqtt.get("outbox_oldest_age_s")
         print(f"mqtt: {mqtt.get('broker', '')} {link}\n  outbox {mqtt.get('outbox_depth', '?')} messages"
               + (f", oldest {_span(oldest)}" if oldest else "")
-              + f", dropped {mqtt.get('dropped_messages', 0)} messages")
+              + f", dropped {mqtt.get('dropped_messages', 0)} messages"
+              + (f", {mqtt['dropped_events']} events" if mqtt.get("dropped_events") else ""))
     for m in status.get("models", []):
         score = "-" if m["last_score"] is None else f"{m['last_score']:.3g}"
         note = m["last_error"] or (f"not scoring: {m['last_skip']}" if m["last_skip"] else "")
@@ -298,7 +299,8 @@ def _outbox(config: AgentConfig, as_json: bool) -> int:
     body = {"depth": stats.depth, "bytes": stats.bytes, "oldest_age_s": stats.oldest_age_s,
             "dropped_messages": stats.dropped_messages, "dropped_samples": stats.dropped_samples,
             "next_telemetry_seq": stats.next_telemetry_seq, "next_event_seq": stats.next_event_seq,
-            "file_bytes": stats.file_bytes}
+            "file_bytes": stats.file_bytes, "dropped_events": stats.dropped_events,
+            "dropped_responses": stats.dropped_responses}
     if as_json:
         print(json.dumps(body, indent=1))
     else:
@@ -306,6 +308,7 @@ def _outbox(config: AgentConfig, as_json: bool) -> int:
         print(f"outbox {path}\n  depth          {stats.depth} messages\n  oldest         {age}\n"
               f"  bytes          {stats.bytes} (file {stats.file_bytes})\n"
               f"  dropped        {stats.dropped_messages} messages, {stats.dropped_samples} samples\n"
+              f"  dropped events {stats.dropped_events} events, {stats.dropped_responses} command responses\n"
               f"  next seq       telemetry {stats.next_telemetry_seq}, events {stats.next_event_seq}")
     return EXIT_OK
 

@@ -122,8 +122,11 @@ def twin_snapshot(gateway: str, points: Iterable[Mapping[str, Any]]) -> bytes:
 
 
 def event(gateway: str, stamp: Stamp, kind: str, fields: Mapping[str, Any]) -> bytes:
-    """One ``events`` payload."""
+    """One ``events`` payload; with ``"gap":{"from_seq","to_seq","messages"}`` when the outbox dropped
+    events since the last one (events and responses filled their share of it)."""
     body = {"v": VERSION, "gateway": gateway, "seq": stamp.seq, "ts": time.time(), "type": kind, **fields}
+    if stamp.gap is not None:
+        body.update(stamp.gap.event_record())
     return json.dumps(body, ensure_ascii=False, default=str).encode()
 
 

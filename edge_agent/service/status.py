@@ -138,7 +138,8 @@ def _mqtt(link: LinkState | None) -> dict[str, Any] | None:
     return {"broker": link.broker, "connected": link.connected, "last_error": link.last_error,
             "published": link.published, "acked": link.acked, "outbox_depth": stats.depth,
             "outbox_bytes": stats.bytes, "outbox_oldest_age_s": stats.oldest_age_s,
-            "dropped_messages": stats.dropped_messages, "dropped_samples": stats.dropped_samples}
+            "dropped_messages": stats.dropped_messages, "dropped_samples": stats.dropped_samples,
+            "dropped_events": stats.dropped_events, "dropped_responses": stats.dropped_responses}
 
 
 def write(path: Path, status: Mapping[str, Any]) -> None:

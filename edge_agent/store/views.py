@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from edge_agent.errors import TwinError
 from edge_agent.store import sqlite
 from edge_agent.store.messages import Gap, OutboxStats
-from edge_agent.store.outbox import META_COLUMNS
+from edge_agent.store.outbox import META_COLUMNS, META_EVENT_COLUMNS
 from edge_agent.store.twin import CURRENT
 
 if TYPE_CHECKING:
@@ -161,7 +161,10 @@ def read_stats(path: Path, *, clock: Callable[[], float] = time.time) -> OutboxS
         raise TwinError(f"{path}: no outbox yet (has the agent run with MQTT configured?)")
     conn = sqlite.connect(path, "the outbox", readonly=True)
     try:
-        meta = conn.execute(f"SELECT {META_COLUMNS} FROM meta").fetchone()
+        try:
+            meta = conn.execute(f"SELECT {META_COLUMNS}, {META_EVENT_COLUMNS} FROM meta").fetchone()
+        except sqlite3.OperationalError:  # a file the agent has not migrated to schema 3 yet
+            meta = (*conn.execute(f"SELECT {META_COLUMNS} FROM meta").fetchone(), 0, 0, None, None, 0)
         depth, size, oldest = conn.execute(
             "SELECT count(*), coalesce(sum(length(payload)), 0), min(created) FROM messages").fetchone()
     except sqlite3.Error as exc:
@@ -172,4 +175,6 @@ def read_stats(path: Path, *, clock: Callable[[], float] = time.time) -> OutboxS
     return OutboxStats(depth=depth, bytes=size, inflight=0,
                        oldest_age_s=max(0.0, clock() - oldest) if oldest is not None else None,
                        dropped_messages=meta[2], dropped_samples=meta[3], next_telemetry_seq=meta[0],
-                       next_event_seq=meta[1], pending_gap=gap, file_bytes=sqlite.file_bytes(path))
+                       next_event_seq=meta[1], pending_gap=gap, file_bytes=sqlite.file_bytes(path),
+                       dropped_events=meta[8], dropped_responses=meta[9],
+                       pending_event_gap=Gap(meta[10], meta[11], meta[12], 0) if meta[10] is not None else None)
