@@ -255,6 +255,13 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
         last = f"last good read {_span(time.time() - d['last_ok'])} ago" if d["last_ok"] else "never read"
         error = f"; error: {d['last_error']}" if d["state"] != "up" and d["last_error"] else ""
         print(f"  {d['name']:20} {d['protocol']:10} {d['state']:10} {last}{error}")
+    twin = status.get("twin") or {}
+    if twin.get("writing") is False:
+        since = twin.get("failing_since")
+        print(f"twin: NOT writing{f' for {_span(time.time() - since)}' if since else ''}: {twin.get('last_error')}; "
+              f"{twin.get('dropped', 0)} readings let go so far (latest values kept in memory)")
+    for notice in status.get("storage") or []:
+        print(f"storage: {notice}")
     mqtt = status.get("mqtt")
     if mqtt is None:
         print("mqtt: off (no [mqtt] section: offline only)")

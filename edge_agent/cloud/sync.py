@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 Snapshot = Callable[[], list[dict[str, Any]]]
 
 STOP_GRACE = 2.0  # seconds a clean stop waits for the outbox to be acknowledged while online
+HELD_SAMPLES = 100_000  # samples kept in memory while the outbox cannot be written (disk full)
 
 
 class Sync:
@@ -68,6 +69,8 @@ class Sync:
         self.encoder = payloads.TelemetryEncoder(self.gateway)
         self.published = 0
         self.acked = 0
+        self.unqueued = 0  # samples let go because the outbox could not be written (they are in the twin)
+        self._append_failing = False
         self._samples: list[Reading] = []
         self._twin_dirty = True
         self._twin_sent = 0.0
@@ -163,7 +166,19 @@ class Sync:
             try:
                 await self._batch()
             except TwinError as exc:
-                log.error("%s; samples kept in memory for the next attempt", exc)
+                excess = len(self._samples) - HELD_SAMPLES
+                if excess > 0:  # bounded: the oldest go (the twin keeps them; a later resync can find them)
+                    del self._samples[:excess]
+                    self.unqueued += excess
+                if not self._append_failing:
+                    log.error("%s; up to %d samples kept in memory for the next attempt", exc, HELD_SAMPLES)
+                else:
+                    log.debug("outbox still not writable: %s", exc)
+                self._append_failing = True
+            else:
+                if self._append_failing:
+                    log.info("outbox: writing again; %d samples could not be queued meanwhile", self.unqueued)
+                self._append_failing = False
 
     async def _batch(self) -> None:
         samples, self._samples = self._samples, []

@@ -153,6 +153,11 @@ class CommandHandler:
     async def _guarding(self) -> None:
         worker = asyncio.create_task(self._big_lane(), name="commands-large")
         try:
+            try:  # open (or set aside and renew) the replay store now, not at the first command
+                await asyncio.to_thread(self.replay.open)
+            except TwinError as exc:
+                log.error("%s; commands are answered \"failed\" until it can be opened", exc)
+            self._report_storage()
             while True:
                 await asyncio.sleep(min(5.0, SUMMARY_INTERVAL))
                 self._summarise()
@@ -326,6 +331,8 @@ class CommandHandler:
                 claimed = await asyncio.to_thread(self.replay.claim, envelope, keep_until, checked.received)
             except TwinError as exc:
                 return await self._finish(checked, CommandError("failed", str(exc)))
+            finally:
+                self._report_storage()
             if not claimed:  # a replay is as cheap to send as junk: it counts against the same budget
                 replayed = _refused(checked, CommandError("replayed", f"command {short(envelope.id)!r} was "
                                                                       "already received"), echo=envelope.id)
@@ -357,6 +364,13 @@ class CommandHandler:
         self.handled += 1
         self._audit(checked, body)
         return await self._answer(body, checked.topic, checked.correlation)
+
+    def _report_storage(self) -> None:
+        """Once: the replay store was set aside (an event, as the agent does for its own files)."""
+        notice, self.replay.notice = self.replay.notice, None
+        if notice is not None:
+            self.gateway.record_event({"ts": time.time(), "source": "storage", "kind": "storage",
+                                       "state": "set_aside", "message": notice})
 
     def _authorise(self, envelope: Envelope, operator: Operator) -> Spec:
         spec = self.commands.get(envelope.name)

@@ -77,6 +77,7 @@ class GatewayStatus:
     optimizer_mode: str | None
     dead_parts: tuple[str, ...]  # "device:NAME task died: <exception>" for every part whose task died
     errors: tuple[str, ...]  # the last warnings and errors logged
+    storage: tuple[str, ...] = ()  # database files set aside, or run in memory, at start
 
     @property
     def devices_up(self) -> frozenset[str]:
@@ -107,6 +108,10 @@ class GatewayStatus:
         active = [m.name for m in self.models if m.anomaly]
         if active:
             text += f"; anomaly: {', '.join(active)}"
+        if self.twin.failing_since is not None:
+            text += "; twin NOT writing"
+        if self.storage:
+            text += f"; {len(self.storage)} database file(s) set aside"
         return text
 
     def to_json(self) -> dict[str, Any]:
@@ -123,9 +128,12 @@ class GatewayStatus:
                         "last_skip": m.last_skip, "anomaly": m.anomaly, "last_error": m.last_error,
                         "source": m.source} for m in self.models],
             "twin": {"stored": self.twin.stored, "flushes": self.twin.flushes, "flush_errors": self.twin.flush_errors,
-                     "pending": self.twin.pending},
+                     "pending": self.twin.pending, "writing": self.twin.failing_since is None,
+                     "failing_since": self.twin.failing_since, "last_error": self.twin.last_error,
+                     "dropped": self.twin.dropped, "dropped_records": self.twin.dropped_records},
             "mqtt": _mqtt(self.mqtt),
             "errors": list(self.errors),
+            "storage": list(self.storage),
         }
 
 

@@ -234,7 +234,8 @@ class Outbox:
                     yield state
                     self._write_meta(state)
                 except BaseException:
-                    self.conn.execute("ROLLBACK")
+                    if self.conn.in_transaction:  # SQLite rolls back by itself after SQLITE_FULL and the like
+                        self.conn.execute("ROLLBACK")
                     raise
                 self.conn.execute("COMMIT")
             except sqlite3.Error as exc:
