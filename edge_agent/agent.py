@@ -463,6 +463,8 @@ class Agent:
             if time.monotonic() >= next_prune and self.writer is not None:
                 next_prune = time.monotonic() + self._config.twin.prune_interval
                 await self.writer.prune(now - self._config.twin.history_retention)
+                await self.writer.prune(now - self._config.twin.events_retention, table="events")
+                await self.writer.prune(now - self._config.twin.writes_retention, table="writes")
 
     async def write_status(self) -> None:
         """Refresh data_dir/status.json for `edge-agent status`."""

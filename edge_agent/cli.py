@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +255,7 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
     for d in status["devices"]:
         last = f"last good read {_span(time.time() - d['last_ok'])} ago" if d["last_ok"] else "never read"
         error = f"; error: {d['last_error']}" if d["state"] != "up" and d["last_error"] else ""
-        print(f"  {d['name']:20} {d['protocol']:10} {d['state']:10} {last}{error}")
+        print(_printable(f"  {d['name']:20} {d['protocol']:10} {d['state']:10} {last}{error}"))
     twin = status.get("twin") or {}
     if twin.get("writing") is False:
         since = twin.get("failing_since")
@@ -268,7 +269,7 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
     else:
         link = "connected" if mqtt.get("connected") else f"NOT connected: {mqtt.get('last_error') or 'connecting'}"
         oldest = mqtt.get("outbox_oldest_age_s")
-        print(f"mqtt: {mqtt.get('broker', '')} {link}\n  outbox {mqtt.get('outbox_depth', '?')} messages"
+        print(f"mqtt: {mqtt.get('broker', '')} {_printable(link)}\n  outbox {mqtt.get('outbox_depth', '?')} messages"
               + (f", oldest {_span(oldest)}" if oldest else "")
               + f", dropped {mqtt.get('dropped_messages', 0)} messages"
               + (f", {mqtt['dropped_events']} events" if mqtt.get("dropped_events") else ""))
@@ -280,7 +281,7 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
     if status.get("errors"):
         print("recent warnings and errors:")
         for line in status["errors"]:
-            print(f"  {line}")
+            print(f"  {_printable(line)}")
 
 
 def _span(seconds: float) -> str:
@@ -342,9 +343,9 @@ def _twin(args: argparse.Namespace) -> int:
             print(f'error: --since: expected a duration like "10m", got "{args.since}"', file=sys.stderr)
             return EXIT_CONFIG
         if args.twin_command == "events":
-            return _events(twin.events(since, limit=args.limit), args.json)
+            return _events(twin.iter_events(since, limit=args.limit), args.json)
         if args.twin_command == "writes":
-            return _writes(twin.writes(since, limit=args.limit), args.json)
+            return _writes(twin.iter_writes(since, limit=args.limit), args.json)
         if args.point not in twin.point_names():
             print(f'error: no point named "{args.point}" in {config.twin_path}', file=sys.stderr)
             return EXIT_FAIL
@@ -358,24 +359,44 @@ def _twin(args: argparse.Namespace) -> int:
         twin.close()
 
 
-def _events(rows: list[dict[str, Any]], as_json: bool) -> int:
+def _events(rows: Iterable[dict[str, Any]], as_json: bool) -> int:
+    """Events as they come from the twin's cursor: a month of them never sits in memory at once."""
     if as_json:
-        print(json.dumps([{"id": r["id"], "ts": r["ts"], "model": r["source"] if r["kind"] == "anomaly" else None,
-                           **r} for r in rows], indent=1))
+        _json_array({"id": r["id"], "ts": r["ts"], "model": r["source"] if r["kind"] == "anomaly" else None, **r}
+                    for r in rows)
         return EXIT_OK
-    _table(["time", "source", "kind", "state", "score", "message"],
-           [[_when(r["ts"]), r["source"], r["kind"], r["state"], _fmt(r["score"]), r["message"]] for r in rows])
+    _stream_table(["time", "source", "kind", "state", "score", "message"],
+                  ([_when(r["ts"]), r["source"], r["kind"], r["state"], _fmt(r["score"]), r["message"]] for r in rows))
     return EXIT_OK
 
 
-def _writes(rows: list[dict[str, Any]], as_json: bool) -> int:
+def _writes(rows: Iterable[dict[str, Any]], as_json: bool) -> int:
     if as_json:
-        print(json.dumps(rows, indent=1))
+        _json_array(rows)
         return EXIT_OK
-    _table(["time", "source", "actor", "point", "old", "requested", "written", "readback", "result", "reason"],
-           [[_when(r["ts"]), r["source"], r["actor"] or "-", r["point"], _fmt(r["old"]), _fmt(r["requested"]),
-             _fmt(r["written"]), _fmt(r["readback"]), r["result"], r["reason"]] for r in rows])
+    _stream_table(["time", "source", "actor", "point", "old", "requested", "written", "readback", "result", "reason"],
+                  ([_when(r["ts"]), r["source"], r["actor"] or "-", r["point"], _fmt(r["old"]), _fmt(r["requested"]),
+                    _fmt(r["written"]), _fmt(r["readback"]), r["result"], r["reason"]] for r in rows))
     return EXIT_OK
+
+
+def _json_array(items: Iterable[Any]) -> None:
+    """Print what ``json.dumps(list(items), indent=1)`` would, one item at a time."""
+    first = True
+    for item in items:
+        text = json.dumps(item, indent=1).replace("\n", "\n ")
+        sys.stdout.write(("[\n " if first else ",\n ") + text)
+        first = False
+    print("[]" if first else "\n]")
+
+
+def _stream_table(headers: list[str], rows: Iterator[list[str]], page: int = 1000) -> None:
+    """:func:`_table` in pages: the first page sets the column widths, later rows keep to them where they fit."""
+    batch = list(itertools.islice(rows, page))
+    widths = _table(headers, batch)
+    while batch := list(itertools.islice(rows, page)):
+        for row in batch:
+            print("  ".join(_printable(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _public_point(row: dict[str, Any]) -> dict[str, Any]:
@@ -397,11 +418,22 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f".{int(ts % 1 * 1000):03d}"
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> None:
+def _table(headers: list[str], rows: list[list[str]]) -> list[int]:
+    rows = [[_printable(c) for c in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return widths
+
+
+def _printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (escape sequences, carriage returns, bidi
+    overrides) shown escaped. Names and messages in the twin may come from devices and from
+    operators' commands; they must not drive the operator's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -62,6 +62,8 @@ def parse(raw: Mapping[str, Any], source: Path) -> AgentConfig:
         "flush_max": tw.integer("flush_max", 50_000, low=1, high=10_000_000),
         "points_interval": tw.duration("points_interval", "1s", positive=False, high="1h"),
         "prune_interval": tw.duration("prune_interval", "5m", high="1d"),
+        "events_retention": tw.duration("events_retention", "90d", high="36500d"),
+        "writes_retention": tw.duration("writes_retention", "365d", high="36500d"),
     }
     tw.finish()
     devices = _devices_mod.devices(root)

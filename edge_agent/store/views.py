@@ -15,7 +15,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -94,18 +94,43 @@ class TwinView:
     def history_count(self) -> int:
         return int(self._rows("SELECT count(*) AS n FROM history")[0]["n"])
 
-    def events(self, since: float = 0.0, *, limit: int | None = None) -> list[dict[str, Any]]:
-        """Events at or after ``since``, oldest first; ``detail`` decoded."""
-        sql, params = self._newest(f"SELECT {EVENT_COLUMNS} FROM events WHERE ts >= ? ORDER BY id", [since], limit)
-        rows = self._rows(sql, params)
-        for row in rows:
-            row["detail"] = json.loads(row["detail"]) if row["detail"] else {}
-        return rows
+    def events(self, since: float = 0.0, *, limit: int | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        """Events at or after ``since`` (of one ``kind``), the newest ``limit``, oldest first; ``detail`` decoded.
+
+        Without a limit every matching row is loaded: viewers that may meet many use :meth:`iter_events`.
+        """
+        return list(self.iter_events(since, limit=limit, kind=kind))
+
+    def iter_events(self, since: float = 0.0, *, limit: int | None = None, kind: str | None = None,
+                    ) -> Iterator[dict[str, Any]]:
+        """Like :meth:`events`, one row at a time from the cursor (memory stays flat for any number)."""
+        where = "ts >= ?"
+        params: list[Any] = [since]
+        if kind is not None:
+            where += " AND kind = ?"
+            params.append(kind)
+        sql, params = self._newest(f"SELECT {EVENT_COLUMNS} FROM events WHERE {where} ORDER BY id", params, limit)
+        for row in self._iter(sql, params):
+            row["detail"] = _detail(row["detail"])
+            yield row
 
     def writes(self, since: float = 0.0, *, limit: int | None = None) -> list[dict[str, Any]]:
-        """Write attempts at or after ``since``, oldest first."""
+        """Write attempts at or after ``since``, the newest ``limit``, oldest first."""
+        return list(self.iter_writes(since, limit=limit))
+
+    def iter_writes(self, since: float = 0.0, *, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """Like :meth:`writes`, one row at a time from the cursor."""
         sql, params = self._newest("SELECT * FROM writes WHERE ts >= ? ORDER BY id", [since], limit)
-        return self._rows(sql, params)
+        yield from self._iter(sql, params)
+
+    def _iter(self, sql: str, params: list[Any]) -> Iterator[dict[str, Any]]:
+        try:
+            cursor = self.db.conn.execute(sql, params)
+            names = [d[0] for d in cursor.description]
+            for row in cursor:
+                yield dict(zip(names, row, strict=True))
+        except sqlite3.Error as exc:
+            raise TwinError(f"{self.path}: query failed: {exc}") from exc
 
     def desired(self) -> list[dict[str, Any]]:
         """The desired state of every point that was ever requested."""
@@ -128,6 +153,17 @@ class TwinView:
         except sqlite3.Error as exc:
             raise TwinError(f"{self.path}: cannot acknowledge event {event_id}: {exc}") from exc
         return {"event": event_id, "acked_by": row[0], "acked_ts": row[1], "already_acked": already}
+
+
+def _detail(text: str | None) -> dict[str, Any]:
+    """An event's ``detail`` column decoded (a row someone edited into non-JSON comes back as text)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"text": text}
+    return value if isinstance(value, dict) else {"value": value}
 
 
 class TwinReader:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -268,16 +269,16 @@ class TwinWriter:
         async with self._lock:
             await finish_in_thread(self.twin.sync_points, config)
 
-    async def prune(self, before: float) -> None:
-        """Delete history older than ``before`` (between flushes, off the event loop)."""
+    async def prune(self, before: float, *, table: str = "history") -> None:
+        """Delete rows of ``table`` older than ``before`` (between flushes, off the event loop)."""
         async with self._lock:
             try:
-                removed = await finish_in_thread(self.twin.prune, before)
+                removed = await finish_in_thread(functools.partial(self.twin.prune, before, table=table))
             except TwinError as exc:
                 log.error("%s", exc)
                 return
         if removed:
-            log.info("twin: pruned %d history rows older than retention", removed)
+            log.info("twin: pruned %d %s rows older than retention", removed, table)
 
     async def close(self) -> None:
         """Store what is pending (readings, then records) and close the twin."""
