@@ -430,3 +430,60 @@ async def test_replay_ids_belong_to_their_operator(tmp_path: Path, broker: Broke
             assert again["error"]["code"] == "replayed"
         finally:
             await agent.stop()
+
+
+# ----------------------------------------------------------------------------------- persisting what was pushed
+
+
+async def test_set_config_keeps_the_file_mode_and_answers_failed_when_it_cannot_write(
+        tmp_path: Path, broker: Broker, pki: Pki, keys: Keys) -> None:
+    """Before: the backup took the default file mode (a config with passwords became world-readable), and a
+    file that could not be written was answered "internal"."""
+    original = config_text(tmp_path, broker, pki, keys)
+    path, backup = tmp_path / "agent.toml", tmp_path / "agent.toml.bak"
+    with Recorder(broker, f"{PREFIX}/#") as recorder:
+        agent = await started(tmp_path, original)
+        path.chmod(0o600)
+        op = Operator(recorder)
+        try:
+            slower = config_text(tmp_path, broker, pki, keys, interval="200ms")
+            answer = await op.ask(envelope(keys, "alice", "set_config", {"config": slower}))
+            assert answer["ok"] is True, answer
+            assert backup.read_text() == original and path.read_text() == slower
+            assert (backup.stat().st_mode & 0o777, path.stat().st_mode & 0o777) == (0o600, 0o600)
+            # the folder cannot take the new file (here: its temp name is taken by a folder; under the
+            # hardened unit without ReadWritePaths, a read-only file system)
+            (tmp_path / ".agent.toml.tmp").mkdir()
+            faster = config_text(tmp_path, broker, pki, keys, interval="150ms")
+            answer = await op.ask(envelope(keys, "alice", "set_config", {"config": faster}))
+            assert answer["error"]["code"] == "failed", answer
+            assert "cannot write" in answer["error"]["message"] and "systemd/README.md" in answer["error"]["message"]
+            assert path.read_text() == slower and agent.config.devices[0].interval == 0.2  # nothing applied
+        finally:
+            await agent.stop()
+
+
+async def test_update_model_that_cannot_be_saved_is_not_swapped_in(tmp_path: Path, broker: Broker, pki: Pki,
+                                                                   keys: Keys) -> None:
+    """Before: the model was swapped in memory, the answer was "failed", and a restart silently brought the
+    old one back."""
+    models = tmp_path / "models"
+    models.mkdir()
+    model_file = zscore_model(models / "health.onnx", [5.0], [1.0], inputs=["dev.pv"], threshold=9.0)
+    health = builders.model("health", "anomaly", model_file, interval="200ms")
+    with Recorder(broker, f"{PREFIX}/#") as recorder:
+        agent = await started(tmp_path, config_text(tmp_path, broker, pki, keys, models=[health]))
+        runner = agent.models["health"]
+        try:
+            await wait_for(lambda: runner.status.state == "ready", what="the model loaded")
+            first = runner.model
+            models.rename(tmp_path / "models.moved")
+            models.write_text("not a folder any more")  # the model's folder cannot be written
+            new = zscore_model(tmp_path / "new.onnx", [6.0], [2.0], inputs=["dev.pv"], threshold=9.0).read_bytes()
+            answer = await Operator(recorder).ask(envelope(keys, "alice", "update_model", {
+                "name": "health", "onnx": base64.b64encode(new).decode(), "sha256": hashlib.sha256(new).hexdigest()}))
+            assert answer["error"]["code"] == "failed", answer
+            assert "running model is kept" in answer["error"]["message"]
+            assert runner.model is first  # what runs is what a restart would load
+        finally:
+            await agent.stop()
