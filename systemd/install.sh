@@ -185,7 +185,13 @@ ensure_venv() {
     # models/ too: the shipped models are the demo's package data (edge_agent.demo.models)
     cp -r "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/edge_agent" "$SRC/drivers" "$SRC/models" "$build/"
     find "$build" \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
-    "$VENV/bin/python" -m pip install "${args[@]}" "$build"
+    # ensure_venv runs as an if condition, where set -e does not apply: check by hand, or a failed pip
+    # would leave a venv without the agent and a stamp saying it is installed.
+    if ! "$VENV/bin/python" -m pip install "${args[@]}" "$build"; then
+        rm -rf "$build"
+        echo "install.sh: pip could not install edge-agent into $VENV (see above); nothing else was changed" >&2
+        exit 1
+    fi
     rm -rf "$build"
     echo "$want" >"$STAMP"
     say "installed edge-agent $("$VENV/bin/python" -c \
