@@ -385,7 +385,7 @@ def _json_array(items: Iterable[Any]) -> None:
     first = True
     for item in items:
         text = json.dumps(item, indent=1).replace("\n", "\n ")
-        sys.stdout.write(("[\n " if first else ",\n ") + text)
+        print(("[\n " if first else ",\n ") + text, end="")
         first = False
     print("[]" if first else "\n]")
 

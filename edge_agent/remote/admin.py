@@ -250,14 +250,11 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
+    with os.fdopen(fd, "wb") as f:
         os.fchmod(fd, mode)  # the umask must not widen or narrow it
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        f.write(data)
+        f.flush()
         os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def stage(path: Path, data: bytes) -> Path:
