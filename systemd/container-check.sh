@@ -99,7 +99,7 @@ if [ "$INSIDE" -eq 1 ]; then
         /etc/edge-agent/models/planted.onnx
 
     say "3. plant, TLS broker, operator, the demo config with [mqtt] and [commands]"
-    systemd-run --unit=plant --quiet "$PY" -m edge_agent.demo.plant --opcua-port 4840 --modbus-port 5020
+    systemd-run --unit=plant --quiet "$PY" -m edge_agent.demo.plant --opcua-port 48841 --modbus-port 15021
     mkdir -p /root/pki /root/op && cd /root/pki
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=check-ca \
         -keyout ca.key -out ca.pem 2>/dev/null
@@ -116,7 +116,7 @@ if [ "$INSIDE" -eq 1 ]; then
     install -d -m 0755 /etc/mosquitto/certs
     install -m 0640 -o mosquitto -g mosquitto ca.pem broker.pem broker.key /etc/mosquitto/certs/
     cat >/etc/mosquitto/conf.d/check.conf <<'EOF'
-listener 8883 127.0.0.1
+listener 18883 127.0.0.1
 cafile /etc/mosquitto/certs/ca.pem
 certfile /etc/mosquitto/certs/broker.pem
 keyfile /etc/mosquitto/certs/broker.key
@@ -133,8 +133,8 @@ EOF
 import re
 from edge_agent.demo.runner import demo_text
 text = demo_text()
-text = re.sub(r'(?m)^(endpoint\s*=\s*)"opc\.tcp://[^"]*"', r'\1"opc.tcp://127.0.0.1:4840/plant"', text)
-text = re.sub(r"(?m)^(port\s*=\s*)\d+", r"\g<1>5020", text)
+text = re.sub(r'(?m)^(endpoint\s*=\s*)"opc\.tcp://[^"]*"', r'\1"opc.tcp://127.0.0.1:48841/plant"', text)
+text = re.sub(r"(?m)^(port\s*=\s*)\d+", r"\g<1>15021", text)
 text = re.sub(r'(?m)^(data_dir\s*=\s*)"[^"]*"', r'\1"/var/lib/edge-agent"', text)
 text = re.sub(r'(?m)^(id\s*=\s*)"[^"]*"', r'\1"gw-check"', text, count=1)
 text = re.sub(r'(?m)^(site\s*=\s*)"[^"]*"', r'\1"site-check"', text, count=1)
@@ -144,7 +144,7 @@ print(text)
 print('''
 [mqtt]
 host = "localhost"
-port = 8883
+port = 18883
 ca_file = "certs/ca.pem"
 cert_file = "certs/agent.pem"
 key_file = "certs/agent.key"
@@ -169,7 +169,7 @@ EOF
         fail "not active with the demo config: $(prop ActiveState)/$(prop SubState)"
     fi
     send() {  # send NAME ARGS...: sign and send a command over MQTT as alice, print the JSON answer
-        "$EA" command --broker localhost:8883 --ca /root/pki/ca.pem --cert /root/pki/operator.pem \
+        "$EA" command --broker localhost:18883 --ca /root/pki/ca.pem --cert /root/pki/operator.pem \
             --key /root/pki/operator.key --operator alice --signing-key /root/op/alice.key \
             --gateway site-check/gw-check --timeout 60 "$@"
     }
@@ -278,7 +278,8 @@ cleanup() {
 trap cleanup EXIT
 say "booting it with systemd-nspawn --boot (log: $LOG)"
 # --register=no --keep-unit: this machine need not run systemd itself. The host network is shared
-# (pip, mosquitto on the container's own loopback); the checkout is mounted read-only.
+# (pip needs it), so the plant and the broker listen on loopback ports unlikely to be taken here
+# (48841, 15021, 18883); the checkout is mounted read-only.
 systemd-nspawn --directory="$RUN" --boot --register=no --keep-unit --machine="$MACHINE" --console=passive \
     --bind-ro="$SRC:/src" --bind="$CACHE/pip:/root/.cache/pip" >"$LOG" 2>&1 &
 NSPAWN=$!
