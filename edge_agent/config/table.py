@@ -115,6 +115,9 @@ class Table:
         if isinstance(value, str) and key in self.raw and not value.strip():
             self.problem(key, "expected a non-empty string")
             return None
+        if isinstance(value, str) and "\x00" in value:  # no file name, host or name has one
+            self.problem(key, "expected a string without NUL characters")
+            return None
         return value
 
     def choice(self, key: str, choices: tuple[str, ...], default: Any) -> Any:
