@@ -29,6 +29,7 @@ from edge_agent.errors import ModelError, TwinError
 from edge_agent.service import status as status_file
 from edge_agent.service.logs import RecentErrors
 from edge_agent.service.status import GatewayStatus, LinkState, ModelState, OverrideState
+from edge_agent.store import sqlite
 from edge_agent.store.messages import OutboxLimits
 from edge_agent.store.outbox import Outbox
 from edge_agent.store.twin import Twin
@@ -77,6 +78,8 @@ class Agent:
         self._reader = TwinReader(config.twin_path)
         self.recent_errors: deque[str] = deque(maxlen=10)
         self._recorder = RecentErrors(self.recent_errors)
+        self.storage: list[str] = []  # files set aside or not usable at start (status.json "storage")
+        self._status_failing = False
 
     @property
     def config(self) -> AgentConfig:
@@ -172,7 +175,7 @@ class Agent:
             dead_parts=dead, errors=tuple(self.recent_errors),
             overrides=tuple(OverrideState(h.point, h.since, h.until, h.event_id, h.old, h.new)
                             for h in self.gate.holds()),
-            sparkplug=self._sparkplug_state())
+            sparkplug=self._sparkplug_state(), storage=tuple(self.storage))
 
     def _link_state(self) -> LinkState | None:
         sync, outbox = self.sync, self.outbox
@@ -270,12 +273,20 @@ class Agent:
     async def start(self) -> None:
         """Open the twin and start every task; returns once they are running."""
         config = self._config
-        twin = await asyncio.to_thread(Twin.open, config.twin_path)
-        await asyncio.to_thread(twin.sync_points, config)
-        self.writer = TwinWriter(twin, config.twin)
-        await asyncio.to_thread(self.writer.restore)
-        await self._restore_gate(twin)
         logging.getLogger().addHandler(self._recorder)
+        twin = await asyncio.to_thread(self._open_store, config.twin_path, Twin.open, "the twin",
+                                       "readings are kept in memory only, lost on restart")
+        self.writer = TwinWriter(twin, config.twin)
+        try:
+            await asyncio.to_thread(twin.sync_points, config)
+            await asyncio.to_thread(self.writer.restore)
+        except TwinError as exc:  # a full disk or a locked file: run, and keep trying to write
+            log.error("%s; the agent runs and tries again at every flush", exc)
+            self.writer.sync_points_later(config)
+        await self._restore_gate(twin)
+        for notice in self.storage:
+            self.record_event({"ts": time.time(), "source": "storage", "kind": "storage", "state": "set_aside",
+                               "message": notice})
         for device in config.devices:
             self._start_device(device)
         await self._start_sync()
@@ -343,9 +354,16 @@ class Agent:
             log.info("no [mqtt] section: running offline only; the twin is kept locally")
             return
         limits = OutboxLimits(max_rows=mqtt.outbox_max_rows, max_bytes=mqtt.outbox_max_bytes)
-        self.outbox = await asyncio.to_thread(
-            Outbox.open, self._config.agent.data_dir / "outbox.db", limits=limits, max_inflight=mqtt.max_inflight,
-            synchronous=mqtt.outbox_sync)
+
+        def outbox(path: Path) -> Outbox:
+            return Outbox.open(path, limits=limits, max_inflight=mqtt.max_inflight, synchronous=mqtt.outbox_sync)
+
+        known = len(self.storage)
+        self.outbox = await asyncio.to_thread(self._open_store, self._config.agent.data_dir / "outbox.db", outbox,
+                                              "the outbox", "messages are kept in memory only, lost on restart")
+        for notice in self.storage[known:]:
+            self.record_event({"ts": time.time(), "source": "storage", "kind": "storage", "state": "set_aside",
+                               "message": notice})
         on_message = on_desired = None
         if self._config.commands.enabled:
             from edge_agent.remote.dispatch import CommandHandler
@@ -376,6 +394,23 @@ class Agent:
             self.desired = DesiredState(self)
         self.desired.attach()
         return self.desired.on_message
+
+    def _open_store(self, path: Path, opener: Callable[[Path], T], what: str, in_memory: str) -> T:
+        """Open one of the agent's SQLite files (blocking: from a worker thread).
+
+        A file that cannot be used is set aside and a fresh one created; when even that fails (a
+        read-only or missing data directory), the part runs on an in-memory database. Either way the
+        agent runs on, and the notice goes to the log, an event and status.json ("storage").
+        """
+        try:
+            opened, notice = sqlite.open_or_set_aside(path, opener, what)
+        except TwinError as exc:
+            notice = f"{what} {path} cannot be used ({exc}); running without it: {in_memory}"
+            log.critical("%s", notice)
+            opened = opener(Path(":memory:"))
+        if notice is not None:
+            self.storage.append(notice)
+        return opened
 
     async def _stop_sync(self) -> None:
         """Leave the broker (Will: offline) and close the outbox; what it holds stays on disk."""
@@ -556,14 +591,21 @@ class Agent:
             if time.monotonic() >= next_prune and self.writer is not None:
                 next_prune = time.monotonic() + self._config.twin.prune_interval
                 await self.writer.prune(now - self._config.twin.history_retention)
+                await self.writer.prune(now - self._config.twin.events_retention, table="events")
+                await self.writer.prune(now - self._config.twin.writes_retention, table="writes")
 
     async def write_status(self) -> None:
         """Refresh data_dir/status.json for `edge-agent status`."""
         snapshot = self.status().to_json()
         try:
             await asyncio.to_thread(status_file.write, self._config.agent.data_dir / status_file.STATUS_FILE, snapshot)
-        except OSError as exc:
-            log.warning("cannot write the status file: %s", exc)
+        except OSError as exc:  # a full disk: say it once, not every five seconds
+            log.log(logging.DEBUG if self._status_failing else logging.WARNING, "cannot write the status file: %s", exc)
+            self._status_failing = True
+        else:
+            if self._status_failing:
+                log.info("status file written again")
+            self._status_failing = False
 
 
 def _model_state(name: str, runner: ModelRunner) -> ModelState:

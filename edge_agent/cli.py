@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -335,17 +336,30 @@ async def _run_async(config: AgentConfig) -> int:
 
 async def _reload(agent: Any) -> Any:
     """SIGHUP: re-read the config file; apply it if valid, else keep running as before."""
-    from edge_agent.agent import Agent
-
     source = agent.config.source
     try:
-        new = load(source)
+        new = await asyncio.to_thread(load, source)  # a big file must not hold up the watchdog
     except ConfigError as exc:
         log.error("reload refused, the running config stays in place; %d problem(s) in %s:",
                   len(exc.problems), source)
         for problem in exc.problems:
             log.error("%s", problem)
         return agent
+    except Exception:  # whatever is in the file, a reload must never take the daemon down
+        log.exception("reload refused, the running config stays in place: %s could not be read", source)
+        return agent
+    try:
+        return await _apply(agent, new)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("reload of %s failed part-way; the agent keeps running (check `edge-agent status`)", source)
+        return agent
+
+
+async def _apply(agent: Any, new: AgentConfig) -> Any:
+    from edge_agent.agent import Agent
+
     if agent.needs_restart(new):
         log.info("reload: agent.* or twin.* changed; restarting the agent in place")
         old_config = agent.config
@@ -353,7 +367,7 @@ async def _reload(agent: Any) -> Any:
         try:
             agent = Agent(new)
             await agent.start()
-        except EdgeAgentError as exc:
+        except Exception as exc:  # any failure to start goes back to the config that ran
             log.error("reload failed, going back to the running config: %s", exc)
             await agent.stop()
             agent = Agent(old_config)
@@ -399,16 +413,24 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
     for d in status["devices"]:
         last = f"last good read {_span(time.time() - d['last_ok'])} ago" if d["last_ok"] else "never read"
         error = f"; error: {d['last_error']}" if d["state"] != "up" and d["last_error"] else ""
-        print(f"  {d['name']:20} {d['protocol']:10} {d['state']:10} {last}{error}")
+        print(_printable(f"  {d['name']:20} {d['protocol']:10} {d['state']:10} {last}{error}"))
+    twin = status.get("twin") or {}
+    if twin.get("writing") is False:
+        since = twin.get("failing_since")
+        print(f"twin: NOT writing{f' for {_span(time.time() - since)}' if since else ''}: {twin.get('last_error')}; "
+              f"{twin.get('dropped', 0)} readings let go so far (latest values kept in memory)")
+    for notice in status.get("storage") or []:
+        print(f"storage: {notice}")
     mqtt = status.get("mqtt")
     if mqtt is None:
         print("mqtt: off (no [mqtt] section: offline only)")
     else:
         link = "connected" if mqtt.get("connected") else f"NOT connected: {mqtt.get('last_error') or 'connecting'}"
         oldest = mqtt.get("outbox_oldest_age_s")
-        print(f"mqtt: {mqtt.get('broker', '')} {link}\n  outbox {mqtt.get('outbox_depth', '?')} messages"
+        print(f"mqtt: {mqtt.get('broker', '')} {_printable(link)}\n  outbox {mqtt.get('outbox_depth', '?')} messages"
               + (f", oldest {_span(oldest)}" if oldest else "")
-              + f", dropped {mqtt.get('dropped_messages', 0)} messages")
+              + f", dropped {mqtt.get('dropped_messages', 0)} messages"
+              + (f", {mqtt['dropped_events']} events" if mqtt.get("dropped_events") else ""))
     for m in status.get("models", []):
         score = "-" if m["last_score"] is None else f"{m['last_score']:.3g}"
         note = m["last_error"] or (f"not scoring: {m['last_skip']}" if m["last_skip"] else "")
@@ -422,7 +444,7 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
     if status.get("errors"):
         print("recent warnings and errors:")
         for line in status["errors"]:
-            print(f"  {line}")
+            print(f"  {_printable(line)}")
 
 
 def _span(seconds: float) -> str:
@@ -448,7 +470,8 @@ def _outbox(config: AgentConfig, as_json: bool) -> int:
     body = {"depth": stats.depth, "bytes": stats.bytes, "oldest_age_s": stats.oldest_age_s,
             "dropped_messages": stats.dropped_messages, "dropped_samples": stats.dropped_samples,
             "next_telemetry_seq": stats.next_telemetry_seq, "next_event_seq": stats.next_event_seq,
-            "file_bytes": stats.file_bytes}
+            "file_bytes": stats.file_bytes, "dropped_events": stats.dropped_events,
+            "dropped_responses": stats.dropped_responses}
     if as_json:
         print(json.dumps(body, indent=1))
     else:
@@ -456,6 +479,7 @@ def _outbox(config: AgentConfig, as_json: bool) -> int:
         print(f"outbox {path}\n  depth          {stats.depth} messages\n  oldest         {age}\n"
               f"  bytes          {stats.bytes} (file {stats.file_bytes})\n"
               f"  dropped        {stats.dropped_messages} messages, {stats.dropped_samples} samples\n"
+              f"  dropped events {stats.dropped_events} events, {stats.dropped_responses} command responses\n"
               f"  next seq       telemetry {stats.next_telemetry_seq}, events {stats.next_event_seq}")
     return EXIT_OK
 
@@ -476,9 +500,9 @@ def _twin(args: argparse.Namespace) -> int:
             print(f'error: --since: expected a duration like "10m", got "{args.since}"', file=sys.stderr)
             return EXIT_CONFIG
         if args.twin_command == "events":
-            return _events(twin.events(since, limit=args.limit), args.json)
+            return _events(twin.iter_events(since, limit=args.limit), args.json)
         if args.twin_command == "writes":
-            return _writes(twin.writes(since, limit=args.limit), args.json)
+            return _writes(twin.iter_writes(since, limit=args.limit), args.json)
         if args.point not in twin.point_names():
             print(f'error: no point named "{args.point}" in {config.twin_path}', file=sys.stderr)
             return EXIT_FAIL
@@ -508,28 +532,48 @@ def _show(rows: list[dict[str, Any]], desired_rows: list[dict[str, Any]], as_jso
     if reasons:
         print()
         for name, d in reasons:
-            print(f'{name}: desired {_fmt(d["value"])} {d["status"]}: {d["reason"]}')
+            print(_printable(f'{name}: desired {_fmt(d["value"])} {d["status"]}: {d["reason"]}'))
     return EXIT_OK
 
 
-def _events(rows: list[dict[str, Any]], as_json: bool) -> int:
+def _events(rows: Iterable[dict[str, Any]], as_json: bool) -> int:
+    """Events as they come from the twin's cursor: a month of them never sits in memory at once."""
     if as_json:
-        print(json.dumps([{"id": r["id"], "ts": r["ts"], "model": r["source"] if r["kind"] == "anomaly" else None,
-                           **r} for r in rows], indent=1))
+        _json_array({"id": r["id"], "ts": r["ts"], "model": r["source"] if r["kind"] == "anomaly" else None, **r}
+                    for r in rows)
         return EXIT_OK
-    _table(["time", "source", "kind", "state", "score", "message"],
-           [[_when(r["ts"]), r["source"], r["kind"], r["state"], _fmt(r["score"]), r["message"]] for r in rows])
+    _stream_table(["time", "source", "kind", "state", "score", "message"],
+                  ([_when(r["ts"]), r["source"], r["kind"], r["state"], _fmt(r["score"]), r["message"]] for r in rows))
     return EXIT_OK
 
 
-def _writes(rows: list[dict[str, Any]], as_json: bool) -> int:
+def _writes(rows: Iterable[dict[str, Any]], as_json: bool) -> int:
     if as_json:
-        print(json.dumps(rows, indent=1))
+        _json_array(rows)
         return EXIT_OK
-    _table(["time", "source", "actor", "point", "old", "requested", "written", "readback", "result", "reason"],
-           [[_when(r["ts"]), r["source"], r["actor"] or "-", r["point"], _fmt(r["old"]), _fmt(r["requested"]),
-             _fmt(r["written"]), _fmt(r["readback"]), r["result"], r["reason"]] for r in rows])
+    _stream_table(["time", "source", "actor", "point", "old", "requested", "written", "readback", "result", "reason"],
+                  ([_when(r["ts"]), r["source"], r["actor"] or "-", r["point"], _fmt(r["old"]), _fmt(r["requested"]),
+                    _fmt(r["written"]), _fmt(r["readback"]), r["result"], r["reason"]] for r in rows))
     return EXIT_OK
+
+
+def _json_array(items: Iterable[Any]) -> None:
+    """Print what ``json.dumps(list(items), indent=1)`` would, one item at a time."""
+    first = True
+    for item in items:
+        text = json.dumps(item, indent=1).replace("\n", "\n ")
+        print(("[\n " if first else ",\n ") + text, end="")
+        first = False
+    print("[]" if first else "\n]")
+
+
+def _stream_table(headers: list[str], rows: Iterator[list[str]], page: int = 1000) -> None:
+    """:func:`_table` in pages: the first page sets the column widths, later rows keep to them where they fit."""
+    batch = list(itertools.islice(rows, page))
+    widths = _table(headers, batch)
+    while batch := list(itertools.islice(rows, page)):
+        for row in batch:
+            print("  ".join(_printable(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _public_point(row: dict[str, Any]) -> dict[str, Any]:
@@ -551,11 +595,22 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f".{int(ts % 1 * 1000):03d}"
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> None:
+def _table(headers: list[str], rows: list[list[str]]) -> list[int]:
+    rows = [[_printable(c) for c in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return widths
+
+
+def _printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (escape sequences, carriage returns, bidi
+    overrides) shown escaped. Names and messages in the twin may come from devices and from
+    operators' commands; they must not drive the operator's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -49,6 +49,11 @@ class TokenBucket:
         self._tokens -= n
         return True
 
+    def give_back(self, n: float) -> None:
+        """Return ``n`` tokens taken for work that turned out not to count (never above ``burst``)."""
+        self._refill()
+        self._tokens = min(self.burst, self._tokens + n)
+
 
 def backoff(attempt: int, low: float, high: float, rng: random.Random) -> float:
     """Capped exponential backoff with full jitter in [delay/2, delay]."""

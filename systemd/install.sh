@@ -14,7 +14,13 @@
 #                  agent alone when the dependencies are already in the venv)
 #
 # Idempotent: a second run changes nothing and says so. It never overwrites a config or data:
-# /etc/edge-agent/agent.toml is copied from config/agent.example.toml only when absent.
+# /etc/edge-agent/agent.toml is copied from config/agent.example.toml only when absent, and the
+# models in /etc/edge-agent/models (the copies remote update_model may replace) likewise.
+#
+# The service user may write in /etc/edge-agent (remote set_config and update_model) and in
+# /var/lib/edge-agent. Nothing this script runs as root follows a link there: chown and chgrp get
+# -h, files root writes there are created afresh (install unlinks first), and what goes inside the
+# service's own folders (models/) is written as the service user.
 set -euo pipefail
 # The venv and models must be readable by the service user even if root's umask is 077;
 # config and state get their own modes below.
@@ -109,11 +115,24 @@ make_dir() {  # make_dir DIR MODE [OWNER:GROUP]
         install -d -m "$2" "$1"
         say "created   $1"
     fi
+    if [ "$(stat -c %a "$1")" != "${2#0}" ]; then  # an upgrade may change a folder's mode
+        chmod "$2" "$1"
+        say "changed   $1 to mode $2"
+    fi
     if [ $# -ge 3 ] && real_root; then
         # Files left by a previous install whose user was removed (orphaned ids) go to the new user.
-        find "$1" \( -nouser -o -nogroup \) -exec chown "$3" {} +
-        chown "${3%%:*}" "$1" 2>/dev/null || true
-        chgrp "${3##*:}" "$1"
+        # -h: never through a link the service user left there (it would hand the target over).
+        find "$1" \( -nouser -o -nogroup \) -exec chown -h "$3" {} +
+        chown -h "${3%%:*}" "$1" 2>/dev/null || true
+        chgrp -h "${3##*:}" "$1"
+    fi
+}
+
+as_service() {  # run a command as the service user (files it writes in its own folders)
+    if real_root; then
+        setpriv --reuid="$NAME" --regid="$NAME" --init-groups --reset-env -- "$@"
+    else
+        "$@"
     fi
 }
 
@@ -166,7 +185,13 @@ ensure_venv() {
     # models/ too: the shipped models are the demo's package data (edge_agent.demo.models)
     cp -r "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/edge_agent" "$SRC/drivers" "$SRC/models" "$build/"
     find "$build" \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
-    "$VENV/bin/python" -m pip install "${args[@]}" "$build"
+    # ensure_venv runs as an if condition, where set -e does not apply: check by hand, or a failed pip
+    # would leave a venv without the agent and a stamp saying it is installed.
+    if ! "$VENV/bin/python" -m pip install "${args[@]}" "$build"; then
+        rm -rf "$build"
+        echo "install.sh: pip could not install edge-agent into $VENV (see above); nothing else was changed" >&2
+        exit 1
+    fi
     rm -rf "$build"
     echo "$want" >"$STAMP"
     say "installed edge-agent $("$VENV/bin/python" -c \
@@ -175,8 +200,14 @@ ensure_venv() {
 
 install_config() {
     local target=$ETC/agent.toml tmp
-    if [ -e "$target" ]; then
+    if [ -e "$target" ] || [ -L "$target" ]; then
         say "kept      $target (never overwritten)"
+        # Owned by the service, so that a remote set_config can replace it in the sticky folder;
+        # a link is left alone (-h, and only a plain file is handed over).
+        if real_root && [ -f "$target" ] && [ ! -L "$target" ] && [ "$(stat -c %U "$target")" != "$NAME" ]; then
+            chown -h "$NAME:$NAME" "$target"
+            say "changed   $target owner to $NAME (remote set_config replaces it)"
+        fi
         return
     fi
     tmp=$(mktemp)
@@ -187,10 +218,35 @@ install_config() {
         echo "install.sh: config/agent.example.toml has no 'data_dir = \"data\"' line to adjust" >&2
         exit 1
     fi
-    install -m 0640 "$tmp" "$target"
+    install -m 0640 "$tmp" "$target"  # install unlinks an existing name first: it never writes through a link
     rm -f "$tmp"
-    real_root && chgrp "$NAME" "$target"
+    if real_root; then chown -h "$NAME:$NAME" "$target"; fi
     say "installed $target from config/agent.example.toml: edit its devices, then: systemctl reload $NAME"
+}
+
+seed_models() {
+    # /etc/edge-agent/models: the models the config names (file = "models/NAME.onnx"), which remote
+    # update_model replaces in place. Seeded from the shipped models when absent, never overwritten;
+    # written as the service user, since the folder is the service's own.
+    local model found=0 dir=$ETC/models
+    if [ ! -d "$dir" ]; then
+        as_service install -d -m 0750 "$dir"
+        say "created   $dir"
+    fi
+    shopt -s nullglob
+    for model in "$SRC"/models/*.onnx; do
+        found=1
+        local target
+        target=$dir/$(basename "$model")
+        if [ -e "$target" ] || [ -L "$target" ]; then
+            say "kept      $target (never overwritten)"
+        else
+            as_service sh -c 'umask 027 && cat > "$1.new" && mv -f "$1.new" "$1"' sh "$target" <"$model"
+            say "installed $target"
+        fi
+    done
+    shopt -u nullglob
+    [ "$found" -eq 1 ] || say "skipped   $dir (no .onnx files in $SRC/models)"
 }
 
 install_models() {
@@ -209,10 +265,11 @@ do_install() {
     ensure_user
     make_dir "$OPT" 0755
     if ensure_venv; then changed=1; fi
-    make_dir "$ETC" 0750 "root:$NAME"
+    make_dir "$ETC" 1770 "root:$NAME"
     install_config
     make_dir "$STATE" 0700 "$NAME:$NAME"
     install_models
+    seed_models
     if put "$SRC/README.md" "$OPT/README.md" 0644; then :; fi
     if put "$SRC/systemd/$NAME.service" "$UNIT" 0644; then changed=1; fi
     if systemd_running; then

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.commanding import Keys, make_keys
 from tests.mqtt_broker import Broker, Pki, make_pki
 
 
@@ -41,3 +42,9 @@ def broker(pki: Pki, tmp_path: Path) -> Iterator[Broker]:
     """A running mosquitto with mutual TLS on a free port, stopped after the test."""
     with Broker(pki, tmp_path / "mosquitto") as running:
         yield running
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    """Ed25519 key pairs for the operators alice, bob, carol and mallory (tests/commanding.py)."""
+    return make_keys(tmp_path)

@@ -12,154 +12,35 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import itertools
 import json
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent import config
-from edge_agent.agent import Agent
 from edge_agent.store.views import TwinView
 from tests import builders
-from tests.fakes import FakePlant
+from tests.commanding import (
+    CMD,
+    EVENTS,
+    PREFIX,
+    RESPONSE,
+    UNREACHABLE,
+    Keys,
+    Operator,
+    audit_record,
+    config_text,
+    envelope,
+    fake_plant,
+    started,
+)
 from tests.helpers import wait_for
-from tests.mqtt_broker import AGENT_CN, Broker, Message, Pki, Recorder, publish_properties
+from tests.mqtt_broker import Broker, Message, Pki, Recorder, publish_properties
 from tests.onnx_models import zscore_model
-
-PREFIX = "edge/plant-a/gw-01"
-CMD, RESPONSE, EVENTS = f"{PREFIX}/cmd", f"{PREFIX}/cmd/response", f"{PREFIX}/events"
-UNREACHABLE = "10.255.255.1"  # a device host the fake driver refuses to connect to
-_ids = itertools.count(1)
-
-
-def fake_plant() -> FakePlant:
-    """Setpoint dev.sp and measurement dev.pv held in memory, 5.0 until written; a device configured
-    at UNREACHABLE refuses to connect."""
-    return FakePlant(default=5.0, unreachable_hosts={UNREACHABLE})
-
-
-@dataclass
-class Keys:
-    directory: Path
-    private: dict[str, Ed25519PrivateKey]
-
-
-@pytest.fixture(name="keys")
-def keys_fixture(tmp_path: Path) -> Keys:
-    directory = tmp_path / "keys"
-    directory.mkdir()
-    private = {}
-    for name in ("alice", "bob", "carol", "mallory"):
-        key = Ed25519PrivateKey.generate()
-        private[name] = key
-        (directory / f"{name}.pub").write_bytes(key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return Keys(directory, private)
-
-
-def config_text(tmp_path: Path, broker: Broker, pki: Pki, keys: Keys, *, host: str = "127.0.0.1",
-                interval: str = "100ms", site: str = "plant-a", admin_role: str = "admin",
-                models: Sequence[builders.Doc] = (), operator: tuple[str, str, Path] | None = None) -> str:
-    """The agent's config: the broker, three operators (alice admin, bob operator, carol viewer, plus
-    ``operator``), and device dev with setpoint dev.sp (0..20, steps of at most 5) and dev.pv."""
-    operators = [builders.operator("alice", admin_role, keys.directory / "alice.pub"),
-                 builders.operator("bob", "operator", keys.directory / "bob.pub"),
-                 builders.operator("carol", "viewer", keys.directory / "carol.pub")]
-    if operator is not None:
-        operators.append(builders.operator(*operator))
-    points = [builders.point("dev.sp", address=0, writable=True, min=0, max=20, max_step=5),
-              builders.point("dev.pv", address=1)]
-    dev = builders.modbus("dev", points, host=host, interval=interval, retry_min="100ms", retry_max="200ms")
-    return builders.toml(builders.config(
-        tmp_path / "data", id=AGENT_CN, site=site, twin={"flush_interval": "50ms"},
-        mqtt=builders.mqtt(pki, broker.port, publish_interval="100ms", retry_min="100ms", retry_max="500ms"),
-        commands=builders.commands(operators, clock_skew="5s", max_payload="64KiB", config_deadline="2s"),
-        devices=[dev], models=models))
-
-
-def write_config(tmp_path: Path, text: str) -> config.AgentConfig:
-    path = tmp_path / "agent.toml"
-    path.write_text(text)
-    return config.loads(text, path)
-
-
-def envelope(keys: Keys, operator: str, name: str, args: dict[str, Any] | None = None, *,
-             signer: str | None = None, issued: float | None = None, validity: float = 60,
-             command_id: str | None = None) -> dict[str, Any]:
-    """A command signed the documented way, with ``cryptography`` directly (not this project's code)."""
-    issued_at = int(time.time() if issued is None else issued)
-    body = {"id": command_id or f"cmd-{next(_ids)}-{time.time_ns()}", "name": name, "args": args or {},
-            "operator": operator, "issued_at": issued_at, "expires_at": issued_at + validity}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    body["sig"] = base64.b64encode(keys.private[signer or operator].sign(canonical)).decode()
-    return body
-
-
-class Operator:
-    """Sends commands through the broker and waits for the answer on its own response topic."""
-
-    def __init__(self, recorder: Recorder) -> None:
-        self.recorder = recorder
-
-    async def send(self, payload: bytes | dict[str, Any], *, reply: bool = True, timeout: float = 15) -> Message:
-        data = json.dumps(payload).encode() if isinstance(payload, dict) else payload
-        correlation = f"corr-{next(_ids)}".encode()
-        topic = f"{RESPONSE}/t{next(_ids)}" if reply else RESPONSE
-        props = publish_properties(response_topic=topic if reply else None, correlation_data=correlation)
-        self.recorder.publish(CMD, data, properties=props)
-
-        def answered(messages: list[Message]) -> Message | None:
-            for m in messages:
-                got = getattr(m.properties, "CorrelationData", None)
-                if m.topic == topic and (not reply or got == correlation):
-                    return m
-            return None
-        return await self.recorder.wait_for_async(answered, timeout=timeout)
-
-    async def ask(self, payload: bytes | dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        answer: dict[str, Any] = (await self.send(payload, **kwargs)).json()
-        return answer
-
-
-async def audit_record(agent: Agent, recorder: Recorder, command_id: str | None, code: str) -> dict[str, Any]:
-    """The command's audit record, in the twin and on the events topic."""
-    twin = TwinView.open(agent.config.twin_path)
-
-    def stored() -> dict[str, Any] | None:
-        for event in twin.events():
-            if event["kind"] == "command" and event["detail"].get("command_id") == command_id \
-                    and event["state"] == code:
-                return event
-        return None
-
-    event = await wait_for(stored, timeout=10, what=f"audit record of {command_id} ({code})")
-    await recorder.wait_for_async(
-        lambda ms: any(m.json().get("type") == "command" and m.json().get("command_id") == command_id
-                       and m.json().get("state") == code for m in ms), timeout=10, topic=EVENTS)
-    return event
-
-
-async def started(tmp_path: Path, text: str, plant: FakePlant | None = None) -> Agent:
-    """The agent on ``text`` (written to tmp_path/agent.toml) and ``plant``'s fake device, connected and up."""
-    plant = plant or fake_plant()
-    agent = Agent(write_config(tmp_path, text), driver_factory=plant.driver)
-    await agent.start()
-    assert agent.sync is not None
-    link = agent.sync.link
-    await wait_for(lambda: link.connected.is_set() and agent.runners["dev"].status.state == "up", timeout=15,
-                   what="agent connected and device up")
-    return agent
-
 
 # ----------------------------------------------------------------------------------- rejections
 
@@ -520,5 +401,123 @@ async def test_operator_cli_end_to_end(tmp_path: Path, broker: Broker, pki: Pki,
             assert any(m.json().get("operator") == "erin" for m in recorder.messages(EVENTS)
                        if m.json().get("type") == "command") or await recorder.wait_for_async(
                 lambda ms: any(m.json().get("operator") == "erin" for m in ms), topic=EVENTS)
+        finally:
+            await agent.stop()
+
+
+# ----------------------------------------------------------------------------------- who answers where
+
+
+async def test_response_topic_under_the_prefix_must_be_this_gateways_own(tmp_path: Path, broker: Broker, pki: Pki,
+                                                                        keys: Keys) -> None:
+    """Before: a signed ping with Response Topic edge/<site>/<another gateway>/telemetry was answered there,
+    under this gateway's identity."""
+    with Recorder(broker, "#") as recorder:
+        agent = await started(tmp_path, config_text(tmp_path, broker, pki, keys))
+        try:
+            for foreign in ("edge/plant-a/gw-02/telemetry", f"{PREFIX}/telemetry", f"{PREFIX}/cmd/responses",
+                            "edge/elsewhere", "edge/plant-a/gw-01/cmd/response/+"):
+                command = envelope(keys, "bob", "write", {"point": "dev.sp", "value": 9})
+                correlation = f"c-{foreign}".encode()
+                recorder.publish(CMD, json.dumps(command).encode(),
+                                 properties=publish_properties(response_topic=foreign, correlation_data=correlation))
+
+                def refused(messages: list[Message], cid: str = command["id"]) -> Message | None:
+                    return next((m for m in messages if m.json().get("id") == cid), None)
+
+                answer = await recorder.wait_for_async(refused, topic=RESPONSE)
+                body = answer.json()
+                assert body["ok"] is False and body["error"]["code"] == "bad_response_topic", (foreign, body)
+                assert answer.properties.CorrelationData == correlation
+                assert not [m for m in recorder.messages() if m.topic == foreign and b'"ok"' in m.payload], foreign
+                await audit_record(agent, recorder, command["id"], "bad_response_topic")
+            assert plant_value(agent) != 9  # none of those writes ran
+            # outside the prefix, an operator tool's own reply topic is fine; and our own subtree is
+            ok = await Operator(recorder).ask(envelope(keys, "carol", "ping"))
+            assert ok["ok"] is True
+            command = envelope(keys, "carol", "ping")
+            recorder.publish(CMD, json.dumps(command).encode(),
+                             properties=publish_properties(response_topic="ops/replies/7", correlation_data=b"x"))
+            answer = await recorder.wait_for_async(lambda ms: next((m for m in ms if m.topic == "ops/replies/7"),
+                                                                   None))
+            assert answer.json()["ok"] is True and answer.json()["id"] == command["id"]
+        finally:
+            await agent.stop()
+
+
+def plant_value(agent: Any) -> Any:
+    reading = agent.last_value("dev.sp")
+    return reading.value if reading else None
+
+
+async def test_replay_ids_belong_to_their_operator(tmp_path: Path, broker: Broker, pki: Pki, keys: Keys) -> None:
+    """Before: ids were global, so a viewer who saw an admin's command id first could burn it."""
+    with Recorder(broker, f"{PREFIX}/#") as recorder:
+        agent = await started(tmp_path, config_text(tmp_path, broker, pki, keys))
+        op = Operator(recorder)
+        try:
+            squatted = await op.ask(envelope(keys, "carol", "ping", command_id="change-42"))
+            assert squatted["ok"] is True
+            admin = await op.ask(envelope(keys, "alice", "get_config", command_id="change-42"))
+            assert admin["ok"] is True and admin["id"] == "change-42", admin
+            again = await op.ask(envelope(keys, "alice", "get_config", command_id="change-42"))
+            assert again["error"]["code"] == "replayed"
+        finally:
+            await agent.stop()
+
+
+# ----------------------------------------------------------------------------------- persisting what was pushed
+
+
+async def test_set_config_keeps_the_file_mode_and_answers_failed_when_it_cannot_write(
+        tmp_path: Path, broker: Broker, pki: Pki, keys: Keys) -> None:
+    """Before: the backup took the default file mode (a config with passwords became world-readable), and a
+    file that could not be written was answered "internal"."""
+    original = config_text(tmp_path, broker, pki, keys)
+    path, backup = tmp_path / "agent.toml", tmp_path / "agent.toml.bak"
+    with Recorder(broker, f"{PREFIX}/#") as recorder:
+        agent = await started(tmp_path, original)
+        path.chmod(0o600)
+        op = Operator(recorder)
+        try:
+            slower = config_text(tmp_path, broker, pki, keys, interval="200ms")
+            answer = await op.ask(envelope(keys, "alice", "set_config", {"config": slower}))
+            assert answer["ok"] is True, answer
+            assert backup.read_text() == original and path.read_text() == slower
+            assert (backup.stat().st_mode & 0o777, path.stat().st_mode & 0o777) == (0o600, 0o600)
+            # the folder cannot take the new file (here: its temp name is taken by a folder; under the
+            # hardened unit without ReadWritePaths, a read-only file system)
+            (tmp_path / ".agent.toml.tmp").mkdir()
+            faster = config_text(tmp_path, broker, pki, keys, interval="150ms")
+            answer = await op.ask(envelope(keys, "alice", "set_config", {"config": faster}))
+            assert answer["error"]["code"] == "failed", answer
+            assert "cannot write" in answer["error"]["message"] and "systemd/README.md" in answer["error"]["message"]
+            assert path.read_text() == slower and agent.config.devices[0].interval == 0.2  # nothing applied
+        finally:
+            await agent.stop()
+
+
+async def test_update_model_that_cannot_be_saved_is_not_swapped_in(tmp_path: Path, broker: Broker, pki: Pki,
+                                                                   keys: Keys) -> None:
+    """Before: the model was swapped in memory, the answer was "failed", and a restart silently brought the
+    old one back."""
+    models = tmp_path / "models"
+    models.mkdir()
+    model_file = zscore_model(models / "health.onnx", [5.0], [1.0], inputs=["dev.pv"], threshold=9.0)
+    health = builders.model("health", "anomaly", model_file, interval="200ms")
+    with Recorder(broker, f"{PREFIX}/#") as recorder:
+        agent = await started(tmp_path, config_text(tmp_path, broker, pki, keys, models=[health]))
+        runner = agent.models["health"]
+        try:
+            await wait_for(lambda: runner.status.state == "ready", what="the model loaded")
+            first = runner.model
+            models.rename(tmp_path / "models.moved")
+            models.write_text("not a folder any more")  # the model's folder cannot be written
+            new = zscore_model(tmp_path / "new.onnx", [6.0], [2.0], inputs=["dev.pv"], threshold=9.0).read_bytes()
+            answer = await Operator(recorder).ask(envelope(keys, "alice", "update_model", {
+                "name": "health", "onnx": base64.b64encode(new).decode(), "sha256": hashlib.sha256(new).hexdigest()}))
+            assert answer["error"]["code"] == "failed", answer
+            assert "running model is kept" in answer["error"]["message"]
+            assert runner.model is first  # what runs is what a restart would load
         finally:
             await agent.stop()

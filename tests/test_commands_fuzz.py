@@ -27,6 +27,7 @@ from edge_agent.agent import Agent
 from edge_agent.remote import dispatch as commands
 from edge_agent.remote import envelope as envelope_mod
 from edge_agent.remote.handlers import COMMANDS
+from edge_agent.store.views import TwinView
 from tests import builders
 from tests.fakes import FakePlant
 
@@ -62,7 +63,7 @@ def well_formed(name: str, arguments: dict[str, Any], operator: str = "root") ->
 @st.composite
 def hostile(draw: st.DrawFn) -> bytes:
     """Bytes, JSON of any shape, envelopes with fields missing, mistyped, tampered or mis-signed."""
-    kind = draw(st.integers(0, 5))
+    kind = draw(st.integers(0, 6))
     if kind == 0:
         return draw(st.binary(max_size=300))
     if kind == 1:
@@ -83,6 +84,17 @@ def hostile(draw: st.DrawFn) -> bytes:
         envelope["issued_at"] = draw(st.floats(allow_nan=False) | st.integers())
         envelope["expires_at"] = draw(st.floats(allow_nan=False) | st.integers())
         envelope = sign({k: v for k, v in envelope.items() if k != "sig"})
+    if kind == 6:  # one field inflated towards max_payload, signed or not: the audit keeps a bounded record
+        field = draw(st.sampled_from(["operator", "name", "id", "arg key", "arg value"]))
+        big = draw(st.sampled_from(["o", "\x1b[2J", "\u202e", "é"])) * draw(st.integers(100, 3000))
+        if field == "arg key":
+            envelope["args"] = {big: 1}
+        elif field == "arg value":
+            envelope["args"] = {"point": big}
+        else:
+            envelope[field] = big
+        if draw(st.booleans()):
+            envelope = sign({k: v for k, v in envelope.items() if k != "sig"})
     text = json.dumps(envelope)
     if kind == 5:  # raw text surgery: truncation, NaN, lone surrogates, deep nesting
         text = draw(st.sampled_from([text[: len(text) // 2], text.replace('"args": {', '"args": {"n": NaN, '),
@@ -152,6 +164,15 @@ def test_hostile_payloads_never_crash_and_well_formed_ones_are_always_answered(t
         ping = check_answer(loop.run_until_complete(handler.handle(json.dumps(well_formed("ping", {})).encode())))
         assert ping["ok"] and ping["result"]["pong"] is True
         assert path.read_text() == text
+        # what nobody vouched for is kept as sizes, hashes and short escaped prefixes: bounded records
+        loop.run_until_complete(agent.flush())
+        assert agent.writer is not None
+        loop.run_until_complete(agent.writer.store_records())
+        with TwinView.open(agent.config.twin_path) as twin:
+            unverified = [e for e in twin.events() if e["kind"] == "command" and e["detail"].get("role") is None]
+        assert len(unverified) > 50
+        assert max(len(json.dumps(e)) for e in unverified) < 4096
+        assert not any("\x1b" in e["message"] or "\u202e" in e["message"] for e in unverified)
     finally:
         loop.run_until_complete(agent.stop())
         loop.close()

@@ -437,3 +437,25 @@ async def test_a_verdict_still_queued_never_overwrites_a_newer_document(tmp_path
                                         "reason": ""}  # an operator's write counts on from the document's version
     assert len(changes) == 5
     await writer.close()
+
+
+async def test_an_unverified_document_costs_a_bounded_audit_record(tmp_path: Path, broker: Broker, pki: Pki,
+                                                                   keys: Keys) -> None:
+    """Issue 11's rule holds on the desired topic too: a document nobody vouched for is audited with sizes,
+    hashes and short prefixes, never its fields (a 700 KB operator name used to be copied whole)."""
+    plant = FakePlant(default=5.0)
+    cfg = agent_config(tmp_path, broker.port, pki, keys)
+    with Recorder(broker, f"{PREFIX}/#") as recorder:
+        agent = await started(cfg, plant)
+        try:
+            huge = "m" * 700_000
+            body = document(keys, "bob", 1, {f"dev.{'p' * 50_000}": 1.0})
+            body["operator"] = huge  # the signature no longer matters: no such operator
+            record = await audit(cfg, recorder, publish(recorder, body), "unknown_operator")
+            stored = json.dumps(record)
+            assert len(stored) < 4_000, len(stored)
+            assert record["detail"]["operator"]["bytes"] == 700_000
+            assert huge[:200] not in record["message"] and len(record["message"]) < 400  # a short prefix only
+            assert plant.device("dev").written == []
+        finally:
+            await agent.stop()

@@ -75,7 +75,7 @@ def test_file_settings(tmp_path: Path) -> None:
     with Outbox.open(tmp_path / "outbox.db", synchronous="full") as outbox:
         pragmas = [outbox.conn.execute(f"PRAGMA {name}").fetchone()[0]
                    for name in ("journal_mode", "synchronous", "auto_vacuum", "user_version")]
-    assert pragmas == ["wal", 2, 2, 2]  # WAL, FULL, INCREMENTAL, schema 2
+    assert pragmas == ["wal", 2, 2, 3]  # WAL, FULL, INCREMENTAL, schema 3
     with Outbox.open(tmp_path / "outbox.db") as outbox:
         assert outbox.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
 
@@ -127,14 +127,14 @@ def test_requeue_hands_out_in_flight_messages_again(tmp_path: Path) -> None:
         assert [m.seq for m in outbox.take(5)] == [1, 2]
 
 
-def test_limit_drops_oldest_telemetry_never_events_and_reports_the_gap_once(tmp_path: Path) -> None:
+def test_limit_drops_oldest_telemetry_keeps_events_and_reports_the_gap_once(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
-    with Outbox.open(path, limits=OutboxLimits(max_rows=4)) as outbox:
+    with Outbox.open(path, limits=OutboxLimits(max_rows=4, event_share=0.5)) as outbox:
         outbox.append([event(), telemetry(samples=10), telemetry(samples=20), event()])
         outbox.append([telemetry(samples=30)])  # drops seq 1
         outbox.append([telemetry(samples=40)])  # carries gap 1..1, drops seq 2
         assert outbox.stats().pending_gap == Gap(2, 2, 1, 20)
-    with Outbox.open(path, limits=OutboxLimits(max_rows=4)) as outbox:  # the unreported gap survives
+    with Outbox.open(path, limits=OutboxLimits(max_rows=4, event_share=0.5)) as outbox:  # the gap survives
         outbox.append([telemetry(samples=50)])  # carries gap 2..2, drops seq 3
         delivered = drain(outbox)
         stats = outbox.stats()
@@ -163,17 +163,46 @@ def test_byte_limit_drops_as_many_old_messages_as_needed(tmp_path: Path) -> None
     assert stats.pending_gap == Gap(1, 2, 2, 200)
 
 
-def test_full_of_events_refuses_telemetry_and_still_takes_events(tmp_path: Path) -> None:
-    with Outbox.open(tmp_path / "outbox.db", limits=OutboxLimits(max_rows=2)) as outbox:
-        outbox.append([event(), event()])
-        refused = outbox.append([telemetry(samples=7), event(), telemetry(samples=8)])
-        assert [(a.id is None, a.seq) for a in refused] == [(True, 1), (False, 3), (True, 2)]
+def response() -> Draft:
+    return Draft("response", "edge/site/gw/cmd/response", b'{"v":1}')
+
+
+def test_events_keep_to_their_share_and_report_what_they_dropped(tmp_path: Path) -> None:
+    """Before (issue 11): events and responses were never dropped, so a flood of them filled the outbox
+    and every telemetry message after that was refused."""
+    path = tmp_path / "outbox.db"
+    limits = OutboxLimits(max_rows=10, event_share=0.3, event_min_rows=0)  # 3 rows for events and responses
+    with Outbox.open(path, limits=limits) as outbox:
+        # e1 r1 e2 | e3 drops e1 | r2 drops r1 | e4 carries 1..1, drops e2
+        outbox.append([event(), response(), event(), event(), response(), event()])
+        assert outbox.stats().pending_event_gap == Gap(2, 2, 1, 0)
+        appended = outbox.append([telemetry(samples=1) for _ in range(20)])
+        assert all(a.id is not None for a in appended), "telemetry refused while events filled the outbox"
         stats = outbox.stats()
-        assert (stats.depth, stats.dropped_messages, stats.dropped_samples) == (3, 2, 15)
-        assert seqs(drain(outbox), "event") == [1, 2, 3]
-        outbox.append([telemetry()])
-        assert drain(outbox) == [("telemetry", {"seq": 3, "gap": {"from_seq": 1, "to_seq": 2, "messages": 2,
-                                                                  "samples": 15}})]
+        assert (stats.dropped_events, stats.dropped_responses, stats.depth) == (2, 1, 10)
+        assert (stats.dropped_messages, stats.dropped_samples) == (13, 13)  # the oldest telemetry, as before
+        outbox.append([event()])  # e5 carries 2..2, drops e3
+        delivered = drain(outbox)
+        stats = outbox.stats()
+    events = [body for kind, body in delivered if kind == "event"]
+    assert events == [{"seq": 4, "gap": {"from_seq": 1, "to_seq": 1, "messages": 1, "samples": 0}},
+                      {"seq": 5, "gap": {"from_seq": 2, "to_seq": 2, "messages": 1, "samples": 0}}]
+    assert stats.pending_event_gap == Gap(3, 3, 1, 0) and stats.dropped_events == 3
+    on_disk = read_stats(path)  # what `edge-agent twin outbox` and a restart see
+    assert (on_disk.dropped_events, on_disk.dropped_responses, on_disk.pending_event_gap) == (3, 1, Gap(3, 3, 1, 0))
+
+
+def test_telemetry_takes_room_from_events_and_is_refused_only_for_messages_in_flight(tmp_path: Path) -> None:
+    limits = OutboxLimits(max_rows=3, event_share=1.0, event_min_rows=0)
+    with Outbox.open(tmp_path / "outbox.db", limits=limits) as outbox:
+        outbox.append([event(), event(), event()])
+        assert outbox.append([telemetry(samples=7)])[0].id is not None  # the oldest event makes room
+        assert outbox.stats().pending_event_gap == Gap(1, 1, 1, 0)
+        outbox.take(3)  # everything in flight: nothing may be dropped
+        refused = outbox.append([telemetry(samples=8), event()])
+        assert [(a.id is None, a.seq) for a in refused] == [(True, 2), (False, 4)]  # an event still goes in
+        stats = outbox.stats()
+        assert (stats.depth, stats.dropped_messages, stats.dropped_samples) == (4, 1, 8)
 
 
 def test_a_dropped_gap_record_is_reported_again(tmp_path: Path) -> None:

@@ -361,6 +361,37 @@ def test_sighup_refuses_a_bad_edit_and_logs_every_problem(tmp_path: Path, plant:
         assert agent.notify.all()[ready]["STATUS"].startswith("2/2 devices up")  # the old config, both up
 
 
+def test_sighup_survives_any_file_content(tmp_path: Path, plant: PlantPorts) -> None:
+    """Deep nesting used to raise RecursionError out of the reload, and the daemon exited (issue 11)."""
+    config = write_config(tmp_path, plant)
+    original = config.read_text()
+    hostile = {
+        "nested arrays": original + "\nextra = " + "[" * 100_000 + "]" * 100_000 + "\n",
+        "nested inline tables": original + "\nextra = " + "{a = " * 5000 + "1" + "}" * 5000 + "\n",
+        "nested dotted keys": original + "\n" + ".".join(["k"] * 50_000) + " = 1\n",
+        "nan and inf durations": original.replace('[twin]', '[twin]\nflush_interval = nan\nprune_interval = inf', 1),
+        "not UTF-8": "\udcff".encode("utf-8", "surrogateescape").decode("latin-1") * 1000,
+    }
+    with running_agent(tmp_path, config) as agent:
+        agent.notify.wait("READY", timeout=30)
+        for what, text in hostile.items():
+            config.write_bytes(text.encode("latin-1") if what == "not UTF-8" else text.encode())
+            mark = len(agent.notify.all())
+            errors = len(agent.messages("error"))
+            agent.process.send_signal(signal.SIGHUP)
+            reloading = agent.notify.wait("RELOADING", start=mark)
+            agent.notify.wait("READY", start=reloading + 1)
+            assert agent.process.poll() is None, f"{what}: the agent exited:\n{agent.log()[-3000:]}"
+            logged = agent.messages("error")[errors:]
+            assert logged and logged[0].startswith("reload refused, the running config stays in place"), (what, logged)
+            assert all(len(line) < 2000 for line in logged), what
+        nested = [m for m in agent.messages("error") if "nested more than 32 levels deep" in m]
+        assert len(nested) == 3, agent.messages("error")
+        # still the old config, still polling
+        rows = history_count(config.parent / "agent.toml", "pump1.")
+        wait_for_sync(lambda: history_count(config, "pump1.") > rows, timeout=20, what="pump still polled")
+
+
 def test_sigterm_sends_stopping_and_exits_zero_quickly(tmp_path: Path, plant: PlantPorts) -> None:
     config = write_config(tmp_path, plant)
     with running_agent(tmp_path, config) as agent:

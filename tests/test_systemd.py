@@ -116,6 +116,7 @@ def test_unit_runs_the_agent_as_a_watched_notify_service() -> None:
     for line in ("Type=notify", "ExecStart=/opt/edge-agent/venv/bin/edge-agent run --config /etc/edge-agent/agent.toml",
                  "ExecReload=/bin/kill -HUP $MAINPID", "WatchdogSec=30", "Restart=on-failure", "User=edge-agent",
                  "StateDirectory=edge-agent", "ConfigurationDirectory=edge-agent", "UMask=0077",
+                 "ReadWritePaths=/etc/edge-agent\n", "ConfigurationDirectoryMode=1770\n",
                  "CapabilityBoundingSet=\n", "MemoryDenyWriteExecute=yes", "PrivateDevices=yes"):
         assert line in text, f"edge-agent.service lacks {line!r}"
 
@@ -160,6 +161,9 @@ def test_install_lands_files_and_is_idempotent(tmp_path: Path) -> None:
     agent = root / "opt/edge-agent/venv/bin/edge-agent"
     assert os.access(agent, os.X_OK)
     assert (root / "opt/edge-agent/models/chiller_anomaly.onnx").read_bytes() == b"\x08\x08not-a-real-model"
+    # the copies remote update_model may replace, next to the config it may rewrite (both persist)
+    assert (root / "etc/edge-agent/models/chiller_anomaly.onnx").read_bytes() == b"\x08\x08not-a-real-model"
+    assert oct((root / "etc/edge-agent").stat().st_mode)[-4:] == "1770"
     assert (root / "var/lib/edge-agent").is_dir() and oct((root / "var/lib/edge-agent").stat().st_mode)[-3:] == "700"
     config = root / "etc/edge-agent/agent.toml"
     assert oct(config.stat().st_mode)[-3:] == "640"
@@ -230,3 +234,17 @@ def test_install_usage_errors(tmp_path: Path) -> None:
     proc = subprocess.run(["bash", str(INSTALL), "--frobnicate"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "unknown argument: --frobnicate" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_install_never_follows_a_link_as_root() -> None:
+    """Issue 11: ``find -nouser -exec chown`` without -h handed a link's target to the service user.
+
+    Every chown and chgrp the script runs gets -h; what it writes inside the service's own folders it
+    writes as the service user (systemd/container-check.sh runs the real thing against planted links).
+    """
+    text = INSTALL.read_text()
+    calls = [line.strip() for line in text.splitlines()
+             if re.search(r"\b(chown|chgrp)\b", line) and not line.strip().startswith("#")]
+    assert calls, "install.sh chowns nothing?"
+    assert all(re.search(r"\b(chown|chgrp) -h\b", line) for line in calls), calls
+    assert "as_service" in text and "setpriv --reuid=" in text

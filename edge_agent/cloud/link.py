@@ -114,8 +114,11 @@ class MqttLink:
 
     def __init__(self, cfg: MqttSection, *, will_topic: str, will_payload: WillPayload,
                  subscriptions: tuple[str, ...] = (), on_message: OnMessage | None = None,
-                 will_retain: bool = True, client_id: str | None = None, name: str = "mqtt") -> None:
+                 will_retain: bool = True, client_id: str | None = None, name: str = "mqtt",
+                 max_packet: int | None = None) -> None:
         self.cfg = cfg
+        # MQTT 5 Maximum Packet Size: the broker drops bigger messages for us instead of sending them
+        self.max_packet = max_packet
         self.will_topic = will_topic
         self.will_payload = will_payload
         self.will_retain = will_retain
@@ -199,6 +202,8 @@ class MqttLink:
             if self.cfg.version == "5":
                 properties = Properties(paho.PacketTypes.CONNECT)
                 properties.SessionExpiryInterval = 0
+                if self.max_packet is not None:
+                    properties.MaximumPacketSize = self.max_packet
             await self._loop.run_in_executor(None, lambda: client.connect(
                 self.cfg.host, self.cfg.port, keepalive=max(1, round(self.cfg.keepalive)),
                 properties=properties))

@@ -136,8 +136,11 @@ def _twin_point(p: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def event(gateway: str, stamp: Stamp, kind: str, fields: Mapping[str, Any]) -> bytes:
-    """One ``events`` payload."""
+    """One ``events`` payload; with ``"gap":{"from_seq","to_seq","messages"}`` when the outbox dropped
+    events since the last one (events and responses filled their share of it)."""
     body = {"v": VERSION, "gateway": gateway, "seq": stamp.seq, "ts": time.time(), "type": kind, **fields}
+    if stamp.gap is not None:
+        body.update(stamp.gap.event_record())
     return json.dumps(json_safe(body), ensure_ascii=False, default=str, allow_nan=False).encode()
 
 

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 Snapshot = Callable[[], list[dict[str, Any]]]
 
 STOP_GRACE = 2.0  # seconds a clean stop waits for the outbox to be acknowledged while online
+HELD_SAMPLES = 100_000  # samples kept in memory while the outbox cannot be written (disk full)
 
 
 class Sync:
@@ -63,9 +64,14 @@ class Sync:
         self.topics = payloads.Topics.of(self.cfg.topic_prefix, config.agent.site, config.agent.id)
         self._receivers = {topic: receiver for topic, receiver in
                            ((self.topics.cmd, on_message), (self.topics.desired, on_desired)) if receiver}
+        # Commands and desired documents larger than [commands] max_payload are refused anyway; with
+        # room for the topic and properties, the broker drops what is bigger still before it costs us
+        # a byte (MQTT 5).
+        max_packet = config.commands.max_payload + 64 * 1024 if self._receivers else None
         self.link = MqttLink(self.cfg, will_topic=self.topics.state,
                              will_payload=payloads.state(self.gateway, "offline"),
-                             subscriptions=tuple(self._receivers), on_message=self._route if self._receivers else None)
+                             subscriptions=tuple(self._receivers), on_message=self._route if self._receivers else None,
+                             max_packet=max_packet)
         self.link.on_ack = self._on_ack
         self.link.on_refused = self._on_refused
         self.link.on_up = self._wake_up
@@ -73,6 +79,8 @@ class Sync:
         self.encoder = payloads.TelemetryEncoder(self.gateway)
         self.published = 0
         self.acked = 0
+        self.unqueued = 0  # samples let go because the outbox could not be written (they are in the twin)
+        self._append_failing = False
         self._samples: list[Reading] = []
         self._twin_dirty = True
         self._twin_urgent = False  # a desired state changed: the snapshot goes out at the next batch
@@ -180,7 +188,19 @@ class Sync:
             try:
                 await self._batch()
             except TwinError as exc:
-                log.error("%s; samples kept in memory for the next attempt", exc)
+                excess = len(self._samples) - HELD_SAMPLES
+                if excess > 0:  # bounded: the oldest go (the twin keeps them; a later resync can find them)
+                    del self._samples[:excess]
+                    self.unqueued += excess
+                if not self._append_failing:
+                    log.error("%s; up to %d samples kept in memory for the next attempt", exc, HELD_SAMPLES)
+                else:
+                    log.debug("outbox still not writable: %s", exc)
+                self._append_failing = True
+            else:
+                if self._append_failing:
+                    log.info("outbox: writing again; %d samples could not be queued meanwhile", self.unqueued)
+                self._append_failing = False
 
     async def _batch(self) -> None:
         samples, self._samples = self._samples, []

@@ -36,7 +36,7 @@ def _common_point(t: Table) -> dict[str, Any]:
         "min": t.number("min"),
         "max": t.number("max"),
         "max_step": t.number("max_step", positive=True),
-        "min_interval": t.duration("min_interval", "0s", positive=False),
+        "min_interval": t.duration("min_interval", "0s", positive=False, high="365d"),
         "deadband": t.number("deadband", 0.0, low=0.0),
     }
     if point["writable"]:
@@ -99,10 +99,10 @@ def _common_device(t: Table, protocol: str) -> dict[str, Any]:
     device = {
         "name": t.string("name", _REQUIRED),
         "protocol": protocol,
-        "interval": t.duration("interval", "1s"),
-        "timeout": t.duration("timeout", "3s"),
-        "retry_min": t.duration("retry_min", "1s"),
-        "retry_max": t.duration("retry_max", "60s"),
+        "interval": t.duration("interval", "1s", high="1d"),
+        "timeout": t.duration("timeout", "3s", high="1h"),
+        "retry_min": t.duration("retry_min", "1s", high="1d"),
+        "retry_max": t.duration("retry_max", "60s", high="1d"),
     }
     if device["retry_min"] and device["retry_max"] and device["retry_min"] > device["retry_max"]:
         t.problem("retry_max", "expected a duration at least retry_min")
@@ -229,7 +229,10 @@ _SERIAL_SETTINGS = (("baudrate", 19200), ("parity", "E"), ("stopbits", 1), ("byt
 def _check_shared_serial_ports(root: Table) -> None:
     """Devices on one serial port share the line (drivers/modbus_link.py): they must agree on its settings."""
     first: dict[str, tuple[int, dict[str, Any]]] = {}
-    for index, raw in enumerate(root.raw.get("devices", [])):
+    listed = root.raw.get("devices", [])
+    if not isinstance(listed, list):  # reported as a problem where [[devices]] is read
+        return
+    for index, raw in enumerate(listed):
         if not isinstance(raw, dict) or raw.get("protocol") != "modbus-rtu":
             continue
         if not isinstance(raw.get("serial_port"), str):
@@ -250,7 +253,8 @@ def _check_shared_serial_ports(root: Table) -> None:
 def check_names(root: Table, devices: list[DeviceConfig]) -> None:
     seen_devices: dict[str, int] = {}
     seen_points: dict[str, str] = {}
-    for d_index, device in enumerate(root.raw.get("devices", [])):
+    listed = root.raw.get("devices", [])
+    for d_index, device in enumerate(listed if isinstance(listed, list) else []):  # else: reported by devices()
         if not isinstance(device, dict):
             continue
         name = device.get("name")

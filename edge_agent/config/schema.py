@@ -132,6 +132,8 @@ class TwinSection:
     flush_max: int = 50_000
     points_interval: float = 1.0
     prune_interval: float = 300.0
+    events_retention: float = 90 * 86400.0  # events (anomalies, outages, command audit) older than this are pruned
+    writes_retention: float = 365 * 86400.0  # write attempts through the safety gate, likewise
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -23,7 +23,7 @@ from edge_agent.config.schema import (
     WebSection,
 )
 from edge_agent.config.table import REQUIRED as _REQUIRED
-from edge_agent.config.table import Table
+from edge_agent.config.table import Table, finite_number
 
 
 def resolve(base: Path, text: str | None) -> Path | None:
@@ -51,18 +51,18 @@ def mqtt(root: Table, agent_id: str | None, base: Path) -> MqttSection | None:
         "client_id": t.string("client_id", agent_id or "edge-agent"),
         "topic_prefix": t.string("topic_prefix", "edge"),
         "version": t.choice("version", MQTT_VERSIONS, "5"),
-        "keepalive": t.duration("keepalive", "30s"),
+        "keepalive": t.duration("keepalive", "30s", high="18h"),
         "tls_insecure": t.boolean("tls_insecure", False),
-        "publish_interval": t.duration("publish_interval", "1s"),
+        "publish_interval": t.duration("publish_interval", "1s", high="1h"),
         "max_samples": t.integer("max_samples", 1000, low=1, high=100_000),
         "max_inflight": t.integer("max_inflight", 20, low=1, high=65535),
-        "twin_interval": t.duration("twin_interval", "10s"),
-        "outbox_max_rows": t.integer("outbox_max_rows", 100_000, low=10),
+        "twin_interval": t.duration("twin_interval", "10s", high="1d"),
+        "outbox_max_rows": t.integer("outbox_max_rows", 100_000, low=10, high=100_000_000),
         "outbox_max_bytes": t.size("outbox_max_bytes", "256MiB"),
         "outbox_sync": t.choice("outbox_sync", ("normal", "full"), "normal"),
-        "replay_rate": t.number("replay_rate", 100_000.0, positive=True),
-        "retry_min": t.duration("retry_min", "1s"),
-        "retry_max": t.duration("retry_max", "60s"),
+        "replay_rate": t.number("replay_rate", 100_000.0, positive=True, high=1e9),
+        "retry_min": t.duration("retry_min", "1s", high="1d"),
+        "retry_max": t.duration("retry_max", "60s", high="1d"),
     }
     if (values["cert_file"] is None) != (values["key_file"] is None):
         t.problem("key_file" if values["key_file"] is None else "cert_file",
@@ -106,8 +106,7 @@ def _plausible(t: Table) -> dict[str, tuple[float, float]] | None:
         return None
     out: dict[str, tuple[float, float]] = {}
     for point, span in table.items():
-        if (not isinstance(span, list) or len(span) != 2
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in span)
+        if (not isinstance(span, list) or len(span) != 2 or not all(finite_number(v) for v in span)
                 or span[0] >= span[1]):
             t.problem(f"plausible.{point}", f"expected [min, max] with min < max, got {span!r}")
             return None
@@ -125,12 +124,12 @@ def models(root: Table, base: Path, points: dict[str, str]) -> list[ModelConfig]
             "file": resolve(base, t.string("file", _REQUIRED)),
             "inputs": _names(t, "inputs"),
             "outputs": _names(t, "outputs"),
-            "interval": t.duration("interval", "5s"),
+            "interval": t.duration("interval", "5s", high="1d"),
             "threshold": t.number("threshold"),
             "window": t.integer("window", 0, low=0, high=10_000),
             "raise_after": t.integer("raise_after", 3, low=1, high=1000),
             "clear_after": t.integer("clear_after", 3, low=1, high=1000),
-            "max_input_age": t.duration("max_input_age", "30s"),
+            "max_input_age": t.duration("max_input_age", "30s", high="1d"),
             "plausible": _plausible(t),
             "threads": t.integer("threads", 1, low=1, high=64),
             "equipment": t.string("equipment"),
@@ -169,10 +168,10 @@ def commands(root: Table, base: Path) -> CommandsSection | None:
             operators.append(Operator(name=name, role=role, public_key=key))  # type: ignore[arg-type]
     values = {
         "enabled": t.boolean("enabled", False),
-        "max_payload": t.size("max_payload", "4MiB"),
-        "clock_skew": t.duration("clock_skew", "60s"),
-        "max_validity": t.duration("max_validity", "1h"),
-        "config_deadline": t.duration("config_deadline", "60s"),
+        "max_payload": t.size("max_payload", "4MiB", high="256MiB"),
+        "clock_skew": t.duration("clock_skew", "60s", high="1h"),
+        "max_validity": t.duration("max_validity", "1h", high="30d"),
+        "config_deadline": t.duration("config_deadline", "60s", high="1h"),
     }
     t.finish()
     if values["enabled"] and not t.raw.get("operators"):
@@ -187,10 +186,10 @@ def gate(root: Table) -> GateSection | None:
     values = {
         "block_on_anomaly": t.boolean("block_on_anomaly", True),
         "ramp": t.boolean("ramp", False),
-        "readback_timeout": t.duration("readback_timeout", "10s"),
-        "watch": t.duration("watch", "5m"),
-        "max_input_age": t.duration("max_input_age", "30s"),
-        "override_hold": t.duration("override_hold", "30m"),
+        "readback_timeout": t.duration("readback_timeout", "10s", high="1h"),
+        "watch": t.duration("watch", "5m", high="1d"),
+        "max_input_age": t.duration("max_input_age", "30s", high="1d"),
+        "override_hold": t.duration("override_hold", "30m", high="30d"),
     }
     t.finish()
     return None if None in values.values() else GateSection(**values)
@@ -229,16 +228,15 @@ def optimizer(root: Table, models: list[ModelConfig], devices: list[DeviceConfig
         if name not in writable:
             t.problem("setpoints", f'"{name}" is not a writable point (writable = true with min and max)')
     objective = t.get("objective", _REQUIRED, (dict,), "a table of output = weight")
-    if objective is not None and (not objective or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in objective.values())):
+    if objective is not None and (not objective or not all(finite_number(v) for v in objective.values())):
         t.problem("objective", 'expected a table of output = weight, e.g. { "chiller1.power" = 1.0 }')
         objective = None
     values = {
         "mode": t.choice("mode", OPTIMIZER_MODES, "advise"),
-        "interval": t.duration("interval", "60s"),
+        "interval": t.duration("interval", "60s", high="1d"),
         "candidates": t.integer("candidates", 21, low=2, high=1001),
         "min_gain": t.number("min_gain", 0.0, low=0.0),
-        "horizon": t.duration("horizon", None),
+        "horizon": t.duration("horizon", None, high="1d"),
         # outputs are named by the model file; checked against it when the model loads
         "constraints": _bounds(t, "constraints", "output", _ANY, "output"),
         "guards": _bounds(t, "guards", "point", points, "point"),

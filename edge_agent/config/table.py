@@ -14,11 +14,16 @@ from typing import Any
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
-_SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KiB": 1024, "MiB": 1024**2,
-               "GiB": 1024**3}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "KiB": 1024,
+               "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
 
 REQUIRED: Any = object()
+
+# Upper bounds for every duration and size that names none of its own: finite, and far above any
+# sane setting, so a typo ("7000d") or nan/inf from TOML is an error instead of a hung timer.
+MAX_DURATION = "3650d"
+MAX_SIZE = "1TiB"
 
 
 def parse_duration(text: str) -> float:
@@ -26,7 +31,10 @@ def parse_duration(text: str) -> float:
     match = _DURATION.match(text)
     if not match:
         raise ValueError(text)
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds):  # "1e999" is no match, but 400 digits overflow to inf
+        raise ValueError(text)
+    return seconds
 
 
 def parse_size(text: str) -> int:
@@ -34,7 +42,28 @@ def parse_size(text: str) -> int:
     match = _SIZE.match(text)
     if not match:
         raise ValueError(text)
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    size = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if not math.isfinite(size):
+        raise ValueError(text)
+    return int(size)
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``): a problem is one line, and a value
+    from the file must not write to the operator's terminal or the journal as it likes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def finite_number(value: Any) -> bool:
+    """A TOML number (not a boolean) that is a finite float: no nan, no inf, no 400-digit integer."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _show(value: Any) -> str:
@@ -86,6 +115,9 @@ class Table:
         if isinstance(value, str) and key in self.raw and not value.strip():
             self.problem(key, "expected a non-empty string")
             return None
+        if isinstance(value, str) and "\x00" in value:  # no file name, host or name has one
+            self.problem(key, "expected a string without NUL characters")
+            return None
         return value
 
     def choice(self, key: str, choices: tuple[str, ...], default: Any) -> Any:
@@ -100,7 +132,11 @@ class Table:
         value = self.get(key, default, (int, float), "a number")
         if value is None:
             return None
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # a TOML integer too large for a float
+            self.problem(key, f"expected a finite number, got {_show(value)}")
+            return None
         if not math.isfinite(value):
             self.problem(key, f"expected a finite number, got {value}")
             return None
@@ -118,7 +154,8 @@ class Table:
         if (low is not None and value < low) or (high is not None and value > high):
             span = f"from {low:g} to {high:g}" if low is not None and high is not None else (
                 f"at least {low:g}" if low is not None else f"at most {high:g}")
-            self.problem(key, f"expected a number {span}, got {value:g}")
+            shown = str(value) if isinstance(value, int) else f"{value:g}"  # a huge int has no float form
+            self.problem(key, f"expected a number {span}, got {shown}")
             return None
         return value
 
@@ -126,7 +163,8 @@ class Table:
         value = self.get(key, default, (bool,), "true or false")
         return default if value is None else bool(value)
 
-    def duration(self, key: str, default: str | None, *, positive: bool = True) -> Any:
+    def duration(self, key: str, default: str | None, *, positive: bool = True, high: str = MAX_DURATION) -> Any:
+        """A duration in seconds: "250ms", "10s", "5m", "2h", "7d" or a number; finite, at most ``high``."""
         self.seen.add(key)
         if key not in self.raw:
             if default is None:
@@ -139,16 +177,25 @@ class Table:
             return None
         try:
             seconds = parse_duration(value) if isinstance(value, str) else float(value)
-        except ValueError:
+        except (ValueError, OverflowError):  # float() of a 400-digit TOML integer overflows
             self.problem(key, f"expected {expected}, got {_show(value)}")
+            return None
+        if not math.isfinite(seconds):
+            self.problem(key, f"expected a finite duration, got {_show(value)}")
             return None
         if positive and seconds <= 0:
             self.problem(key, f"expected a duration above 0, got {_show(value)}")
             return None
+        if seconds < 0:
+            self.problem(key, f"expected a duration of 0 or more, got {_show(value)}")
+            return None
+        if seconds > parse_duration(high):
+            self.problem(key, f"expected a duration of at most {high}, got {_show(value)}")
+            return None
         return seconds
 
-    def size(self, key: str, default: str) -> Any:
-        """A byte size: "64MiB", "1GB", "512KiB" or a bare number of bytes."""
+    def size(self, key: str, default: str, *, high: str = MAX_SIZE) -> Any:
+        """A byte size: "64MiB", "1GB", "512KiB" or a bare number of bytes; at most ``high``."""
         self.seen.add(key)
         value = self.raw.get(key, default)
         expected = 'a size like "512KiB", "64MiB" or "1GB"'
@@ -162,6 +209,9 @@ class Table:
             return None
         if size <= 0:
             self.problem(key, f"expected a size above 0, got {_show(value)}")
+            return None
+        if size > parse_size(high):
+            self.problem(key, f"expected a size of at most {high}, got {_show(value)}")
             return None
         return size
 

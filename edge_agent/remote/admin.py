@@ -5,7 +5,10 @@ identical text is a no-op. A config that changes agent.* or twin.* is refused (i
 data directory, or the gateway's identity and with it the topic the operator reaches it on: do
 that locally). One that would turn remote management off, or leave no admin whose key loads, is
 refused too: it could never be undone remotely. Otherwise the file is replaced atomically, the
-previous one kept as ``<file>.bak``, and applied by the agent's hot reload. *Healthy* then means,
+previous one kept as ``<file>.bak`` (with the file's own mode: it may hold passwords), and applied
+by the agent's hot reload. A file that cannot be written is answered ``failed`` and nothing is
+applied; under the shipped systemd unit the config folder ``/etc/edge-agent`` is writable for the
+service (``ReadWritePaths=``, see systemd/README.md), so a pushed config survives a restart. *Healthy* then means,
 within ``[commands] config_deadline``: every device that was up before and is still configured is
 up again, no model that was ready has failed, no device or model task died, and the MQTT link, if
 it was connected, is connected again. If not, the backup goes back in place, is reloaded, and the
@@ -74,7 +77,12 @@ async def set_config(call: Call) -> Any:
     backup = source.with_name(source.name + ".bak")
     async with _config_lock(call):
         before = Baseline.of(gateway.status())
-        await asyncio.to_thread(atomic_write, source, text.encode("utf-8"), backup=backup)
+        try:
+            await asyncio.to_thread(atomic_write, source, text.encode("utf-8"), backup=backup)
+        except OSError as exc:
+            raise CommandError("failed", f"cannot write {source} ({exc.strerror or exc}); nothing was applied. "
+                                         "The agent needs write access to its config folder (systemd/README.md: "
+                                         "remote management)") from None
         log.warning("commands: %s pushed a new config to %s (previous kept in %s)", call.operator.name, source, backup)
         try:
             summary = await gateway.reload(new)
@@ -179,8 +187,8 @@ async def update_model(call: Call) -> Any:
     name, data, digest = call.arg("name", str), call.arg("onnx", str), call.arg("sha256", str)
     gateway = call.gateway
     if name not in gateway.model_names():
-        configured = ", ".join(gateway.model_names()) or "none"
-        raise CommandError("bad_args", f'name: no model "{name}"; configured: {configured}')
+        known = ", ".join(gateway.model_names()) or "none"
+        raise CommandError("bad_args", f'name: no model "{name}"; configured: {known}')
     try:
         blob = await asyncio.to_thread(base64.b64decode, data, validate=True)
     except (binascii.Error, ValueError):
@@ -189,15 +197,28 @@ async def update_model(call: Call) -> Any:
     if actual != digest.strip().lower():
         raise CommandError("hash_mismatch", f"sha256 of the {len(blob)} bytes is {actual}, not {digest}; "
                                             "model not changed")
+    configured = next(m.file for m in gateway.config.models if m.name == name)
+    # Written next to the model file first: a file that cannot be saved must not be swapped in, or a
+    # restart would silently bring the old model back.
     try:
-        file, inputs = await gateway.swap_model(name, blob, f"update by {call.operator.name} (sha256 {actual[:12]})")
-    except ModelError as exc:
-        raise CommandError("invalid_model", f"{exc}; the running model is kept") from None
-    try:
-        await asyncio.to_thread(atomic_write, file, blob, backup=file.with_name(file.name + ".bak"))
+        staged = await asyncio.to_thread(stage, configured, blob)
     except OSError as exc:
-        raise CommandError("failed", f"model swapped in but not saved to {file} ({exc}); a restart would load "
+        raise CommandError("failed", f"cannot write {configured} ({exc.strerror or exc}); the running model is "
+                                     "kept. A model that update_model may replace must be in a folder the agent can "
+                                     "write (systemd/README.md: remote management)") from None
+    try:
+        try:
+            file, inputs = await gateway.swap_model(name, blob, f"update by {call.operator.name} "
+                                                                f"(sha256 {actual[:12]})")
+        except ModelError as exc:
+            raise CommandError("invalid_model", f"{exc}; the running model is kept") from None
+        await asyncio.to_thread(commit, staged, file, backup=file.with_name(file.name + ".bak"))
+    except OSError as exc:
+        raise CommandError("failed", f"model swapped in but not saved to {configured} ({exc}); a restart would load "
                                      "the previous file") from None
+    finally:
+        with contextlib.suppress(OSError):
+            staged.unlink()  # gone already when committed
     return {"model": name, "sha256": actual, "bytes": len(blob), "file": str(file), "inputs": list(inputs)}
 
 
@@ -216,17 +237,54 @@ async def restart_driver(call: Call) -> Any:
             "last_error": state.last_error if state else ""}
 
 
-def atomic_write(path: Path, data: bytes, *, backup: Path | None = None) -> None:
-    """Replace ``path`` atomically (temp file, fsync, rename); copy the old one to ``backup`` first."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
+def _mode(path: Path) -> int:
+    """The permission bits a replacement of ``path`` gets: the file's own (0600 for a new one)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        return 0o600
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` afresh with ``mode`` (never through a symlink, never readable by others first)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, mode)  # the umask must not widen or narrow it
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        os.fsync(fd)
+
+
+def stage(path: Path, data: bytes) -> Path:
+    """Write ``data`` next to ``path`` (``.<name>.tmp``, fsynced, ``path``'s mode); :func:`commit` puts it in place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    _write_new(tmp, data, _mode(path))
+    return tmp
+
+
+def commit(staged: Path, path: Path, *, backup: Path | None = None) -> None:
+    """Rename ``staged`` over ``path``; copy the old ``path`` to ``backup`` first (with its mode)."""
     if backup is not None and path.exists():
         backup_tmp = backup.with_name(f".{backup.name}.tmp")
-        backup_tmp.write_bytes(path.read_bytes())
+        _write_new(backup_tmp, path.read_bytes(), _mode(path))
         os.replace(backup_tmp, backup)
-    with contextlib.suppress(OSError):
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-    os.replace(tmp, path)
+    os.replace(staged, path)
+    with contextlib.suppress(OSError):  # the rename itself is durable once the folder is
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, *, backup: Path | None = None) -> None:
+    """Replace ``path`` atomically (temp file, fsync, rename) keeping its mode; copy the old one to ``backup`` first."""
+    staged = stage(path, data)
+    try:
+        commit(staged, path, backup=backup)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            staged.unlink()
+        raise

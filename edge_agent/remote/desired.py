@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 from edge_agent.config import ROLES, Operator
 from edge_agent.errors import CommandError, TwinError
 from edge_agent.pacing import TokenBucket
-from edge_agent.remote.envelope import Envelope, Keyring, finite, parse, verify
+from edge_agent.remote.envelope import Envelope, Keyring, finite, parse, short, verify
 from edge_agent.remote.gateway import Gateway
+from edge_agent.remote.intake import BIG_RATE, SMALL, field_summary
 from edge_agent.store.twin import DesiredDocument
 
 if TYPE_CHECKING:
@@ -82,6 +83,9 @@ class DesiredState:
         self.last: Outcome | None = None  # what became of the latest document
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=MAX_QUEUED)
         self._flood = TokenBucket(flood_rate, flood_burst)
+        # large documents nobody has vouched for yet cost parsing: a byte budget like the commands'
+        # (edge_agent/remote/intake.py), spent before they are queued
+        self._big = TokenBucket(BIG_RATE, 8 * 1024 * 1024)
         self._suppressed = 0
         self._worker: asyncio.Task[None] | None = None
 
@@ -97,7 +101,17 @@ class DesiredState:
         self.submit(bytes(message.payload))
 
     def submit(self, payload: bytes) -> None:
-        """Queue one document for the worker; dropped (logged) when too many are waiting."""
+        """Queue one document for the worker; dropped (logged) when too many are waiting, or when it
+        is large and the byte budget for large documents is spent."""
+        size = len(payload)
+        if size > SMALL:
+            self._big.burst = max(self._big.burst, 2.0 * self.gateway.config.commands.max_payload)
+            if not self._big.try_take(size):
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 1000 == 0:
+                    log.warning("desired: large documents over the budget of %d bytes/s dropped unread (%d so far)",
+                                BIG_RATE, self.dropped)
+                return
         try:
             self._queue.put_nowait(payload)
         except asyncio.QueueFull:
@@ -225,14 +239,17 @@ class DesiredState:
         """A twin event of kind ``command`` (also on the ``events`` topic), shaped like a command's."""
         ok = outcome.state == "applied"
         code = None if ok else outcome.code or outcome.state
-        who = operator.name if operator else f'unverified "{envelope.operator}"' if envelope else "unverified"
+        # a document nobody has vouched for keeps sizes, hashes and short escaped prefixes, never
+        # its fields: a huge operator name must not fill the log, the twin and the outbox
+        who = operator.name if operator else f'unverified "{short(envelope.operator)}"' if envelope else "unverified"
         what = f"{NAME} v{outcome.version}" if outcome.version is not None else NAME
         record: dict[str, Any] = {
             "ts": received, "source": NAME, "kind": "command", "state": "ok" if ok else code,
             "message": f"{who}: {what}: {'ok: ' + outcome.message if ok else f'{code}: {outcome.message}'}",
-            "command_id": envelope.id if envelope else None, "command": NAME,
-            "operator": envelope.operator if envelope else None, "role": operator.role if operator else None,
-            "ok": ok, "code": code, "args": _summarise(envelope.args) if envelope else None,
+            "command_id": (envelope.id if operator else short(envelope.id)) if envelope else None, "command": NAME,
+            "operator": (envelope.operator if operator else field_summary(envelope.operator)) if envelope else None,
+            "role": operator.role if operator else None, "ok": ok, "code": code,
+            "args": (_summarise(envelope.args) if operator else field_summary(envelope.args)) if envelope else None,
             "duration_s": time.time() - received, "version": outcome.version, "results": outcome.results or None,
         }
         if self._suppressed and operator is None:

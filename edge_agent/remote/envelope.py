@@ -30,6 +30,22 @@ log = logging.getLogger(__name__)
 
 FIELDS = ("id", "name", "args", "operator", "issued_at", "expires_at", "sig")
 MAX_ID = 128  # characters of a command id
+# JSON strings and structure (",", ":", "[", "{") outside strings a command may have. A command has
+# a few dozen; a whole config or model travels as one string. json.loads holds the GIL for its
+# whole run and pays per value (3 MB of small values: 85 ms), so more than this is refused unread.
+MAX_STRINGS = 10_000
+MAX_TOKENS = 20_000
+SHORT = 64  # characters of a field echoed in an error message
+
+
+def short(text: Any, limit: int = SHORT) -> str:
+    """At most ``limit`` characters of ``text``, control characters escaped, "..." when cut: what an
+    error message or a log line may echo of a field nobody has vouched for yet."""
+    value = text if isinstance(text, str) else repr(text)
+    cut = value[:limit]
+    if not cut.isprintable():
+        cut = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+    return cut + ("..." if len(value) > limit else "")
 
 
 def canonical(envelope: dict[str, Any]) -> bytes:
@@ -60,23 +76,80 @@ class Envelope:
     expires_at: float
     sig: bytes
     raw: dict[str, Any] = field(repr=False)
+    signed: bytes = field(default=b"", repr=False)  # canonical(raw), computed once by parse()
+    size: int = 0  # bytes on the wire
+
+
+class EnvelopeError(CommandError):
+    """A refusal from :func:`parse`; ``echo`` is the request's id when it could be read."""
+
+    def __init__(self, code: str, message: str, echo: str | None = None) -> None:
+        super().__init__(code, message)
+        self.echo = echo
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _structure(payload: bytes) -> str | None:
+    """Why ``payload`` has too many JSON values to be worth parsing (None: it has few enough).
+
+    Counted with a handful of bytes operations (a few ms for 4 MB), never by parsing: escaped
+    backslashes and quotes go first, then every quote left delimits a string.
+    """
+    plain = payload.replace(b"\\\\", b"").replace(b'\\"', b"")
+    quotes = plain.count(b'"')
+    if quotes > 2 * MAX_STRINGS:
+        return f"more than {MAX_STRINGS} strings"
+    outside = plain.split(b'"')[::2]  # the text between strings
+    tokens = sum(part.count(b",") + part.count(b":") + part.count(b"[") + part.count(b"{") for part in outside)
+    if tokens > MAX_TOKENS:
+        return f"more than {MAX_TOKENS} values"
+    return None
+
+
 def parse(payload: bytes, max_payload: int) -> Envelope:
-    """Decode and type-check an envelope; CommandError (too_large, bad_json, missing_field, bad_field)."""
+    """Decode and type-check an envelope; CommandError (too_large, bad_json, missing_field, bad_field).
+
+    The refusals are :class:`EnvelopeError`, with the request's id when it could be read. Large
+    payloads belong in a worker thread: parsing and re-serialising 4 MB takes about 15 ms.
+    """
     if len(payload) > max_payload:
-        raise CommandError("too_large", f"payload of {len(payload)} bytes is over the limit of {max_payload}")
+        raise EnvelopeError("too_large", f"payload of {len(payload)} bytes is over the limit of {max_payload}")
+    if len(payload) > 4096:
+        crowded = _structure(payload)
+        if crowded is not None:
+            raise EnvelopeError("bad_json", f"not a command: {crowded}")
     try:
         doc = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
-        canonical(doc if isinstance(doc, dict) else {})  # lone surrogates cannot be signed: refuse them here
     except (UnicodeError, ValueError, RecursionError) as exc:
-        raise CommandError("bad_json", f"not a JSON document: {exc}") from None
+        raise EnvelopeError("bad_json", f"not a JSON document: {short(str(exc), 200)}") from None
     if not isinstance(doc, dict):
-        raise CommandError("bad_json", f"expected a JSON object, got {type(doc).__name__}")
+        raise EnvelopeError("bad_json", f"expected a JSON object, got {type(doc).__name__}")
+    echo = _echo(doc.get("id"))
+    try:
+        signed = canonical(doc)
+    except UnicodeError as exc:  # lone surrogates cannot be signed: refused here
+        raise EnvelopeError("bad_json", f"not a JSON document: {short(str(exc), 200)}", echo) from None
+    try:
+        return _typed(doc, signed, len(payload))
+    except CommandError as exc:
+        raise EnvelopeError(exc.code, exc.message, echo) from None
+
+
+def _echo(value: Any) -> str | None:
+    """The request's id as an answer may repeat it: a string of at most MAX_ID characters, UTF-8 clean."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeError:
+        return None
+    return value
+
+
+def _typed(doc: dict[str, Any], signed: bytes, size: int) -> Envelope:
     missing = [f for f in FIELDS if f not in doc]
     if missing:
         raise CommandError("missing_field", f"missing field(s): {', '.join(missing)}")
@@ -91,6 +164,8 @@ def parse(payload: bytes, max_payload: int) -> Envelope:
         value = doc[name]
         if isinstance(value, bool) or not isinstance(value, int | float) or not finite(value):
             raise CommandError("bad_field", f"{name}: expected unix seconds (a number)")
+    if len(doc["sig"]) > 100:  # 64 bytes are 88 characters of base64
+        raise CommandError("bad_field", f"sig: expected a 64-byte Ed25519 signature, got {len(doc['sig'])} characters")
     try:
         sig = base64.b64decode(doc["sig"], validate=True)
     except (binascii.Error, ValueError):
@@ -98,7 +173,7 @@ def parse(payload: bytes, max_payload: int) -> Envelope:
     if len(sig) != 64:
         raise CommandError("bad_field", f"sig: expected a 64-byte Ed25519 signature, got {len(sig)} bytes")
     return Envelope(doc["id"], doc["name"], doc["args"], doc["operator"], float(doc["issued_at"]),
-                    float(doc["expires_at"]), sig, doc)
+                    float(doc["expires_at"]), sig, doc, signed, size)
 
 
 def finite(value: int | float) -> bool:
@@ -107,19 +182,6 @@ def finite(value: int | float) -> bool:
         return math.isfinite(float(value))
     except OverflowError:
         return False
-
-
-def echo_id(payload: bytes) -> str | None:
-    """The request's id when it can be read at all, to correlate an early rejection."""
-    try:
-        doc = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
-        value = doc.get("id") if isinstance(doc, dict) else None
-        if isinstance(value, str) and len(value) <= MAX_ID:
-            value.encode("utf-8")
-            return value
-    except (UnicodeError, ValueError, RecursionError):
-        pass
-    return None
 
 
 class Keyring:
@@ -154,9 +216,9 @@ def verify(envelope: Envelope, config: AgentConfig, keyring: Keyring, now: float
         raise CommandError("unavailable", "remote commands are disabled on this gateway")
     operator = next((o for o in settings.operators if o.name == envelope.operator), None)
     if operator is None:
-        raise CommandError("unknown_operator", f'no operator "{envelope.operator}" on this gateway')
+        raise CommandError("unknown_operator", f'no operator "{short(envelope.operator)}" on this gateway')
     try:
-        keyring.key(operator).verify(envelope.sig, canonical(envelope.raw))
+        keyring.key(operator).verify(envelope.sig, envelope.signed or canonical(envelope.raw))
     except InvalidSignature:
         raise CommandError("bad_signature", f'signature does not verify with the key of "{operator.name}"') from None
     if envelope.expires_at <= envelope.issued_at or envelope.expires_at - envelope.issued_at > settings.max_validity:

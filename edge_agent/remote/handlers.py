@@ -59,10 +59,7 @@ async def history(call: Call) -> Any:
 async def events(call: Call) -> Any:
     kind = call.arg("kind", str)
     since, limit = since_arg(call, "1d"), limit_arg(call, 100, 1000)
-    rows = await call.gateway.query(lambda twin: twin.events(since, limit=None if kind else limit))
-    if kind is not None:
-        rows = [r for r in rows if r["kind"] == kind][-limit:]
-    return rows
+    return await call.gateway.query(lambda twin: twin.events(since, limit=limit, kind=kind))
 
 
 async def audit(call: Call) -> Any:
@@ -70,8 +67,7 @@ async def audit(call: Call) -> Any:
     since, limit = since_arg(call, "1d"), limit_arg(call, 100, 1000)
 
     def both(twin: TwinView) -> dict[str, Any]:
-        commands = [e for e in twin.events(since) if e["kind"] == "command"][-limit:]
-        return {"commands": commands, "writes": twin.writes(since, limit=limit)}
+        return {"commands": twin.events(since, limit=limit, kind="command"), "writes": twin.writes(since, limit=limit)}
 
     return await call.gateway.query(both)
 

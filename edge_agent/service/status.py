@@ -91,6 +91,7 @@ class GatewayStatus:
     errors: tuple[str, ...]  # the last warnings and errors logged
     overrides: tuple[OverrideState, ...] = ()  # operator overrides holding automatic writes
     sparkplug: LinkState | None = None  # the Sparkplug B edge node's connection and outbox, when enabled
+    storage: tuple[str, ...] = ()  # database files set aside, or run in memory, at start
 
     @property
     def devices_up(self) -> frozenset[str]:
@@ -123,6 +124,10 @@ class GatewayStatus:
             text += f"; anomaly: {', '.join(active)}"
         if self.overrides:
             text += f"; override: {', '.join(o.point for o in self.overrides)}"
+        if self.twin.failing_since is not None:
+            text += "; twin NOT writing"
+        if self.storage:
+            text += f"; {len(self.storage)} database file(s) set aside"
         return text
 
     def to_json(self) -> dict[str, Any]:
@@ -139,12 +144,15 @@ class GatewayStatus:
                         "last_skip": m.last_skip, "anomaly": m.anomaly, "last_error": m.last_error,
                         "source": m.source} for m in self.models],
             "twin": {"stored": self.twin.stored, "flushes": self.twin.flushes, "flush_errors": self.twin.flush_errors,
-                     "pending": self.twin.pending},
+                     "pending": self.twin.pending, "writing": self.twin.failing_since is None,
+                     "failing_since": self.twin.failing_since, "last_error": self.twin.last_error,
+                     "dropped": self.twin.dropped, "dropped_records": self.twin.dropped_records},
             "mqtt": _mqtt(self.mqtt),
             "sparkplug": _mqtt(self.sparkplug),
             "errors": list(self.errors),
             "overrides": [{"point": o.point, "since": o.since, "until": o.until, "event": o.event, "old": o.old,
                            "new": o.new} for o in self.overrides],
+            "storage": list(self.storage),
         }
 
 
@@ -157,7 +165,8 @@ def _mqtt(link: LinkState | None) -> dict[str, Any] | None:
     return {"broker": link.broker, "connected": link.connected, "last_error": link.last_error,
             "published": link.published, "acked": link.acked, "outbox_depth": stats.depth,
             "outbox_bytes": stats.bytes, "outbox_oldest_age_s": stats.oldest_age_s,
-            "dropped_messages": stats.dropped_messages, "dropped_samples": stats.dropped_samples}
+            "dropped_messages": stats.dropped_messages, "dropped_samples": stats.dropped_samples,
+            "dropped_events": stats.dropped_events, "dropped_responses": stats.dropped_responses}
 
 
 def write(path: Path, status: Mapping[str, Any]) -> None:

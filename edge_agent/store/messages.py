@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 Kind = Literal["telemetry", "event", "state", "twin", "response"]
 KINDS: frozenset[str] = frozenset(get_args(Kind))
 SNAPSHOT_KINDS: frozenset[str] = frozenset({"state", "twin"})  # a newer one replaces the pending older one
+EVENT_KINDS: frozenset[str] = frozenset({"event", "response"})  # kept within OutboxLimits.event_share
 
 
 def json_safe(value: Any) -> Any:
@@ -34,11 +35,25 @@ class OutboxLimits:
     """Bounds on what the outbox holds; past them the oldest telemetry is dropped.
 
     ``max_rows`` counts messages of every kind, ``max_bytes`` their payload bytes (the file is
-    somewhat larger: SQLite pages, indexes, the WAL). Events and snapshots may exceed both.
+    somewhat larger: SQLite pages, indexes, the WAL). Events and command responses together
+    take at most ``event_share`` of both; past that the oldest of them are dropped, so they can
+    never crowd telemetry out. A small outbox still keeps ``event_min_rows`` and ``event_min_bytes``
+    for them (at most half of it).
     """
 
     max_rows: int = 1_000_000
     max_bytes: int = 256 * 1024 * 1024
+    event_share: float = 0.1
+    event_min_rows: int = 10
+    event_min_bytes: int = 64 * 1024
+
+    @property
+    def event_rows(self) -> int:
+        return max(1, int(self.max_rows * self.event_share), min(self.event_min_rows, self.max_rows // 2))
+
+    @property
+    def event_bytes(self) -> int:
+        return max(1, int(self.max_bytes * self.event_share), min(self.event_min_bytes, self.max_bytes // 2))
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +69,10 @@ class Gap:
         """The gap record a telemetry payload carries: ``{"gap": {...}}``."""
         return {"gap": {"from_seq": self.from_seq, "to_seq": self.to_seq,
                         "messages": self.messages, "samples": self.samples}}
+
+    def event_record(self) -> dict[str, dict[str, int]]:
+        """The gap record an ``events`` payload carries (events have no samples)."""
+        return {"gap": {"from_seq": self.from_seq, "to_seq": self.to_seq, "messages": self.messages}}
 
     def merge(self, other: Gap | None) -> Gap:
         if other is None:
@@ -133,3 +152,6 @@ class OutboxStats:
     next_event_seq: int
     pending_gap: Gap | None
     file_bytes: int
+    dropped_events: int = 0  # events dropped because events and responses filled their share
+    dropped_responses: int = 0
+    pending_event_gap: Gap | None = None

@@ -12,12 +12,16 @@ caller hands in a *builder* (``Draft.payload`` as ``Callable[[Stamp], bytes]``) 
 calls with the seq inside the transaction.
 
 Limits and drops (:class:`OutboxLimits`). When a new message would take the outbox over
-``max_rows`` or ``max_bytes``, the oldest telemetry not in flight is dropped first. Events (and
-command ``response`` messages) are never dropped; snapshots (``state``, ``twin``) are never
-dropped either, since a new one replaces the older pending one of the same topic. When nothing
-droppable is left, new telemetry is refused (it still consumes its seq and is counted as dropped)
-while events and snapshots are still accepted over the limit: they are small and rare, and losing
-an alarm or an audit record to make room for samples is the wrong trade. Drops are counted for
+``max_rows`` or ``max_bytes``, the oldest telemetry not in flight is dropped first. Events and
+command ``response`` messages together keep to their own share (``event_share`` of both limits,
+10 % by default): a new one past it drops the oldest of them, so whatever floods the audit trail
+can never crowd telemetry out. Dropped events are reported like telemetry: counted for ever
+(``dropped_events``, ``dropped_responses``), and the next ``event`` message carries their seq
+range in a ``gap`` record. Snapshots (``state``, ``twin``) are never dropped, since a new one
+replaces the older pending one of the same topic. Telemetry that does not fit after the oldest
+telemetry went drops events too (telemetry is never refused because of events); only when what
+is left is in flight is new telemetry refused (it still consumes its seq and is counted as
+dropped). Drops are counted for
 ever (``dropped_messages``, ``dropped_samples``) and collected into one unreported :class:`Gap`
 that the *next* telemetry message receives in its :class:`Stamp`, in the transaction that inserts
 it, so it can carry ``{"gap": {"from_seq", "to_seq", "messages", "samples"}}``.
@@ -54,10 +58,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from edge_agent.errors import TwinError
 from edge_agent.store import sqlite
 from edge_agent.store.messages import (
+    EVENT_KINDS,
     SNAPSHOT_KINDS,
     Appended,
     Build,
@@ -70,6 +76,7 @@ from edge_agent.store.messages import (
 )
 
 log = logging.getLogger(__name__)
+_TELEMETRY = frozenset({"telemetry"})
 
 # Each entry moves the schema one version up (PRAGMA user_version). Append, never edit.
 MIGRATIONS: list[str] = [
@@ -108,10 +115,19 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE messages ADD COLUMN correlation BLOB;
     """,
+    # 3: events and responses keep to a share of the limits; what they drop is counted and reported
+    """
+    ALTER TABLE meta ADD COLUMN dropped_events INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE meta ADD COLUMN dropped_responses INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE meta ADD COLUMN event_gap_from INTEGER;
+    ALTER TABLE meta ADD COLUMN event_gap_to INTEGER;
+    ALTER TABLE meta ADD COLUMN event_gap_messages INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 META_COLUMNS = ("next_telemetry_seq, next_event_seq, dropped_messages, dropped_samples, "
                  "gap_from, gap_to, gap_messages, gap_samples")
+META_EVENT_COLUMNS = "dropped_events, dropped_responses, event_gap_from, event_gap_to, event_gap_messages"
 _INSERT = ("INSERT INTO messages (kind, topic, payload, qos, retain, created, seq, samples, "
            "gap_from, gap_to, gap_messages, gap_samples, correlation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _SELECT = "SELECT id, kind, topic, payload, qos, retain, created, seq, samples, correlation FROM messages"
@@ -129,6 +145,11 @@ class _State:
     bytes: int
     telemetry_rows: int
     telemetry_bytes: int
+    event_rows: int = 0  # events and responses
+    event_bytes: int = 0
+    dropped_events: int = 0
+    dropped_responses: int = 0
+    event_gap: Gap | None = None
 
 
 class Outbox:
@@ -147,6 +168,7 @@ class Outbox:
         self._inflight: dict[int, tuple[str, int]] = {}  # id -> (kind, payload bytes)
         self._freed_since_maintain = 0
         self._dropping = False  # for logging: first drop at WARNING, repeats at DEBUG
+        self._dropping_events = False
         self._over_limit = False
         self._state = self._load_state()
 
@@ -185,15 +207,20 @@ class Outbox:
             raise TwinError(f"{path}: cannot open the outbox: {exc}") from exc
 
     def _load_state(self) -> _State:
-        meta = self.conn.execute(f"SELECT {META_COLUMNS} FROM meta").fetchone()
+        meta = self.conn.execute(f"SELECT {META_COLUMNS}, {META_EVENT_COLUMNS} FROM meta").fetchone()
         gap = Gap(meta[4], meta[5], meta[6], meta[7]) if meta[4] is not None else None
-        state = _State({"telemetry": meta[0], "event": meta[1]}, meta[2], meta[3], gap, 0, 0, 0, 0)
+        event_gap = Gap(meta[10], meta[11], meta[12], 0) if meta[10] is not None else None
+        state = _State({"telemetry": meta[0], "event": meta[1]}, meta[2], meta[3], gap, 0, 0, 0, 0,
+                       dropped_events=meta[8], dropped_responses=meta[9], event_gap=event_gap)
         for kind, rows, size in self.conn.execute(
                 "SELECT kind, count(*), coalesce(sum(length(payload)), 0) FROM messages GROUP BY kind"):
             state.rows += rows
             state.bytes += size
             if kind == "telemetry":
                 state.telemetry_rows, state.telemetry_bytes = rows, size
+            elif kind in EVENT_KINDS:
+                state.event_rows += rows
+                state.event_bytes += size
         return state
 
     @contextmanager
@@ -207,7 +234,8 @@ class Outbox:
                     yield state
                     self._write_meta(state)
                 except BaseException:
-                    self.conn.execute("ROLLBACK")
+                    if self.conn.in_transaction:  # SQLite rolls back by itself after SQLITE_FULL and the like
+                        self.conn.execute("ROLLBACK")
                     raise
                 self.conn.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -215,13 +243,16 @@ class Outbox:
             self._state = state
 
     def _write_meta(self, s: _State) -> None:
-        gap = s.gap
+        gap, event_gap = s.gap, s.event_gap
         self.conn.execute(
             "UPDATE meta SET next_telemetry_seq = ?, next_event_seq = ?, dropped_messages = ?, dropped_samples = ?, "
-            "gap_from = ?, gap_to = ?, gap_messages = ?, gap_samples = ?",
+            "gap_from = ?, gap_to = ?, gap_messages = ?, gap_samples = ?, dropped_events = ?, dropped_responses = ?, "
+            "event_gap_from = ?, event_gap_to = ?, event_gap_messages = ?",
             (s.next_seq["telemetry"], s.next_seq["event"], s.dropped_messages, s.dropped_samples,
              gap.from_seq if gap else None, gap.to_seq if gap else None,
-             gap.messages if gap else 0, gap.samples if gap else 0))
+             gap.messages if gap else 0, gap.samples if gap else 0, s.dropped_events, s.dropped_responses,
+             event_gap.from_seq if event_gap else None, event_gap.to_seq if event_gap else None,
+             event_gap.messages if event_gap else 0))
 
     def close(self) -> None:
         """Reclaim free pages, truncate the WAL and close the connection."""
@@ -248,11 +279,11 @@ class Outbox:
         with ``id=None``; its seq is used and reported in the next gap.
         """
         with self._lock:
-            dropped_before = self._state.dropped_messages
+            dropped_before = (self._state.dropped_messages, self._state.dropped_events + self._state.dropped_responses)
             with self._transaction("append to the outbox") as state:
                 now = self._clock()
                 result = [self._append_one(state, draft, now) for draft in drafts]
-            self._log_drops(dropped_before)
+            self._log_drops(*dropped_before)
             return result
 
     def append_telemetry(self, topic: str, build: Build, samples: int) -> Appended:
@@ -267,11 +298,15 @@ class Outbox:
             state.next_seq[kind] = seq + 1
         if kind == "telemetry":
             gap, state.gap = state.gap, None
+        elif kind == "event":
+            gap, state.event_gap = state.event_gap, None
         payload = draft.payload(Stamp(seq, gap)) if callable(draft.payload) else draft.payload
         payload = bytes(payload)
         size = len(payload)
         if kind in SNAPSHOT_KINDS:
             self._replace_snapshot(state, kind, draft.topic)
+        if kind in EVENT_KINDS:
+            self._keep_event_share(state, size)
         if not self._make_room(state, kind, size):
             assert seq is not None  # only telemetry is refused
             state.gap = Gap(seq, seq, 1, draft.samples).merge(gap)
@@ -287,6 +322,9 @@ class Outbox:
         if kind == "telemetry":
             state.telemetry_rows += 1
             state.telemetry_bytes += size
+        elif kind in EVENT_KINDS:
+            state.event_rows += 1
+            state.event_bytes += size
         return Appended(cur.lastrowid, seq)
 
     def _replace_snapshot(self, state: _State, kind: str, topic: str) -> None:
@@ -297,58 +335,109 @@ class Outbox:
             state.rows -= 1
             state.bytes -= size
 
+    def _keep_event_share(self, state: _State, size: int) -> None:
+        """Drop the oldest events and responses (not in flight) until one more of ``size`` bytes fits their share."""
+        need_rows = state.event_rows + 1 - self.limits.event_rows
+        need_bytes = state.event_bytes + size - self.limits.event_bytes
+        if need_rows > 0 or need_bytes > 0:
+            self._drop_oldest(state, EVENT_KINDS, need_rows, need_bytes)
+
+    def _droppable(self, state: _State, kinds: frozenset[str]) -> tuple[int, int]:
+        """Rows and bytes of ``kinds`` that are not in flight."""
+        rows = state.telemetry_rows if kinds == _TELEMETRY else state.event_rows
+        size = state.telemetry_bytes if kinds == _TELEMETRY else state.event_bytes
+        in_flight = [s for k, s in self._inflight.values() if k in kinds]
+        return rows - len(in_flight), size - sum(in_flight)
+
     def _make_room(self, state: _State, kind: str, size: int) -> bool:
         """Drop the oldest telemetry until ``size`` more bytes and one more row fit.
 
-        False means a telemetry message does not fit even then (nothing was dropped for it).
-        Other kinds always go in, after dropping what telemetry there is to drop.
+        False means a telemetry message does not fit even then, nor after dropping every event and
+        response not in flight (nothing was dropped for it). Other kinds always go in, after
+        dropping what telemetry there is to drop.
         """
         need_rows = state.rows + 1 - self.limits.max_rows
         need_bytes = state.bytes + size - self.limits.max_bytes
         if need_rows <= 0 and need_bytes <= 0:
             return True
-        in_flight = [s for k, s in self._inflight.values() if k == "telemetry"]
-        can_rows = state.telemetry_rows - len(in_flight)
-        can_bytes = state.telemetry_bytes - sum(in_flight)
-        if kind == "telemetry" and (can_rows < need_rows or can_bytes < need_bytes):
+        if kind != "telemetry":
+            self._drop_oldest(state, _TELEMETRY, need_rows, need_bytes)
+            return True
+        tele_rows, tele_bytes = self._droppable(state, _TELEMETRY)
+        event_rows, event_bytes = self._droppable(state, EVENT_KINDS)
+        if tele_rows + event_rows < need_rows or tele_bytes + event_bytes < need_bytes:
             return False
-        self._drop_oldest_telemetry(state, need_rows, need_bytes)
+        rows, freed = self._drop_oldest(state, _TELEMETRY, need_rows, need_bytes)
+        if rows < need_rows or freed < need_bytes:  # telemetry is never refused because of events
+            self._drop_oldest(state, EVENT_KINDS, need_rows - rows, need_bytes - freed)
         return True
 
-    def _drop_oldest_telemetry(self, state: _State, need_rows: int, need_bytes: int) -> None:
+    def _drop_oldest(self, state: _State, kinds: frozenset[str], need_rows: int, need_bytes: int) -> tuple[int, int]:
+        """Delete the oldest messages of ``kinds`` not in flight until ``need_rows`` and ``need_bytes`` are
+        freed (or none is left); account for them in ``state``. Returns (rows, bytes) freed."""
         rows = freed = 0
-        last_id = None
-        after = self._cursor
+        chosen: list[int] = []
+        after = 0
+        flying = json.dumps(list(self._inflight))
+        marks = ", ".join("?" * len(kinds))
         while rows < need_rows or freed < need_bytes:
             batch = self.conn.execute(
-                "SELECT id, length(payload) FROM messages WHERE kind = 'telemetry' AND id > ? ORDER BY id LIMIT 256",
-                (after,)).fetchall()
+                f"SELECT id, length(payload) FROM messages WHERE kind IN ({marks}) AND id > ? "
+                "AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT 256",
+                (*sorted(kinds), after, flying)).fetchall()
             if not batch:
                 break
             for row_id, size in batch:
-                rows, freed, last_id = rows + 1, freed + size, row_id
+                rows, freed = rows + 1, freed + size
+                chosen.append(row_id)
                 if rows >= need_rows and freed >= need_bytes:
                     break
             after = batch[-1][0]
-        if last_id is None:
-            return
-        gap = state.gap
-        for seq, samples, size, g_from, g_to, g_messages, g_samples in self.conn.execute(
-                "DELETE FROM messages WHERE kind = 'telemetry' AND id > ? AND id <= ? "
-                "RETURNING seq, samples, length(payload), gap_from, gap_to, gap_messages, gap_samples",
-                (self._cursor, last_id)).fetchall():
-            gap = Gap(seq, seq, 1, samples).merge(gap)
-            if g_from is not None:  # the gap this message was to report is still unreported
-                gap = gap.merge(Gap(g_from, g_to, g_messages, g_samples))
-            state.dropped_messages += 1
-            state.dropped_samples += samples
+        if chosen:
+            self._forget(state, self.conn.execute(
+                "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) RETURNING kind, seq, samples, "
+                "length(payload), gap_from, gap_to, gap_messages, gap_samples", (json.dumps(chosen),)).fetchall())
+        return rows, freed
+
+    @staticmethod
+    def _forget(state: _State, dropped: list[tuple[Any, ...]]) -> None:
+        """Count dropped rows (kind, seq, samples, bytes, carried gap) and fold them into the gaps to report."""
+        gap, event_gap = state.gap, state.event_gap
+        for kind, seq, samples, size, g_from, g_to, g_messages, g_samples in dropped:
             state.rows -= 1
             state.bytes -= size
-            state.telemetry_rows -= 1
-            state.telemetry_bytes -= size
-        state.gap = gap
+            carried = Gap(g_from, g_to, g_messages, g_samples) if g_from is not None else None
+            if kind == "telemetry":
+                gap = Gap(seq, seq, 1, samples).merge(gap)
+                if carried is not None:  # the gap this message was to report is still unreported
+                    gap = gap.merge(carried)
+                state.dropped_messages += 1
+                state.dropped_samples += samples
+                state.telemetry_rows -= 1
+                state.telemetry_bytes -= size
+                continue
+            state.event_rows -= 1
+            state.event_bytes -= size
+            if kind == "event":
+                event_gap = Gap(seq, seq, 1, 0).merge(event_gap)
+                if carried is not None:
+                    event_gap = event_gap.merge(carried)
+                state.dropped_events += 1
+            else:
+                state.dropped_responses += 1
+        state.gap, state.event_gap = gap, event_gap
 
-    def _log_drops(self, dropped_before: int) -> None:
+    def _log_drops(self, dropped_before: int, events_before: int) -> None:
+        events = self._state.dropped_events + self._state.dropped_responses - events_before
+        if events and not self._dropping_events:
+            self._dropping_events = True
+            log.warning("outbox %s: events and command responses fill their share (%d rows, %d bytes): dropping "
+                        "the oldest of them; the next event message reports the gap", self.path,
+                        self.limits.event_rows, self.limits.event_bytes)
+        elif not events and self._dropping_events:
+            self._dropping_events = False
+            log.info("outbox %s: no longer dropping events; %d events and %d responses dropped so far", self.path,
+                     self._state.dropped_events, self._state.dropped_responses)
         dropped = self._state.dropped_messages - dropped_before
         if dropped and not self._dropping:
             self._dropping = True
@@ -363,9 +452,8 @@ class Outbox:
                      self._state.dropped_messages, self._state.dropped_samples)
         over = self._state.rows > self.limits.max_rows or self._state.bytes > self.limits.max_bytes
         if over and not self._over_limit:
-            log.warning("outbox %s holds %d rows, %d bytes, over its limits, with nothing left to drop: events "
-                        "and snapshots are still kept, new telemetry is refused", self.path, self._state.rows,
-                        self._state.bytes)
+            log.warning("outbox %s holds %d rows, %d bytes, over its limits, with nothing left to drop but messages "
+                        "in flight: new telemetry is refused", self.path, self._state.rows, self._state.bytes)
         self._over_limit = over
 
     # ------------------------------------------------------------------ handing out and acking
@@ -439,6 +527,9 @@ class Outbox:
                     if kind == "telemetry":
                         state.telemetry_rows -= 1
                         state.telemetry_bytes -= size
+                    elif kind in EVENT_KINDS:
+                        state.event_rows -= 1
+                        state.event_bytes -= size
             for i in id_list:
                 self._inflight.pop(i, None)
             self._freed_since_maintain += sum(size for _, size in gone)
@@ -492,4 +583,5 @@ class Outbox:
                 oldest_age_s=max(0.0, self._clock() - oldest[0]) if oldest else None,
                 dropped_messages=s.dropped_messages, dropped_samples=s.dropped_samples,
                 next_telemetry_seq=s.next_seq["telemetry"], next_event_seq=s.next_seq["event"],
-                pending_gap=s.gap, file_bytes=sqlite.file_bytes(self.path))
+                pending_gap=s.gap, file_bytes=sqlite.file_bytes(self.path), dropped_events=s.dropped_events,
+                dropped_responses=s.dropped_responses, pending_event_gap=s.event_gap)

@@ -5,7 +5,8 @@ Schema (documented in the README; open it with sqlite3, sqlite-utils or Datasett
 - ``points``: one row per configured point, its current value and quality.
 - ``history``: samples over time, pruned past ``twin.history_retention``.
 - ``events``, ``desired``, ``writes``: anomalies and outages, the safety gate's desired state and
-  every write attempt.
+  every write attempt; events and writes are pruned past ``twin.events_retention`` and
+  ``twin.writes_retention``.
 - ``desired_documents``: the cloud's desired-state documents handled, newest kept; the greatest
   version is the last one handled (see :meth:`Twin.claim_desired`).
 
@@ -376,19 +377,22 @@ class Twin:
             raise TwinError(f"{self.path}: cannot update the desired state: {exc}") from exc
         return cur.rowcount
 
-    def prune(self, before: float, *, chunk: int = 20_000) -> int:
-        """Delete history older than ``before`` (unix seconds), in small transactions."""
+    def prune(self, before: float, *, chunk: int = 20_000, table: str = "history") -> int:
+        """Delete rows of ``table`` (history, events or writes) older than ``before`` (unix seconds), in
+        small transactions; each of them has an index on ``ts``."""
+        if table not in ("history", "events", "writes"):
+            raise ValueError(f"no retention for table {table!r}")
         removed = 0
         try:
             while True:
                 with self.transaction() as conn:
-                    cur = conn.execute("DELETE FROM history WHERE rowid IN (SELECT rowid FROM history "
+                    cur = conn.execute(f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "
                                        "WHERE ts < ? ORDER BY ts LIMIT ?)", (before, chunk))
                 removed += cur.rowcount
                 if cur.rowcount < chunk:
                     break
         except sqlite3.Error as exc:
-            raise TwinError(f"{self.path}: cannot prune history: {exc}") from exc
+            raise TwinError(f"{self.path}: cannot prune {table}: {exc}") from exc
         return removed
 
     # ------------------------------------------------------------------ reading

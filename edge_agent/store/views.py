@@ -15,14 +15,14 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from edge_agent.errors import TwinError
 from edge_agent.store import sqlite
 from edge_agent.store.messages import Gap, OutboxStats
-from edge_agent.store.outbox import META_COLUMNS
+from edge_agent.store.outbox import META_COLUMNS, META_EVENT_COLUMNS
 from edge_agent.store.twin import CURRENT
 
 if TYPE_CHECKING:
@@ -94,18 +94,43 @@ class TwinView:
     def history_count(self) -> int:
         return int(self._rows("SELECT count(*) AS n FROM history")[0]["n"])
 
-    def events(self, since: float = 0.0, *, limit: int | None = None) -> list[dict[str, Any]]:
-        """Events at or after ``since``, oldest first; ``detail`` decoded."""
-        sql, params = self._newest(f"SELECT {EVENT_COLUMNS} FROM events WHERE ts >= ? ORDER BY id", [since], limit)
-        rows = self._rows(sql, params)
-        for row in rows:
-            row["detail"] = json.loads(row["detail"]) if row["detail"] else {}
-        return rows
+    def events(self, since: float = 0.0, *, limit: int | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        """Events at or after ``since`` (of one ``kind``), the newest ``limit``, oldest first; ``detail`` decoded.
+
+        Without a limit every matching row is loaded: viewers that may meet many use :meth:`iter_events`.
+        """
+        return list(self.iter_events(since, limit=limit, kind=kind))
+
+    def iter_events(self, since: float = 0.0, *, limit: int | None = None, kind: str | None = None,
+                    ) -> Iterator[dict[str, Any]]:
+        """Like :meth:`events`, one row at a time from the cursor (memory stays flat for any number)."""
+        where = "ts >= ?"
+        params: list[Any] = [since]
+        if kind is not None:
+            where += " AND kind = ?"
+            params.append(kind)
+        sql, params = self._newest(f"SELECT {EVENT_COLUMNS} FROM events WHERE {where} ORDER BY id", params, limit)
+        for row in self._iter(sql, params):
+            row["detail"] = _detail(row["detail"])
+            yield row
 
     def writes(self, since: float = 0.0, *, limit: int | None = None) -> list[dict[str, Any]]:
-        """Write attempts at or after ``since``, oldest first."""
+        """Write attempts at or after ``since``, the newest ``limit``, oldest first."""
+        return list(self.iter_writes(since, limit=limit))
+
+    def iter_writes(self, since: float = 0.0, *, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """Like :meth:`writes`, one row at a time from the cursor."""
         sql, params = self._newest("SELECT * FROM writes WHERE ts >= ? ORDER BY id", [since], limit)
-        return self._rows(sql, params)
+        yield from self._iter(sql, params)
+
+    def _iter(self, sql: str, params: list[Any]) -> Iterator[dict[str, Any]]:
+        try:
+            cursor = self.db.conn.execute(sql, params)
+            names = [d[0] for d in cursor.description]
+            for row in cursor:
+                yield dict(zip(names, row, strict=True))
+        except sqlite3.Error as exc:
+            raise TwinError(f"{self.path}: query failed: {exc}") from exc
 
     def trend(self, point: str, since: float, until: float, buckets: int, *,
               budget: float = 2.0) -> list[dict[str, Any]]:
@@ -156,6 +181,17 @@ class TwinView:
         return {"event": event_id, "acked_by": row[0], "acked_ts": row[1], "already_acked": already}
 
 
+def _detail(text: str | None) -> dict[str, Any]:
+    """An event's ``detail`` column decoded (a row someone edited into non-JSON comes back as text)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"text": text}
+    return value if isinstance(value, dict) else {"value": value}
+
+
 class TwinReader:
     """One read-write :class:`TwinView` for the agent's remote commands, opened on first use (thread-safe)."""
 
@@ -187,7 +223,10 @@ def read_stats(path: Path, *, clock: Callable[[], float] = time.time) -> OutboxS
         raise TwinError(f"{path}: no outbox yet (has the agent run with MQTT configured?)")
     conn = sqlite.connect(path, "the outbox", readonly=True)
     try:
-        meta = conn.execute(f"SELECT {META_COLUMNS} FROM meta").fetchone()
+        try:
+            meta = conn.execute(f"SELECT {META_COLUMNS}, {META_EVENT_COLUMNS} FROM meta").fetchone()
+        except sqlite3.OperationalError:  # a file the agent has not migrated to schema 3 yet
+            meta = (*conn.execute(f"SELECT {META_COLUMNS} FROM meta").fetchone(), 0, 0, None, None, 0)
         depth, size, oldest = conn.execute(
             "SELECT count(*), coalesce(sum(length(payload)), 0), min(created) FROM messages").fetchone()
     except sqlite3.Error as exc:
@@ -198,4 +237,6 @@ def read_stats(path: Path, *, clock: Callable[[], float] = time.time) -> OutboxS
     return OutboxStats(depth=depth, bytes=size, inflight=0,
                        oldest_age_s=max(0.0, clock() - oldest) if oldest is not None else None,
                        dropped_messages=meta[2], dropped_samples=meta[3], next_telemetry_seq=meta[0],
-                       next_event_seq=meta[1], pending_gap=gap, file_bytes=sqlite.file_bytes(path))
+                       next_event_seq=meta[1], pending_gap=gap, file_bytes=sqlite.file_bytes(path),
+                       dropped_events=meta[8], dropped_responses=meta[9],
+                       pending_event_gap=Gap(meta[10], meta[11], meta[12], 0) if meta[10] is not None else None)

@@ -10,14 +10,22 @@ need current values fast (models, the safety gate), and every point's desired st
 ``twin`` snapshot; ``on_desired`` is called when it changes.
 
 Back-pressure: once four ``flush_max`` are waiting, :meth:`room` blocks the pollers until a
-flush catches up, so memory stays bounded however slow the disk is. A flush that fails (disk
-full, file locked) keeps its readings for the next attempt: nothing in memory is dropped.
+flush catches up, so memory stays bounded however slow the disk is.
+
+A failing twin (disk full, file locked, I/O errors) is different: waiting would stop polling for
+as long as the disk stays full. So while flushes fail, pollers never wait; the readings are kept
+for the next attempt up to four ``flush_max``, then the oldest are let go (counted in
+``dropped``), while every point's latest reading stays in memory for the models, the gate, remote
+``read`` and the cloud. The first failure is logged with its cause, repeats at DEBUG, and the
+recovery once at INFO; :meth:`state` tells status.json. Every flush tries again, so writing
+resumes by itself when space returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +39,7 @@ from edge_agent.store.twin import Chunk, DesiredClaim, DesiredDocument, Twin
 from edge_agent.tasks import finish_in_thread
 
 log = logging.getLogger(__name__)
+MAX_RECORDS = 10_000  # events and write records kept in memory while the twin cannot be written
 
 INTERRUPTED = "the agent stopped before this was applied; not retried (publish a new version to try again)"
 
@@ -46,6 +55,10 @@ class TwinState:
     pending: int  # readings waiting for the next flush
     flush_seconds: float  # total wall time in flushes
     last_flush_seconds: float
+    failing_since: float | None = None  # unix time of the first failed write of the current outage
+    last_error: str = ""
+    dropped: int = 0  # readings let go (never stored) while the twin could not be written
+    dropped_records: int = 0  # events and write records let go likewise
 
 
 class Forward(Protocol):
@@ -80,6 +93,12 @@ class TwinWriter:
         self._room.set()
         self._lock = asyncio.Lock()
         self._points_synced = 0.0
+        self.failing_since: float | None = None
+        self.last_error = ""
+        self.dropped = 0
+        self.dropped_records = 0
+        self._lost_in_outage = 0
+        self._points_config: AgentConfig | None = None  # a points table update still to make
 
     def restore(self) -> None:
         """Take every point's last stored value as its latest, and the desired states (blocking: call
@@ -100,7 +119,8 @@ class TwinWriter:
 
     def state(self) -> TwinState:
         return TwinState(self.stored, self.received, self.flushes, self.flush_errors, self._pending_count,
-                         self.flush_seconds, self.last_flush_seconds)
+                         self.flush_seconds, self.last_flush_seconds, self.failing_since, self.last_error,
+                         self.dropped, self.dropped_records)
 
     # ------------------------------------------------------------------ input (on the event loop)
 
@@ -118,7 +138,19 @@ class TwinWriter:
         if self._pending_count >= flush_max:
             self._wake.set()
             if self._pending_count >= 4 * flush_max:
-                self._room.clear()
+                if self.failing_since is None:
+                    self._room.clear()
+                else:  # a failing disk must not stop polling: let the oldest go instead
+                    self._shed()
+
+    def _shed(self) -> None:
+        """Drop the oldest pending chunks beyond four ``flush_max`` (the latest readings stay in ``latest``)."""
+        bound = 4 * self.settings.flush_max
+        while self._pending_count > bound and len(self._pending) > 1:
+            _, readings = self._pending.pop(0)
+            self._pending_count -= len(readings)
+            self.dropped += len(readings)
+            self._lost_in_outage += len(readings)
 
     async def room(self) -> None:
         """Wait while the twin is behind: pollers pause here so memory stays bounded (back-pressure)."""
@@ -131,7 +163,31 @@ class TwinWriter:
     def record(self, kind: str, record: dict[str, Any]) -> None:
         """Accept an ``event`` (anomaly, outage, command) or a ``write`` record; stored at the next flush."""
         self._records.append((kind, record))
+        if len(self._records) > MAX_RECORDS:  # only while the twin cannot be written
+            del self._records[0]
+            self.dropped_records += 1
         self._wake.set()
+
+    def sync_points_later(self, config: AgentConfig) -> None:
+        """The points table could not be updated (at start): try again before each flush until it works."""
+        self._points_config = config
+
+    def _failed(self, exc: TwinError) -> None:
+        self.last_error = str(exc)
+        if self.failing_since is None:
+            self.failing_since = time.time()
+            self._lost_in_outage = 0
+            log.error("%s; polling continues with every point's latest value in memory, up to %d older readings "
+                      "are kept for the twin, and every flush tries again", exc, 4 * self.settings.flush_max)
+        else:
+            log.debug("twin still not writable: %s", exc)
+        self._room.set()  # pollers that waited for room must not wait for a disk that may stay full
+
+    def _recovered(self) -> None:
+        if self.failing_since is not None:
+            log.info("twin: writing again after %.0f s; %d readings were let go while it could not be written",
+                     time.time() - self.failing_since, self._lost_in_outage)
+            self.failing_since, self.last_error = None, ""
 
     # ------------------------------------------------------------------ storing
 
@@ -173,6 +229,9 @@ class TwinWriter:
             self._room.set()
             try:
                 began = time.perf_counter()
+                if self._points_config is not None:
+                    await asyncio.to_thread(self.twin.sync_points, self._points_config)
+                    self._points_config = None
                 kept = await asyncio.to_thread(self.twin.write_batch, chunks, update_points=update)
                 if update:
                     self._points_synced = now
@@ -180,13 +239,14 @@ class TwinWriter:
                 self.flush_seconds += self.last_flush_seconds
             except TwinError as exc:
                 # Keep the readings and try again at the next flush; a full disk or a locked
-                # file must not lose data that is still in memory.
+                # file must not lose data that is still in memory (up to the bound, see _shed).
                 self.flush_errors += 1
-                count = sum(len(c[1]) for c in chunks)
-                log.error("%s; %d readings kept in memory for the next attempt", exc, count)
                 self._pending[:0] = chunks
-                self._pending_count += count
+                self._pending_count += sum(len(c[1]) for c in chunks)
+                self._failed(exc)
+                self._shed()
                 return 0
+            self._recovered()
             self.stored += len(kept)
             self.flushes += 1
             if self.forward is not None:
@@ -201,7 +261,7 @@ class TwinWriter:
 
     async def _store_records(self) -> None:
         records, self._records = self._records, []
-        for kind, record in records:
+        for index, (kind, record) in enumerate(records):
             try:
                 if kind == "write":
                     record["id"], desired = await finish_in_thread(self._store_write, record)
@@ -209,9 +269,14 @@ class TwinWriter:
                 else:
                     record["id"] = await finish_in_thread(self.twin.add_event, record)
             except TwinError as exc:
-                log.error("%s; %s kept in memory for the next attempt", exc, kind)
-                self._records.append((kind, record))
-                continue
+                self._failed(exc)  # keep this one and the rest for the next attempt, in order
+                self._records[:0] = records[index:]
+                excess = len(self._records) - MAX_RECORDS
+                if excess > 0:
+                    del self._records[:excess]
+                    self.dropped_records += excess
+                return
+            self._recovered()
             if self.forward is not None:
                 event_type = "write" if kind == "write" else str(record["kind"])
                 try:
@@ -248,16 +313,16 @@ class TwinWriter:
         async with self._lock:
             await finish_in_thread(self.twin.sync_points, config)
 
-    async def prune(self, before: float) -> None:
-        """Delete history older than ``before`` (between flushes, off the event loop)."""
+    async def prune(self, before: float, *, table: str = "history") -> None:
+        """Delete rows of ``table`` older than ``before`` (between flushes, off the event loop)."""
         async with self._lock:
             try:
-                removed = await finish_in_thread(self.twin.prune, before)
+                removed = await finish_in_thread(functools.partial(self.twin.prune, before, table=table))
             except TwinError as exc:
                 log.error("%s", exc)
                 return
         if removed:
-            log.info("twin: pruned %d history rows older than retention", removed)
+            log.info("twin: pruned %d %s rows older than retention", removed, table)
 
     async def close(self) -> None:
         """Store what is pending (readings, then records) and close the twin."""
