@@ -212,7 +212,8 @@ async def test_a_document_waits_for_a_device_still_connecting_after_a_start(tmp_
             device.connect_open.set()
             done = await outcome(agent, "applied")
             assert done.results == {"dev.sp": "applied"} and device.written == [("dev.sp", 7.0)]
-            assert desired_rows(cfg)["dev.sp"]["status"] == "applied"
+            # the verdict reaches the twin through the writer's queue, a moment after the outcome
+            await wait_for(lambda: desired_rows(cfg)["dev.sp"]["status"] == "applied", what="status in the twin")
         finally:
             await agent.stop()
 
