@@ -114,6 +114,19 @@ class Block:
             raise ValueError(f"expected {self.count} registers, got {len(data)}")
         big = self.pack_big.pack(*data) if self.pack_big is not None else b""
         little = self.pack_little.pack(*data) if self.pack_little is not None else b""
+        return self._unpack(big, little)
+
+    def decode_wire(self, wire: bytes) -> list[Value]:
+        """The values of ``names`` from the register bytes as they came on the wire (each register
+        big-endian, the Modbus spec): no list of registers is made when no point swaps bytes."""
+        if len(wire) != 2 * self.count:
+            raise ValueError(f"expected {self.count} registers, got {len(wire) / 2:g}")
+        little = b""
+        if self.pack_little is not None:
+            little = self.pack_little.pack(*struct.unpack(f">{self.count}H", wire))
+        return self._unpack(wire, little)
+
+    def _unpack(self, big: bytes, little: bytes) -> list[Value]:
         values: list[Value] = []
         for run in self.runs:
             raw = run.unpack_from.unpack_from(little if run.swapped else big, run.byte_offset)

@@ -6,9 +6,10 @@ Why share
     port. The gateway serves one transaction at a time (the serial line behind it can carry no
     more) and often accepts only a handful of TCP connections; a serial port can be opened once.
     So the devices on one serial port (``"modbus-rtu"``), and the TCP devices on one
-    ``host:port`` that say ``connection = "shared"``, use one :class:`ModbusLink`: one pymodbus
-    client, one request on the wire at a time, each with the unit id and the timeout of the
-    device that sent it. A TCP device with ``connection = "own"`` (the default) gets a link of
+    ``host:port`` that say ``connection = "shared"``, use one :class:`ModbusLink`: one client
+    (the lean :class:`~drivers.modbus_tcp.TcpClient` on TCP, pymodbus's on a serial port), one
+    request on the wire at a time, each with the unit id and the timeout of the device that
+    sent it. A TCP device with ``connection = "own"`` (the default) gets a link of
     its own, as before: a server that answers connections in parallel is read faster that way
     (bench/bench_plant.py measures both).
 
@@ -33,10 +34,10 @@ A dead unit does not stall the others (node-red-contrib-modbus #446)
     is dead, not a unit. A device alone on its connection therefore reconnects after its first
     timeout, as it always did. A serial port is never reopened for a silent unit.
 
-Requests are serialised by the link's own lock (pymodbus's client has one too, which is then
-never contended); the per-request timeout is set on the client under that lock. pymodbus's own
-reconnecting, retrying and disconnect-after-N-timeouts are all switched off: this module and the
-device supervisor decide.
+Requests are serialised by the link's own lock (pymodbus's serial client has one too, which is
+then never contended); the per-request timeout is set on the client under that lock. pymodbus's
+own reconnecting, retrying and disconnect-after-N-timeouts are all switched off, and the TCP client
+has none: this module and the device supervisor decide.
 """
 
 from __future__ import annotations
@@ -47,11 +48,12 @@ import weakref
 from collections import Counter
 from typing import Any
 
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.client import AsyncModbusSerialClient
 from pymodbus.client.base import ModbusBaseClient
 from pymodbus.exceptions import ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
+from drivers.modbus_tcp import Answer, NoAnswer, TcpClient
 from edge_agent.config import ModbusDevice
 from edge_agent.errors import ConnectError, ReadError, WriteError
 
@@ -82,7 +84,7 @@ class ModbusLink:
         self.settings = settings  # the serial settings (config checks that sharing devices agree)
         self.where = key[1] if key[0] == "rtu" else f"{key[1]}:{key[2]}"
         self.serial = key[0] == "rtu"
-        self.client: ModbusBaseClient | None = None
+        self.client: ModbusBaseClient | TcpClient | None = None
         self.units: Counter[int] = Counter()  # unit id -> devices using the link with it
         self._silent: set[int] = set()  # units that timed out since the last answer from anyone
         self._lock = asyncio.Lock()
@@ -97,15 +99,13 @@ class ModbusLink:
         """True while the connection (or the serial port) is open."""
         return self.client is not None and self.client.connected
 
-    def _new_client(self, timeout: float) -> ModbusBaseClient:
+    def _new_client(self, timeout: float) -> ModbusBaseClient | TcpClient:
         d = self.settings
-        common: dict[str, Any] = {"name": self.where, "timeout": timeout, "retries": 0, "reconnect_delay": 0}
-        if self.serial:
-            client: ModbusBaseClient = AsyncModbusSerialClient(
-                d.serial_port, baudrate=d.baudrate, parity=d.parity, stopbits=d.stopbits, bytesize=d.bytesize,
-                **common)
-        else:
-            client = AsyncModbusTcpClient(d.host, port=d.port, **common)
+        if not self.serial:
+            return TcpClient(d.host, d.port, timeout)
+        client = AsyncModbusSerialClient(d.serial_port, baudrate=d.baudrate, parity=d.parity, stopbits=d.stopbits,
+                                         bytesize=d.bytesize, name=self.where, timeout=timeout, retries=0,
+                                         reconnect_delay=0)
         client.set_max_no_responses(_NEVER)
         return client
 
@@ -131,10 +131,10 @@ class ModbusLink:
             log.debug("modbus link %s: connected", self.where)
 
     async def execute(self, device: str, unit: int, timeout: float, error: type[ReadError] | type[WriteError],
-                      what: str, method: str, *args: Any, **kwargs: Any) -> ModbusPDU:
+                      what: str, method: str, *args: Any, **kwargs: Any) -> ModbusPDU | Answer:
         """Send one request for ``unit`` and wait at most ``timeout`` for its answer.
 
-        ``method`` names the pymodbus client method (``read_holding_registers``...). Raises
+        ``method`` names the client method (pymodbus's names) (``read_holding_registers``...). Raises
         ``error`` (ReadError or WriteError, naming ``device``) when the link is down or the unit
         does not answer; an exception response is returned like any answer.
         """
@@ -143,11 +143,14 @@ class ModbusLink:
             if client is None or not client.connected:
                 # Checked before every request: pymodbus would otherwise quietly reconnect.
                 raise error(device, f"not connected to {self.where}")
-            # One timeout per client in pymodbus; under our lock, set it for this request.
-            client.ctx.comm_params.timeout_connect = timeout
+            # One timeout per client; under our lock, set it for this request.
+            if isinstance(client, TcpClient):
+                client.timeout = timeout
+            else:
+                client.ctx.comm_params.timeout_connect = timeout
             try:
-                response: ModbusPDU = await getattr(client, method)(*args, device_id=unit, **kwargs)
-            except ModbusIOException as exc:
+                response: ModbusPDU | Answer = await getattr(client, method)(*args, device_id=unit, **kwargs)
+            except (ModbusIOException, NoAnswer) as exc:
                 if client.connected:
                     self._no_answer(unit)
                     raise error(device, f"{what}: no answer from unit {unit} at {self.where} within "

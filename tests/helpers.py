@@ -111,8 +111,13 @@ async def running(cfg: AgentConfig, writes: WriteLog, *, ready: tuple[str, ...] 
 
 
 def _good(agent: Agent, name: str) -> bool:
+    """Good, and its device up: after a restart the twin's last values are good before the device
+    has connected, and a write then would find it not connected."""
     reading = agent.latest.get(name)
-    return reading is not None and reading.quality == GOOD and reading.value is not None
+    owner = next((device.name for device, point in agent.config.points() if point.name == name), None)
+    runner = agent.runners.get(owner) if owner is not None else None
+    device_up = runner is None or runner.status.state == "up"
+    return reading is not None and reading.quality == GOOD and reading.value is not None and device_up
 
 
 def reader(cfg: AgentConfig) -> TwinView:
