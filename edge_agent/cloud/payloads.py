@@ -102,6 +102,17 @@ def _finite_values(values: Sequence[Any]) -> list[Any]:
     return [None if isinstance(v, float) and not math.isfinite(v) else v for v in values]
 
 
+def _plain_texts(values: Sequence[Any]) -> list[str] | None:
+    """Each value's JSON text, all encoded in one C call; None when a value is not a plain number,
+    boolean or None (a string may hold commas), or is NaN or infinite."""
+    if not _PLAIN.issuperset(map(type, values)):
+        return None
+    try:
+        return _JSON.encode(values)[1:-1].split(",")
+    except ValueError:  # NaN or infinity
+        return None
+
+
 def _runs(stamps: Sequence[float]) -> Iterator[tuple[float, int]]:
     """(ts, length) of each run of consecutive equal timestamps (one device read shares one ts)."""
     for ts, group in groupby(stamps):
@@ -121,10 +132,10 @@ def _lookup(cache: dict[str, str], keys: Sequence[str], make: Callable[[str], st
 class TelemetryEncoder:
     """Builds version 1 telemetry payloads (one object per sample); caches each point's encoded name.
 
-    The common message (every value a plain number, boolean or None) is built column-wise: all its
-    values go through the C JSON encoder in one call and are split at the commas, and the pieces of
-    each sample are joined in C. Anything else (strings, NaN, subclasses) takes the per-sample
-    path; both write the same bytes.
+    The common message (device reads of many samples sharing a ts, every value a plain number,
+    boolean or None) is built column-wise: all its values go through the C JSON encoder in one call
+    and are split at the commas, and the pieces of each sample are joined in C. Anything else
+    (strings, NaN, subclasses, a ts per sample) takes the per-sample path; both write the same bytes.
     """
 
     def __init__(self, gateway: str) -> None:
@@ -153,20 +164,15 @@ class TelemetryEncoder:
     def _columns(self, samples: Sequence[Reading]) -> str | None:
         """The points, column-wise; None when a value needs the per-sample path."""
         names, values, qualities, stamps = zip(*samples, strict=True)
-        if not _PLAIN.issuperset(map(type, values)):
+        # like _rows, an equal ts keeps the text of its first occurrence (dict.fromkeys keeps the first key)
+        distinct = dict.fromkeys(stamps)
+        if len(distinct) * 4 > len(samples):  # mostly a ts per sample (measured: the per-sample path is cheaper)
             return None
-        try:
-            shown = _JSON.encode(values)[1:-1].split(",")
-        except ValueError:  # NaN or infinity
+        shown = _plain_texts(values)
+        if shown is None:
             return None
         prefixes = _lookup(self._names, names, self._name)
-        known: dict[float, str] = {}  # like _rows: an equal ts keeps the text of its first occurrence
-        times: list[str] = []
-        for ts, length in _runs(stamps):
-            text = known.get(ts)
-            if text is None:
-                text = known[ts] = repr(ts) + ',"value":'
-            times += [text] * length
+        times = list(map(dict(zip(distinct, map('{!r},"value":'.format, distinct), strict=True)).__getitem__, stamps))
         suffixes = _lookup(self._qualities, qualities, self._quality)
         return ",".join(map("".join, zip(prefixes, times, shown, suffixes, strict=True)))
 
@@ -191,33 +197,38 @@ class CompactTelemetryEncoder:
     ``{"v":2,"gateway","seq","reads":[{"ts","names":[...],"values":[...],"quality"}...]}``. A device
     read gives a run of samples with one ts and, read after read, the same names: the encoded
     ``names`` array is cached per tuple of names (at most ``names_cache`` of them, the oldest
-    forgotten first), and each run's values go through the C JSON encoder in one call, so the
-    Python work is per run, not per sample.
+    forgotten first), and the message's values go through the C JSON encoder in one call (a
+    message with strings or NaN: one call per run), so the Python work is per run, not per sample.
     """
 
     def __init__(self, gateway: str, names_cache: int = 1024) -> None:
         self._head = f'{{"v":2,"gateway":{json.dumps(gateway, ensure_ascii=False)},"seq":'
         self._names: dict[tuple[str, ...], str] = {}
         self._limit = names_cache
-        self._qualities: dict[str, str] = {}
+        self._strings: dict[str, str] = {}  # a name or quality -> its JSON string (bounded by the config)
+
+    def _string(self, text: str) -> str:
+        encoded = self._strings[text] = json.dumps(text, ensure_ascii=False)
+        return encoded
+
+    def _array(self, texts: Sequence[str]) -> str:
+        """A JSON array of strings, each encoded once for the encoder's lifetime."""
+        return "[" + ",".join(_lookup(self._strings, texts, self._string)) + "]"
 
     def _names_text(self, names: tuple[str, ...]) -> str:
         text = self._names.get(names)
         if text is None:
             if len(self._names) >= self._limit:
                 del self._names[next(iter(self._names))]
-            text = self._names[names] = ',"names":' + _JSON.encode(names) + ',"values":'
+            text = self._names[names] = ',"names":' + self._array(names) + ',"values":'
         return text
 
     def _quality(self, qualities: tuple[str, ...]) -> str:
         """``"quality":Q``: one string when the run agrees, else an array parallel to the values."""
         first = qualities[0]
         if qualities.count(first) != len(qualities):
-            return ',"quality":' + _JSON.encode(qualities) + "}"
-        text = self._qualities.get(first)
-        if text is None:
-            text = self._qualities[first] = ',"quality":' + _JSON.encode(first) + "}"
-        return text
+            return ',"quality":' + self._array(qualities) + "}"
+        return ',"quality":' + (self._strings.get(first) or self._string(first)) + "}"
 
     def encode(self, samples: Sequence[Reading], stamp: Stamp) -> bytes:
         """The payload for one telemetry message carrying ``samples``."""
@@ -227,19 +238,24 @@ class CompactTelemetryEncoder:
 
     def _reads(self, samples: Sequence[Reading]) -> str:
         names, values, qualities, stamps = zip(*samples, strict=True)
+        texts = _plain_texts(values)
         entries = []
         start = 0
         for ts, length in _runs(stamps):
             end = start + length
-            run = values[start:end]
-            try:
-                shown = _JSON.encode(run)
-            except ValueError:  # NaN or infinity: null, as in version 1
-                shown = _JSON.encode(_finite_values(run))
+            shown = "[" + ",".join(texts[start:end]) + "]" if texts is not None else self._values(values[start:end])
             entries.append(f'{{"ts":{ts!r}{self._names_text(names[start:end])}{shown}'
                            f'{self._quality(qualities[start:end])}')
             start = end
         return ",".join(entries)
+
+    @staticmethod
+    def _values(run: Sequence[Any]) -> str:
+        """One run's values array when the message has strings, NaN or infinities (null, as in v1)."""
+        try:
+            return _JSON.encode(run)
+        except ValueError:
+            return _JSON.encode(_finite_values(run))
 
 
 def telemetry_encoder(gateway: str, version: int) -> TelemetryEncoder | CompactTelemetryEncoder:
