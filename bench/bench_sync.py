@@ -55,12 +55,19 @@ TARGET_DRAIN_RSS_MB = 100.0
 TARGET_LIVE_US_PER_SAMPLE = 8.0
 TARGET_LIVE_SAMPLES_PER_S = 100_000
 DEFAULT_REPLAY_RATE = 100_000.0  # [mqtt] replay_rate's default
-UNPACED = 1e12  # a replay_rate that never limits
+UNPACED = 1e9  # a replay_rate that never limits (the most [mqtt] replay_rate accepts)
 
 SITE, GATEWAY = "bench", "bench"
 TOPIC_FILTER = f"edge/{SITE}/{GATEWAY}/#"
 SEQ = re.compile(rb'"seq":(\d+)')
 SAMPLE_MARK = b'{"name":'
+
+
+def count_samples(payload: bytes) -> int:
+    """Samples in a telemetry payload: v1 by its per-sample marker (no parse), v2 by its values arrays."""
+    if not payload.startswith(b'{"v":2'):
+        return payload.count(SAMPLE_MARK)
+    return sum(len(read["values"]) for read in json.loads(payload)["reads"])
 
 
 def progress(message: str) -> None:
@@ -92,7 +99,8 @@ def config_text(data_dir: Path, spec: dict[str, Any], ports: list[int] | None = 
             f"cert_file = {spec['cert']!r}", f"key_file = {spec['key']!r}",
             f"max_samples = {spec['max_samples']}", f"max_inflight = {spec['max_inflight']}",
             f'publish_interval = "{spec["publish_interval"]}"', f"replay_rate = {spec['replay_rate']:.0f}",
-            f"outbox_max_rows = {spec['outbox_max_rows']}", 'retry_min = "100ms"', 'retry_max = "1s"']
+            f"outbox_max_rows = {spec['outbox_max_rows']}", 'retry_min = "100ms"', 'retry_max = "1s"',
+            f"telemetry_version = {spec.get('telemetry_version', 1)}"]
     return text + "\n".join(mqtt) + "\n"  # bench_modbus's agent id and site are both "bench"
 
 
@@ -161,7 +169,7 @@ def run_subscriber(spec: dict[str, Any]) -> None:
         with lock:
             if kind == "telemetry":
                 found = SEQ.search(payload, 0, 120)
-                records.append((now, int(found.group(1)) if found else -1, payload.count(SAMPLE_MARK), len(payload)))
+                records.append((now, int(found.group(1)) if found else -1, count_samples(payload), len(payload)))
             else:
                 other[kind] = other.get(kind, 0) + 1
             lock.notify_all()
@@ -540,7 +548,8 @@ def orchestrate(args: argparse.Namespace, root: Path) -> None:
             "outbox_max_rows": max(100_000, 2 * args.samples // args.max_samples), "samples": args.samples,
             "devices": args.devices, "points": args.points, "interval": args.interval, "seconds": args.seconds,
             "warmup": args.warmup, "max_rss": args.max_rss, "agent_cpu": agent_cpu, "timeout": args.timeout,
-            "fill_batch": args.fill_batch, "broker_pid": broker._process.pid if broker._process else 0,
+            "fill_batch": args.fill_batch, "telemetry_version": args.telemetry_version,
+            "broker_pid": broker._process.pid if broker._process else 0,
             "other_cpus": ",".join(map(str, others)) or "any"}
     try:
         if "drain" in args.only:
@@ -562,6 +571,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=1_000_000, help="drain: backlog size in samples")
     parser.add_argument("--max-samples", type=int, default=1000, help="mqtt.max_samples: samples per message")
     parser.add_argument("--max-inflight", type=int, default=20, help="mqtt.max_inflight")
+    parser.add_argument("--telemetry-version", type=int, choices=(1, 2), default=1,
+                        help="mqtt.telemetry_version: 1 (an object per sample) or 2 (compact)")
     parser.add_argument("--publish-interval", default="1s", help="mqtt.publish_interval")
     parser.add_argument("--replay-rate", dest="replay_rates", default=f"{UNPACED:g},{DEFAULT_REPLAY_RATE:g}",
                         help="drain: mqtt.replay_rate values to run, comma-separated (one drain each)")

@@ -2,7 +2,7 @@
 
 jsonschema is not a dependency, so :func:`validate` implements the subset of draft 2020-12 the
 schema files use (type, required, properties, additionalProperties, items, const, enum, minimum,
-minLength). :func:`check_schema_subset` fails when a schema file starts using anything else, so
+minLength, anyOf). :func:`check_schema_subset` fails when a schema file starts using anything else, so
 the validator can never silently ignore a keyword (tests/test_schemas.py checks every file).
 """
 
@@ -19,7 +19,7 @@ DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 _ANNOTATIONS = {"$schema", "$id", "title", "description"}
 _KEYWORDS = {"type", "required", "properties", "additionalProperties", "items", "const", "enum", "minimum",
-             "minLength"}
+             "minLength", "anyOf"}
 _TYPES: dict[str, Any] = {
     "object": lambda v: isinstance(v, dict),
     "array": lambda v: isinstance(v, list),
@@ -53,6 +53,10 @@ def validate(instance: Any, schema: Mapping[str, Any], path: str = "$") -> list[
         errors.append(f"{path}: expected at least {schema['minimum']}, got {instance!r}")
     if "minLength" in schema and isinstance(instance, str) and len(instance) < schema["minLength"]:
         errors.append(f"{path}: expected at least {schema['minLength']} characters, got {instance!r}")
+    if "anyOf" in schema:
+        branches = [validate(instance, branch, path) for branch in schema["anyOf"]]
+        if all(branches):
+            errors.append(f"{path}: matches none of anyOf ({' | '.join('; '.join(b) for b in branches)})")
     if isinstance(instance, dict):
         errors += _validate_object(instance, schema, path)
     if isinstance(instance, list) and "items" in schema:
@@ -88,9 +92,43 @@ def check_schema_subset(schema: Any, path: str = "$") -> list[str]:
         problems += check_schema_subset(sub, f"{path}.properties.{key}")
     if "items" in schema:
         problems += check_schema_subset(schema["items"], f"{path}.items")
+    for i, branch in enumerate(schema.get("anyOf", [])):
+        problems += check_schema_subset(branch, f"{path}.anyOf[{i}]")
     if not isinstance(schema.get("additionalProperties", True), bool):
         problems.append(f"{path}: additionalProperties must be true or false here")
     for t in schema.get("type", []) if isinstance(schema.get("type"), list) else [schema.get("type", "object")]:
         if t not in _TYPES:
             problems.append(f"{path}: unknown type {t!r}")
     return problems
+
+
+# ------------------------------------------------------------------ telemetry, either version
+
+VERSIONED = ("telemetry.v2",)  # schema files of a later payload version, beside the topics' version 1
+Sample = tuple[str, float, Any, str]  # name, ts, value, quality
+
+
+def telemetry_schema(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The schema for a telemetry payload of the version it says it is (1 or 2)."""
+    return load_schema("telemetry" if body.get("v") == 1 else f"telemetry.v{body.get('v')}")
+
+
+def telemetry_samples(body: Mapping[str, Any]) -> list[Sample]:
+    """Every sample of a telemetry payload, version 1 or 2, as (name, ts, value, quality) in order.
+
+    Version 2's arrays must be parallel (names, values and a quality array of the same length),
+    which JSON Schema cannot say; a payload that breaks that raises ValueError.
+    """
+    if body["v"] == 1:
+        return [(p["name"], p["ts"], p["value"], p["quality"]) for p in body["points"]]
+    if body["v"] != 2:
+        raise ValueError(f"unknown telemetry version {body['v']!r}")
+    out: list[Sample] = []
+    for i, read in enumerate(body["reads"]):
+        names, values, quality = read["names"], read["values"], read["quality"]
+        qualities = [quality] * len(values) if isinstance(quality, str) else quality
+        if not len(names) == len(values) == len(qualities):
+            raise ValueError(f"reads[{i}]: names, values and quality differ in length "
+                             f"({len(names)}, {len(values)}, {len(qualities)})")
+        out += [(n, read["ts"], v, q) for n, v, q in zip(names, values, qualities, strict=True)]
+    return out

@@ -15,7 +15,7 @@ import pytest
 from drivers.base import Reading
 from edge_agent.cloud import payloads
 from edge_agent.store.messages import Gap, Stamp
-from tests.schemas import DIALECT, SCHEMA_DIR, TOPICS, check_schema_subset, load_schema, validate
+from tests.schemas import DIALECT, SCHEMA_DIR, TOPICS, VERSIONED, check_schema_subset, load_schema, validate
 
 # ------------------------------------------------------------------------------------ the files
 
@@ -42,8 +42,8 @@ def test_required_fields_match_the_payloads_module_docstring() -> None:
                                                                                   "unit"]
 
 
-def test_schema_files_are_exactly_the_four_topics() -> None:
-    assert sorted(p.name for p in SCHEMA_DIR.glob("*.json")) == sorted(f"{t}.schema.json" for t in TOPICS)
+def test_schema_files_are_exactly_the_four_topics_and_telemetry_v2() -> None:
+    assert sorted(p.name for p in SCHEMA_DIR.glob("*.json")) == sorted(f"{t}.schema.json" for t in TOPICS + VERSIONED)
 
 
 # ------------------------------------------------------------------------ the validator itself
@@ -70,6 +70,12 @@ def test_validator_rejects_what_it_should() -> None:
         assert validate(instance, schema) == [message]
     assert validate({**good, "v": True}, schema) == ["$.v: expected 1, got True"]
     assert check_schema_subset({"type": "object", "oneOf": []}) == ["$: unsupported keyword 'oneOf'"]
+    assert check_schema_subset({"anyOf": [{"enum": [1]}, {"type": "array", "not": {}}]}) == [
+        "$.anyOf[1]: unsupported keyword 'not'"]
+    either = {"anyOf": [{"enum": ["good"]}, {"type": "array", "items": {"enum": ["good"]}}]}
+    assert validate("good", either) == [] and validate(["good", "good"], either) == []
+    assert validate("fine", either) == ["$: matches none of anyOf ($: expected one of ['good'], got 'fine' | "
+                                        "$: expected array, got str 'fine')"]
 
 
 # ------------------------------------------------------------ payloads.py against the schemas

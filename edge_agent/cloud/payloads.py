@@ -1,10 +1,14 @@
-"""MQTT topics and JSON payloads (version 1). JSON Schemas for each are in docs/schemas/.
+"""MQTT topics and JSON payloads (version 1; telemetry also version 2). JSON Schemas are in docs/schemas/.
 
 Under ``{topic_prefix}/{site}/{gateway_id}/``:
 
 - ``state``      retained ``{"v":1,"gateway","state":"online"|"offline","ts"}``; "offline" is the Will.
 - ``telemetry``  ``{"v":1,"gateway","seq","points":[{"name","ts","value","quality"}...]}``, plus
                  ``"gap":{"from_seq","to_seq","messages","samples"}`` when the outbox had to drop.
+                 With ``mqtt.telemetry_version = 2`` instead the compact
+                 ``{"v":2,"gateway","seq","reads":[{"ts","names":[...],"values":[...],"quality"}...]}``:
+                 one entry per run of samples sharing a ts (a device read), ``quality`` one string when
+                 the run agrees, else an array parallel to ``values``; the same optional ``gap``.
 - ``twin``       retained ``{"v":1,"gateway","ts","points":[{"name","value","quality","ts","unit"}...]}``;
                  a point with a desired state also has ``"desired":{"value","version","source","status","reason"}``.
 - ``events``     ``{"v":1,"gateway","seq","ts","type",...}``, one event per message.
@@ -12,7 +16,8 @@ Under ``{topic_prefix}/{site}/{gateway_id}/``:
   to desired state (:mod:`edge_agent.remote.desired`).
 
 Telemetry is the hot path (every sample goes through it), so its JSON is written by hand with
-point names encoded once; everything else uses :func:`json.dumps`.
+point names encoded once and values encoded in bulk by the C encoder; everything else uses
+:func:`json.dumps`.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 from drivers.base import Reading
@@ -84,12 +90,58 @@ def _value(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+# The C encoder, set up once: compact, non-ASCII kept, and NaN/infinity refused (the caller then
+# replaces them by null). json.dumps with these options would build a new encoder on every call.
+_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+# Value types the C encoder writes exactly as _value does (subclasses may repr differently).
+_PLAIN = frozenset({float, int, bool, type(None)})
+
+
+def _finite_values(values: Sequence[Any]) -> list[Any]:
+    """``values`` with NaN and infinities replaced by None (the slow path, taken only when there are some)."""
+    return [None if isinstance(v, float) and not math.isfinite(v) else v for v in values]
+
+
+def _plain_texts(values: Sequence[Any]) -> list[str] | None:
+    """Each value's JSON text, all encoded in one C call; None when a value is not a plain number,
+    boolean or None (a string may hold commas), or is NaN or infinite."""
+    if not _PLAIN.issuperset(map(type, values)):
+        return None
+    try:
+        return _JSON.encode(values)[1:-1].split(",")
+    except ValueError:  # NaN or infinity
+        return None
+
+
+def _runs(stamps: Sequence[float]) -> Iterator[tuple[float, int]]:
+    """(ts, length) of each run of consecutive equal timestamps (one device read shares one ts)."""
+    for ts, group in groupby(stamps):
+        yield ts, len(list(group))
+
+
+def _lookup(cache: dict[str, str], keys: Sequence[str], make: Callable[[str], str]) -> list[str]:
+    """``cache[k]`` for every key, looked up in C; ``make`` fills the cache on the first miss."""
+    try:
+        return list(map(cache.__getitem__, keys))
+    except KeyError:
+        for key in set(keys):
+            make(key)
+        return list(map(cache.__getitem__, keys))
+
+
 class TelemetryEncoder:
-    """Builds telemetry payloads; caches each point's encoded name."""
+    """Builds version 1 telemetry payloads (one object per sample); caches each point's encoded name.
+
+    The common message (device reads of many samples sharing a ts, every value a plain number,
+    boolean or None) is built column-wise: all its values go through the C JSON encoder in one call
+    and are split at the commas, and the pieces of each sample are joined in C. Anything else
+    (strings, NaN, subclasses, a ts per sample) takes the per-sample path; both write the same bytes.
+    """
 
     def __init__(self, gateway: str) -> None:
         self._head = f'{{"v":{VERSION},"gateway":{json.dumps(gateway, ensure_ascii=False)},"seq":'
         self._names: dict[str, str] = {}
+        self._qualities: dict[str, str] = {}
 
     def _name(self, name: str) -> str:
         encoded = self._names.get(name)
@@ -97,8 +149,34 @@ class TelemetryEncoder:
             encoded = self._names[name] = '{"name":' + json.dumps(name, ensure_ascii=False) + ',"ts":'
         return encoded
 
+    def _quality(self, quality: str) -> str:
+        encoded = self._qualities.get(quality)
+        if encoded is None:
+            encoded = self._qualities[quality] = f',"quality":"{quality}"}}'
+        return encoded
+
     def encode(self, samples: Sequence[Reading], stamp: Stamp) -> bytes:
         """The payload for one telemetry message carrying ``samples``."""
+        points = (self._columns(samples) if samples else None) or self._rows(samples)
+        gap = "" if stamp.gap is None else ',"gap":' + json.dumps(stamp.gap.record()["gap"])
+        return f'{self._head}{stamp.seq}{gap},"points":[{points}]}}'.encode()
+
+    def _columns(self, samples: Sequence[Reading]) -> str | None:
+        """The points, column-wise; None when a value needs the per-sample path."""
+        names, values, qualities, stamps = zip(*samples, strict=True)
+        # like _rows, an equal ts keeps the text of its first occurrence (dict.fromkeys keeps the first key)
+        distinct = dict.fromkeys(stamps)
+        if len(distinct) * 4 > len(samples):  # mostly a ts per sample (measured: the per-sample path is cheaper)
+            return None
+        shown = _plain_texts(values)
+        if shown is None:
+            return None
+        prefixes = _lookup(self._names, names, self._name)
+        times = list(map(dict(zip(distinct, map('{!r},"value":'.format, distinct), strict=True)).__getitem__, stamps))
+        suffixes = _lookup(self._qualities, qualities, self._quality)
+        return ",".join(map("".join, zip(prefixes, times, shown, suffixes, strict=True)))
+
+    def _rows(self, samples: Sequence[Reading]) -> str:
         name, value = self._name, _value
         stamps: dict[float, str] = {}  # the readings of one device read share their timestamp
         parts = []
@@ -110,8 +188,79 @@ class TelemetryEncoder:
             # the common case inline: a finite float (v - v is nan for nan and inf)
             shown = repr(v) if v.__class__ is float and v - v == 0.0 else value(v)
             parts.append(f'{name(r[0])}{ts},"value":{shown},"quality":"{r[2]}"}}')
+        return ",".join(parts)
+
+
+class CompactTelemetryEncoder:
+    """Builds version 2 telemetry payloads: one entry per run of samples sharing a timestamp.
+
+    ``{"v":2,"gateway","seq","reads":[{"ts","names":[...],"values":[...],"quality"}...]}``. A device
+    read gives a run of samples with one ts and, read after read, the same names: the encoded
+    ``names`` array is cached per tuple of names (at most ``names_cache`` of them, the oldest
+    forgotten first), and the message's values go through the C JSON encoder in one call (a
+    message with strings or NaN: one call per run), so the Python work is per run, not per sample.
+    """
+
+    def __init__(self, gateway: str, names_cache: int = 1024) -> None:
+        self._head = f'{{"v":2,"gateway":{json.dumps(gateway, ensure_ascii=False)},"seq":'
+        self._names: dict[tuple[str, ...], str] = {}
+        self._limit = names_cache
+        self._strings: dict[str, str] = {}  # a name or quality -> its JSON string (bounded by the config)
+
+    def _string(self, text: str) -> str:
+        encoded = self._strings[text] = json.dumps(text, ensure_ascii=False)
+        return encoded
+
+    def _array(self, texts: Sequence[str]) -> str:
+        """A JSON array of strings, each encoded once for the encoder's lifetime."""
+        return "[" + ",".join(_lookup(self._strings, texts, self._string)) + "]"
+
+    def _names_text(self, names: tuple[str, ...]) -> str:
+        text = self._names.get(names)
+        if text is None:
+            if len(self._names) >= self._limit:
+                del self._names[next(iter(self._names))]
+            text = self._names[names] = ',"names":' + self._array(names) + ',"values":'
+        return text
+
+    def _quality(self, qualities: tuple[str, ...]) -> str:
+        """``"quality":Q``: one string when the run agrees, else an array parallel to the values."""
+        first = qualities[0]
+        if qualities.count(first) != len(qualities):
+            return ',"quality":' + self._array(qualities) + "}"
+        return ',"quality":' + (self._strings.get(first) or self._string(first)) + "}"
+
+    def encode(self, samples: Sequence[Reading], stamp: Stamp) -> bytes:
+        """The payload for one telemetry message carrying ``samples``."""
+        reads = self._reads(samples) if samples else ""
         gap = "" if stamp.gap is None else ',"gap":' + json.dumps(stamp.gap.record()["gap"])
-        return f'{self._head}{stamp.seq}{gap},"points":[{",".join(parts)}]}}'.encode()
+        return f'{self._head}{stamp.seq}{gap},"reads":[{reads}]}}'.encode()
+
+    def _reads(self, samples: Sequence[Reading]) -> str:
+        names, values, qualities, stamps = zip(*samples, strict=True)
+        texts = _plain_texts(values)
+        entries = []
+        start = 0
+        for ts, length in _runs(stamps):
+            end = start + length
+            shown = "[" + ",".join(texts[start:end]) + "]" if texts is not None else self._values(values[start:end])
+            entries.append(f'{{"ts":{ts!r}{self._names_text(names[start:end])}{shown}'
+                           f'{self._quality(qualities[start:end])}')
+            start = end
+        return ",".join(entries)
+
+    @staticmethod
+    def _values(run: Sequence[Any]) -> str:
+        """One run's values array when the message has strings, NaN or infinities (null, as in v1)."""
+        try:
+            return _JSON.encode(run)
+        except ValueError:
+            return _JSON.encode(_finite_values(run))
+
+
+def telemetry_encoder(gateway: str, version: int) -> TelemetryEncoder | CompactTelemetryEncoder:
+    """The encoder for ``mqtt.telemetry_version`` (1: an object per sample; 2: runs per device read)."""
+    return CompactTelemetryEncoder(gateway) if version == 2 else TelemetryEncoder(gateway)
 
 
 def state(gateway: str, value: str) -> bytes:

@@ -76,7 +76,7 @@ class Sync:
         self.link.on_refused = self._on_refused
         self.link.on_up = self._wake_up
         self.bucket = TokenBucket(self.cfg.replay_rate, max(self.cfg.replay_rate, self.cfg.max_samples))
-        self.encoder = payloads.TelemetryEncoder(self.gateway)
+        self.encoder = payloads.telemetry_encoder(self.gateway, self.cfg.telemetry_version)
         self.published = 0
         self.acked = 0
         self.unqueued = 0  # samples let go because the outbox could not be written (they are in the twin)

@@ -239,6 +239,7 @@ class ModelConfig:
 
 
 MQTT_VERSIONS = ("5", "3.1.1")
+TELEMETRY_VERSIONS = (1, 2)  # 1: an object per sample; 2: a run of samples per device read (compact)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -268,6 +269,7 @@ class MqttSection:
     retry_min: float = 1.0
     retry_max: float = 60.0
     tls: bool = True  # false: plain MQTT on a trusted network (logged loudly at start)
+    telemetry_version: int = 1  # payload format of the telemetry topic (edge_agent/cloud/payloads.py)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -11,6 +11,7 @@ from edge_agent.config.schema import (
     MQTT_VERSIONS,
     OPTIMIZER_MODES,
     ROLES,
+    TELEMETRY_VERSIONS,
     Bound,
     CommandsSection,
     DeviceConfig,
@@ -63,6 +64,7 @@ def mqtt(root: Table, agent_id: str | None, base: Path) -> MqttSection | None:
         "replay_rate": t.number("replay_rate", 100_000.0, positive=True, high=1e9),
         "retry_min": t.duration("retry_min", "1s", high="1d"),
         "retry_max": t.duration("retry_max", "60s", high="1d"),
+        "telemetry_version": _telemetry_version(t),
     }
     if (values["cert_file"] is None) != (values["key_file"] is None):
         t.problem("key_file" if values["key_file"] is None else "cert_file",
@@ -81,10 +83,20 @@ def mqtt(root: Table, agent_id: str | None, base: Path) -> MqttSection | None:
     t.finish()
     required = ("host", "port", "tls", "client_id", "topic_prefix", "version", "keepalive", "publish_interval",
                 "max_samples", "max_inflight", "twin_interval", "outbox_max_rows", "outbox_max_bytes",
-                "outbox_sync", "replay_rate", "retry_min", "retry_max")
+                "outbox_sync", "replay_rate", "retry_min", "retry_max", "telemetry_version")
     if any(values[key] is None for key in required) or (tls and values["ca_file"] is None):
         return None
     return MqttSection(**values)
+
+
+def _telemetry_version(t: Table) -> int | None:
+    """``mqtt.telemetry_version``: the payload format of the telemetry topic, 1 or 2 (a TOML integer)."""
+    expected = " or ".join(str(v) for v in TELEMETRY_VERSIONS)
+    value = t.get("telemetry_version", 1, (int,), expected)
+    if value is not None and value not in TELEMETRY_VERSIONS:
+        t.problem("telemetry_version", f"expected {expected}, got {value}")
+        return None
+    return value
 
 
 def _names(t: Table, key: str) -> tuple[str, ...] | None:
