@@ -245,7 +245,11 @@ class Twin:
         except TwinError:
             conn.close()
             raise
-        return cls(conn, path)
+        try:
+            return cls(conn, path)
+        except sqlite3.Error as exc:  # reading history_points: the file is damaged
+            conn.close()
+            raise TwinError(f"{path}: cannot read the twin database: {exc}") from exc
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
