@@ -87,7 +87,12 @@ def history(data_dir: Path) -> list[Sample]:
     """The twin's history rows in the order they were stored (read-only, the agent may be running)."""
     conn = sqlite3.connect(f"file:{data_dir / 'twin.db'}?mode=ro", uri=True)
     try:
-        return [tuple(r) for r in conn.execute("SELECT point, ts, value, quality FROM history ORDER BY rowid")]
+        rows = conn.execute("SELECT point, ts, value, quality FROM history_rows ORDER BY rowid").fetchall()
+        rows += conn.execute(  # the blocks in the order they were stored, each block's samples in order
+            "SELECT p.name, b.ts, json_extract(s.value, '$[1]'), json_extract(s.value, '$[2]') "
+            "FROM history_blocks AS b JOIN json_each(b.samples) AS s "
+            "JOIN history_points AS p ON p.id = json_extract(s.value, '$[0]') ORDER BY b.rowid, s.key").fetchall()
+        return [tuple(r) for r in rows]
     finally:
         conn.close()
 

@@ -3,7 +3,10 @@
 Schema (documented in the README; open it with sqlite3, sqlite-utils or Datasette):
 
 - ``points``: one row per configured point, its current value and quality.
-- ``history``: samples over time, pruned past ``twin.history_retention``.
+- ``history``: samples over time, pruned past ``twin.history_retention``. A view (schema 5) over
+  ``history_blocks`` (one row per group of samples sharing a timestamp, the samples as a JSON array
+  of ``[point_id, value, quality]``), ``history_points`` (point name by id) and ``history_rows``
+  (samples stored one per row: those from before schema 5, and rows inserted into the view).
 - ``events``, ``desired``, ``writes``: anomalies and outages, the safety gate's desired state and
   every write attempt; events and writes are pruned past ``twin.events_retention`` and
   ``twin.writes_retention``.
@@ -11,21 +14,23 @@ Schema (documented in the README; open it with sqlite3, sqlite-utils or Datasett
   version is the last one handled (see :meth:`Twin.claim_desired`).
 
 :class:`Twin` is the agent's own connection, used by its writer only. Readings arrive in batches
-and each batch is one transaction, never one per value; the hot insert path hands the driver's
-Reading tuples straight to ``executemany``. Viewers (the CLI, remote queries, the demo) read
-through :class:`edge_agent.store.views.TwinView` instead.
+and each batch is one transaction, never one per value; history takes one row per device read
+(a block), not one row per value, which was most of what a sample cost the CPU. Viewers (the CLI,
+remote queries, the demo) read through :class:`edge_agent.store.views.TwinView` instead.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import chain
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +52,39 @@ def _desired_documents(db: sqlite_utils.Database) -> None:
         {"version": int, "id": str, "operator": str, "issued_at": float, "expires_at": float, "received": float,
          "status": str, "points": str},
         pk="version", not_null={"id", "operator", "issued_at", "expires_at", "received", "status", "points"})
+
+
+# The history view: old rows as they are, and every block unpacked. json_extract, not ->>, so that
+# a viewer's older SQLite (Datasette, a distribution's sqlite3) can read it. A constraint on ts
+# reaches the index of each table; on point, the unique index of history_points.
+HISTORY_VIEW = """
+CREATE VIEW history (point, value, quality, ts) AS
+    SELECT point, value, quality, ts FROM history_rows
+    UNION ALL
+    SELECT p.name, json_extract(s.value, '$[1]'), json_extract(s.value, '$[2]'), b.ts
+    FROM history_blocks AS b
+    JOIN json_each(b.samples) AS s
+    JOIN history_points AS p ON p.id = json_extract(s.value, '$[0]')
+"""
+
+
+def _history_blocks(db: sqlite_utils.Database) -> None:
+    """5: history in blocks, one row per group of samples sharing a timestamp (a device read).
+
+    The old table keeps its rows (and its ts index) as ``history_rows``; ``history`` becomes a view
+    over both, and inserting into it stores a row in ``history_rows``. Point ids are never reused:
+    nothing deletes from ``history_points``.
+    """
+    db.rename_table("history", "history_rows")
+    db.execute("CREATE TABLE history_points (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)")
+    db.execute("CREATE TABLE history_blocks (ts REAL NOT NULL, samples TEXT NOT NULL)")
+    db.execute("CREATE INDEX history_blocks_ts ON history_blocks (ts)")
+    db.execute(HISTORY_VIEW)
+    db.execute("""
+        CREATE TRIGGER history_insert INSTEAD OF INSERT ON history
+        BEGIN
+            INSERT INTO history_rows (point, value, quality, ts) VALUES (NEW.point, NEW.value, NEW.quality, NEW.ts);
+        END""")
 
 
 # Each entry moves the schema one version up (PRAGMA user_version). Append, never edit:
@@ -121,6 +159,7 @@ MIGRATIONS: list[sqlite.Step] = [
     CREATE INDEX writes_ts ON writes (ts);
     """,
     _desired_documents,
+    _history_blocks,
 ]
 
 DESIRED_KEPT = 100  # handled desired documents kept in desired_documents (the newest)
@@ -170,7 +209,10 @@ _UPSERT_DESIRED = (
     "version = coalesce(:doc_version, desired.version + 1), status = excluded.status, reason = excluded.reason, "
     "ts = excluded.ts")
 
-_INSERT_HISTORY = "INSERT INTO history (point, value, quality, ts) VALUES (?, ?, ?, ?)"
+_INSERT_BLOCK = "INSERT INTO history_blocks (ts, samples) VALUES (?, ?)"
+_TS = itemgetter(3)
+# Compact, and refusing NaN and Infinity: SQLite's JSON functions reject those tokens (see _samples_text)
+_encode = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 # Numbered parameters let SQLite take the driver's Reading tuples (point, value, quality, ts)
 # as they are, plus the received time: no per-row reshaping in Python.
 _UPDATE_POINT = "UPDATE points SET value = ?2, quality = ?3, source_ts = ?4, received_ts = ?5 WHERE name = ?1"
@@ -185,6 +227,7 @@ class Twin:
         self._deadband: dict[str, float] = {}
         self._unsynced: dict[str, tuple[Any, ...]] = {}  # latest reading per point, not yet in `points`
         self._last_kept: dict[str, tuple[Any, str]] = {}
+        self._point_ids = PointIds(conn.execute("SELECT name, id FROM history_points"))
 
     # ------------------------------------------------------------------ opening
 
@@ -202,7 +245,11 @@ class Twin:
         except TwinError:
             conn.close()
             raise
-        return cls(conn, path)
+        try:
+            return cls(conn, path)
+        except sqlite3.Error as exc:  # reading history_points: the file is damaged
+            conn.close()
+            raise TwinError(f"{path}: cannot read the twin database: {exc}") from exc
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -237,30 +284,43 @@ class Twin:
                 conn.execute("DELETE FROM keep")
                 conn.executemany("INSERT INTO keep VALUES (?)", ((n,) for n in names))
                 conn.execute("DELETE FROM points WHERE name NOT IN (SELECT name FROM keep)")
+                self._point_ids.reload(conn)
         except sqlite3.Error as exc:
             raise TwinError(f"{self.path}: cannot update the points table: {exc}") from exc
 
     def write_batch(self, chunks: Sequence[Chunk], *, update_points: bool = True) -> list[Reading]:
         """Store chunks of readings in one transaction; return the readings history kept.
 
-        History gets every reading (deadband aside). The points table gets one update per point,
-        the latest, and only when ``update_points`` is true; until then the latest readings wait
-        here (the agent passes true at most every ``twin.points_interval``, and on stop).
+        History gets every reading (deadband aside): within a chunk, consecutive readings with the
+        same timestamp become one ``history_blocks`` row. The points table gets one update per
+        point, the latest, and only when ``update_points`` is true; until then the latest readings
+        wait here (the agent passes true at most every ``twin.points_interval``, and on stop).
         """
         unsynced = self._unsynced
         for received, readings in chunks:
             for r in readings:
                 unsynced[r[0]] = (*r, received)
-        history = list(chain.from_iterable(readings for _, readings in chunks))
-        if self._deadband:
-            history = [r for r in history if self._keep(r)]
+        keep = self._keep if self._deadband else None
+        history: list[Reading] = []
+        ids = self._point_ids
         try:
             with self.transaction() as conn:
                 if update_points and unsynced:
                     conn.executemany(_UPDATE_POINT, unsynced.values())
-                conn.executemany(_INSERT_HISTORY, history)
-        except sqlite3.Error as exc:
+                ids.conn = conn
+                blocks: list[tuple[float, str]] = []
+                for _, readings in chunks:
+                    if keep is not None:
+                        readings = [r for r in readings if keep(r)]
+                    history.extend(readings)
+                    blocks.extend(_blocks(readings, ids))
+                conn.executemany(_INSERT_BLOCK, blocks)
+        except (sqlite3.Error, TypeError) as exc:  # TypeError: a value JSON cannot hold (never a Reading's)
+            ids.forget_added()
             raise TwinError(f"{self.path}: cannot store readings: {exc}") from exc
+        finally:
+            ids.conn = None
+        ids.added.clear()
         if update_points:
             unsynced.clear()
         return history
@@ -379,21 +439,47 @@ class Twin:
 
     def prune(self, before: float, *, chunk: int = 20_000, table: str = "history") -> int:
         """Delete rows of ``table`` (history, events or writes) older than ``before`` (unix seconds), in
-        small transactions; each of them has an index on ``ts``."""
+        small transactions (about ``chunk`` rows, or samples, each); each of them has an index on ``ts``.
+
+        History is pruned in ``history_rows`` and ``history_blocks``; returns how many samples went.
+        """
         if table not in ("history", "events", "writes"):
             raise ValueError(f"no retention for table {table!r}")
-        removed = 0
         try:
-            while True:
-                with self.transaction() as conn:
-                    cur = conn.execute(f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "
-                                       "WHERE ts < ? ORDER BY ts LIMIT ?)", (before, chunk))
-                removed += cur.rowcount
-                if cur.rowcount < chunk:
-                    break
+            if table == "history":
+                return self._prune_rows("history_rows", before, chunk) + self._prune_blocks(before, chunk)
+            return self._prune_rows(table, before, chunk)
         except sqlite3.Error as exc:
             raise TwinError(f"{self.path}: cannot prune {table}: {exc}") from exc
-        return removed
+
+    def _prune_rows(self, table: str, before: float, chunk: int) -> int:
+        removed = 0
+        while True:
+            with self.transaction() as conn:
+                cur = conn.execute(f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "
+                                   "WHERE ts < ? ORDER BY ts LIMIT ?)", (before, chunk))
+            removed += cur.rowcount
+            if cur.rowcount < chunk:
+                return removed
+
+    def _prune_blocks(self, before: float, chunk: int) -> int:
+        """Delete the oldest blocks before ``before``, about ``chunk`` samples per transaction."""
+        removed = 0
+        while True:
+            with self.transaction() as conn:
+                picked, samples = [], 0
+                cur = conn.execute("SELECT rowid, json_array_length(samples) FROM history_blocks WHERE ts < ? "
+                                   "ORDER BY ts", (before,))
+                for rowid, count in cur:  # read lazily: only the blocks this transaction deletes
+                    picked.append((rowid,))
+                    samples += count
+                    if samples >= chunk:
+                        break
+                cur.close()
+                conn.executemany("DELETE FROM history_blocks WHERE rowid = ?", picked)
+            removed += samples
+            if samples < chunk:
+                return removed
 
     # ------------------------------------------------------------------ reading
 
@@ -416,6 +502,62 @@ class Twin:
 
     def _query(self, sql: str) -> list[dict[str, Any]]:
         return sqlite.query(self.conn, self.path, sql)
+
+
+class PointIds(dict[str, int]):
+    """Point name -> its ``history_points`` id, as in the file.
+
+    An unknown name gets its id while :meth:`Twin.write_batch` holds a transaction (``conn``), in
+    that transaction; it stays in ``added`` until the commit, so a rollback can forget it.
+    """
+
+    def __init__(self, rows: Iterable[tuple[str, int]]) -> None:
+        super().__init__(rows)
+        self.conn: sqlite3.Connection | None = None
+        self.added: list[str] = []
+
+    def __missing__(self, name: str) -> int:
+        if self.conn is None:
+            raise KeyError(name)
+        self.conn.execute("INSERT INTO history_points (name) VALUES (?) ON CONFLICT (name) DO NOTHING", (name,))
+        point_id = int(self.conn.execute("SELECT id FROM history_points WHERE name = ?", (name,)).fetchone()[0])
+        self[name] = point_id
+        self.added.append(name)
+        return point_id
+
+    def forget_added(self) -> None:
+        """The transaction that gave ids to ``added`` was rolled back: they are not in the file."""
+        for name in self.added:
+            self.pop(name, None)
+        self.added.clear()
+
+    def reload(self, conn: sqlite3.Connection) -> None:
+        self.clear()
+        self.update(conn.execute("SELECT name, id FROM history_points"))
+
+
+def _blocks(readings: Sequence[Reading], ids: PointIds) -> Iterator[tuple[float, str]]:
+    """(ts, samples JSON) for each run of consecutive readings sharing a timestamp."""
+    for ts, run in groupby(readings, _TS):
+        samples = [[ids[point], value, quality] for point, value, quality, _ in run]
+        try:
+            text = _encode(samples)
+        except ValueError:  # NaN or an infinity: rare, so only then looked at value by value
+            text = _samples_text(samples)
+        yield ts, text
+
+
+def _samples_text(samples: list[list[Any]]) -> str:
+    """A block's JSON when a value is not finite: NaN becomes null (SQLite stored NaN as NULL in the
+    old table too) and an infinity ±9e999, which json_extract reads back as ±inf, as the table gave."""
+    parts = []
+    for point_id, value, quality in samples:
+        if isinstance(value, float) and not math.isfinite(value):
+            text = "null" if math.isnan(value) else ("9e999" if value > 0 else "-9e999")
+        else:
+            text = _encode(value)
+        parts.append(f"[{point_id},{text},{_encode(quality)}]")
+    return f"[{','.join(parts)}]"
 
 
 def wall_time() -> float:

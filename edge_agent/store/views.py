@@ -12,6 +12,7 @@ from worker threads and acknowledge events (the one write a viewer makes).
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -32,6 +33,22 @@ T = TypeVar("T")
 
 EVENT_COLUMNS = "id, ts, source, kind, state, score, equipment, message, detail, acked_by, acked_ts"
 
+# One point's samples with ?2 <= ts <= ?3 (ts, value, quality), from both history tables, without
+# unpacking every block in the window: a block holding the point contains "[<id>," (each sample
+# starts so in the compact JSON the agent writes), which instr finds before json_each runs. Each
+# half comes out in ts order, so ORDER BY ts merges them and a LIMIT stops early.
+_POINT_SAMPLES = """
+    WITH p AS (SELECT id, '[' || id || ',' AS key FROM history_points WHERE name = ?1)
+    SELECT ts, value, quality FROM history_rows WHERE point = ?1 AND ts >= ?2 AND ts <= ?3
+    UNION ALL
+    SELECT b.ts, json_extract(s.value, '$[1]'), json_extract(s.value, '$[2]')
+    FROM p, history_blocks AS b, json_each(b.samples) AS s
+    WHERE b.ts >= ?2 AND b.ts <= ?3 AND instr(b.samples, p.key) > 0 AND json_extract(s.value, '$[0]') = p.id"""
+# The same from a twin the agent has not migrated to schema 5 yet (history was a table)
+_POINT_ROWS = "SELECT ts, value, quality FROM history WHERE point = ?1 AND ts >= ?2 AND ts <= ?3"
+_COUNT = ("SELECT (SELECT count(*) FROM history_rows) + "
+          "(SELECT coalesce(sum(json_array_length(samples)), 0) FROM history_blocks) AS n")
+
 
 class TwinView:
     """Read-side queries on a twin file, through a connection of its own."""
@@ -39,6 +56,7 @@ class TwinView:
     def __init__(self, db: sqlite_utils.Database, path: Path) -> None:
         self.db = db
         self.path = path
+        self._blocks: bool | None = None  # whether history is in blocks (schema 5), once known
 
     @classmethod
     def open(cls, path: Path, *, readonly: bool = True) -> TwinView:
@@ -84,15 +102,23 @@ class TwinView:
 
     def history(self, point: str, since: float, *, limit: int | None = None) -> list[dict[str, Any]]:
         """Samples of one point at or after ``since`` (unix seconds), oldest first."""
-        sql = "SELECT ts, value, quality FROM history WHERE point = ? AND ts >= ? ORDER BY ts"
-        params: list[Any] = [point, since]
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
-        return self._rows(sql, params)
+        sql = f"{self._point_samples()} ORDER BY ts LIMIT ?4"
+        return self._rows(sql, [point, since, math.inf, -1 if limit is None else limit])
 
     def history_count(self) -> int:
-        return int(self._rows("SELECT count(*) AS n FROM history")[0]["n"])
+        """Samples in history: the rows, and each block's length (no block is unpacked)."""
+        sql = _COUNT if self._has_blocks() else "SELECT count(*) AS n FROM history"
+        return int(self._rows(sql)[0]["n"])
+
+    def _point_samples(self) -> str:
+        return _POINT_SAMPLES if self._has_blocks() else _POINT_ROWS
+
+    def _has_blocks(self) -> bool:
+        """Whether the file has history in blocks; a file only moves forward, so asked once (when true)."""
+        if not self._blocks:
+            rows = self._rows("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'history_blocks'")
+            self._blocks = bool(rows)
+        return self._blocks
 
     def events(self, since: float = 0.0, *, limit: int | None = None, kind: str | None = None) -> list[dict[str, Any]]:
         """Events at or after ``since`` (of one ``kind``), the newest ``limit``, oldest first; ``detail`` decoded.
@@ -137,19 +163,19 @@ class TwinView:
         """A chart's worth of one point's numeric history: at most ``buckets`` rows, each the average, min,
         max and count of the samples in one equal slice of ``since..until`` (bounded for the web page).
 
-        The query may scan many rows of other points (history is indexed by time only), so it gets
+        The query may scan many samples of other points (history is indexed by time only), so it gets
         ``budget`` seconds of SQLite's time; past that it is interrupted and TwinError says so.
         """
         width = max((until - since) / max(buckets, 1), 1e-3)
-        sql = ("SELECT CAST((ts - ?) / ? AS INTEGER) AS bucket, min(ts) AS first_ts, max(ts) AS last_ts, "
-               "avg(value) AS avg, min(value) AS min, max(value) AS max, count(*) AS n FROM history "
-               "WHERE point = ? AND ts >= ? AND ts <= ? AND typeof(value) IN ('integer', 'real') "
+        sql = ("SELECT CAST((ts - ?2) / ?4 AS INTEGER) AS bucket, min(ts) AS first_ts, max(ts) AS last_ts, "
+               "avg(value) AS avg, min(value) AS min, max(value) AS max, count(*) AS n "
+               f"FROM ({self._point_samples()}) WHERE typeof(value) IN ('integer', 'real') "
                "GROUP BY bucket ORDER BY bucket")
         deadline = time.monotonic() + budget
         conn = self.db.conn
         conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
         try:
-            return self._rows(sql, [since, width, point, since, until])
+            return self._rows(sql, [point, since, until, width])
         except TwinError as exc:
             if "interrupted" in str(exc):
                 raise TwinError(f"{self.path}: the history of {point} over this range takes more than "

@@ -1,0 +1,314 @@
+"""History in blocks (issue 13): the ``history`` view answers as the old table did.
+
+Each test that compares builds two real files from the same readings: a twin of schema 4 (the
+``history`` table, written the way edge-agent wrote it before blocks: one INSERT per reading) and
+a twin of today's schema (``Twin.write_batch``, blocks), then asks both the same questions.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drivers.base import Reading
+from edge_agent.errors import TwinError
+from edge_agent.store import sqlite
+from edge_agent.store.twin import MIGRATIONS, Chunk, Twin
+from edge_agent.store.views import TwinView
+from tests import builders
+
+OLD_VERSION = 4  # the last schema with history as a table
+# What edge-agent 4 ran: its writer's insert, TwinView.history and TwinView.trend
+OLD_INSERT = "INSERT INTO history (point, value, quality, ts) VALUES (?, ?, ?, ?)"
+OLD_HISTORY = "SELECT ts, value, quality FROM history WHERE point = ? AND ts >= ? ORDER BY ts"
+OLD_TREND = ("SELECT CAST((ts - ?) / ? AS INTEGER) AS bucket, min(ts) AS first_ts, max(ts) AS last_ts, "
+             "avg(value) AS avg, min(value) AS min, max(value) AS max, count(*) AS n FROM history "
+             "WHERE point = ? AND ts >= ? AND ts <= ? AND typeof(value) IN ('integer', 'real') "
+             "GROUP BY bucket ORDER BY bucket")
+
+ODD_VALUES: list[Any] = [1.5, -0.0, 1e300, 7, -12, 2**62, True, False, "", "on", 'q"uote\\ é ✓', "3.5", None,
+                         math.nan, math.inf, -math.inf, 0.1 + 0.2, 5e-324]
+
+
+def old_twin(path: Path) -> sqlite3.Connection:
+    """A twin file at schema 4, built by the migrations as they shipped (autocommit connection)."""
+    conn = sqlite.connect(path, "the old twin")
+    assert sqlite.migrate(conn, path, MIGRATIONS[:OLD_VERSION], "twin") == OLD_VERSION
+    return conn
+
+
+def old_write(conn: sqlite3.Connection, chunks: Sequence[Chunk]) -> None:
+    with sqlite.transaction(conn):
+        conn.executemany(OLD_INSERT, [r for _, readings in chunks for r in readings])
+
+
+def plant_chunks(seed: int, reads: int = 300) -> list[Chunk]:
+    """Device reads of 3 devices: each read gives its points one ts; values of every kind; some reads
+    with two timestamps in them (two runs), and two devices read at the same instant."""
+    rng = random.Random(seed)
+    devices = {f"d{d}": [f"d{d}.p{i}" for i in range(8)] for d in range(3)}
+    chunks: list[Chunk] = []
+    ts = 1000.0
+    for n in range(reads):
+        device = f"d{n % 3}"
+        if n % 3:
+            ts += rng.choice((0.25, 0.5, 1.0))
+        readings = []
+        for i, name in enumerate(devices[device]):
+            value: Any = rng.choice(ODD_VALUES) if i == 0 else rng.uniform(-50.0, 50.0)
+            if i == 1:
+                value = rng.randint(0, 3000)
+            readings.append(Reading(name, value, rng.choice(("good", "good", "bad", "uncertain")), ts))
+        if n % 7 == 0:  # a read split in two runs of timestamps
+            readings = [r._replace(ts=ts + 0.125) if i >= 5 else r for i, r in enumerate(readings)]
+        chunks.append((ts + 0.01, readings))
+    return chunks
+
+
+def both(tmp_path: Path, chunks: Sequence[Chunk]) -> tuple[sqlite3.Connection, Twin]:
+    old = old_twin(tmp_path / "old.db")
+    old_write(old, chunks)
+    new = Twin.open(tmp_path / "new.db")
+    for start in range(0, len(chunks), 40):  # flush-sized batches
+        new.write_batch(chunks[start:start + 40])
+    return old, new
+
+
+def same(a: Any, b: Any) -> bool:
+    """Rows equal value for value and type (-0.0 and 0.0 told apart; NULLs equal)."""
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b and math.copysign(1, a) == math.copysign(1, b)
+    return type(a) is type(b) and a == b
+
+
+def test_the_view_answers_point_and_time_windows_as_the_table_did(tmp_path: Path) -> None:
+    chunks = plant_chunks(1)
+    old, new = both(tmp_path, chunks)
+    queries = [
+        ("SELECT point, value, typeof(value), quality, ts FROM history WHERE point = ? AND ts > ? ORDER BY ts",
+         [("d0.p0", 0.0), ("d1.p0", 1100.0), ("d2.p1", 1200.5), ("d1.p7", 1000.0), ("nope", 0.0)]),
+        ("SELECT point, value, typeof(value), quality, ts FROM history WHERE ts >= ? AND ts < ? ORDER BY ts, point",
+         [(1050.0, 1060.0), (0.0, 5000.0)]),
+        ("SELECT point, count(*), sum(typeof(value) = 'null'), min(ts), max(ts) FROM history GROUP BY point "
+         "ORDER BY point", [()]),
+        ("SELECT value, typeof(value) FROM history WHERE point = 'd0.p0' ORDER BY ts DESC LIMIT 20", [()]),
+    ]
+    try:
+        for sql, cases in queries:
+            for params in cases:
+                want = old.execute(sql, params).fetchall()
+                got = new.conn.execute(sql, params).fetchall()
+                assert same(got, want), (sql, params)
+        # every kind of value came through, with the type the old table gave it
+        kinds = dict(new.conn.execute("SELECT DISTINCT typeof(value), 1 FROM history WHERE point LIKE '%.p0'"))
+        assert kinds.keys() == {"real", "integer", "text", "null"}
+        assert new.conn.execute("SELECT count(*) FROM history").fetchone()[0] == sum(len(r) for _, r in chunks)
+    finally:
+        old.close()
+        new.close()
+
+
+def test_values_of_every_kind_round_trip_as_the_table_stored_them(tmp_path: Path) -> None:
+    readings = [Reading(f"v.{i}", value, "good", 10.0) for i, value in enumerate(ODD_VALUES)]
+    old, new = both(tmp_path, [(10.5, readings)])
+    try:
+        sql = "SELECT value, typeof(value) FROM history WHERE point = ?"
+        for i, value in enumerate(ODD_VALUES):
+            got = new.conn.execute(sql, (f"v.{i}",)).fetchall()
+            assert same(got, old.execute(sql, (f"v.{i}",)).fetchall()), value
+        rows = dict(new.conn.execute("SELECT point, value FROM history"))
+        assert rows["v.13"] is None  # NaN: NULL, as SQLite stored it before
+        assert rows["v.14"] == math.inf and rows["v.15"] == -math.inf
+        assert rows["v.6"] == 1 and rows["v.7"] == 0  # booleans: 1 and 0, as before
+        assert rows["v.10"] == 'q"uote\\ é ✓' and rows["v.11"] == "3.5"
+        # one block, JSON SQLite accepts
+        assert new.conn.execute("SELECT count(*), sum(json_valid(samples)) FROM history_blocks").fetchone() == (1, 1)
+    finally:
+        old.close()
+        new.close()
+
+
+def test_floats_come_back_bit_for_bit(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    values = [rng.uniform(-1e6, 1e6) for _ in range(3000)] + [rng.random() * 10.0 ** rng.randint(-300, 300)
+                                                               for _ in range(3000)]
+    twin = Twin.open(tmp_path / "twin.db")
+    try:
+        twin.write_batch([(0.0, [Reading(f"f.{i % 50}", v, "good", float(i // 50)) for i, v in enumerate(values)])])
+        got = [row[0] for row in twin.conn.execute("SELECT value FROM history ORDER BY ts, CAST(substr(point, 3) "
+                                                   "AS INTEGER)")]
+    finally:
+        twin.close()
+    assert got == values
+
+
+def test_viewers_get_the_same_history_and_trend_from_blocks(tmp_path: Path) -> None:
+    chunks = plant_chunks(2, reads=600)
+    old, new = both(tmp_path, chunks)
+    new.close()
+    try:
+        with TwinView.open(tmp_path / "new.db") as view:
+            for point, since in [("d0.p0", 0.0), ("d1.p2", 1100.0), ("d2.p7", 1300.0), ("unknown", 0.0)]:
+                want = [dict(zip(("ts", "value", "quality"), row, strict=True))
+                        for row in old.execute(OLD_HISTORY, (point, since))]
+                assert same(view.history(point, since), want), point
+                assert same(view.history(point, since, limit=5), want[:5])
+                for until, buckets in [(1500.0, 50), (1200.0, 7), (since + 0.5, 3)]:
+                    width = max((until - since) / buckets, 1e-3)
+                    cursor = old.execute(OLD_TREND, (since, width, point, since, until))
+                    names = [d[0] for d in cursor.description]
+                    want_trend = [dict(zip(names, row, strict=True)) for row in cursor]
+                    assert same(view.trend(point, since, until, buckets), want_trend), (point, until)
+            assert view.history_count() == sum(len(r) for _, r in chunks)
+            assert view.history("d0.p3", 0.0)  # a point that has samples
+    finally:
+        old.close()
+
+
+def test_history_queries_use_the_ts_indexes(tmp_path: Path) -> None:
+    twin = Twin.open(tmp_path / "twin.db")
+    try:
+        twin.write_batch(plant_chunks(3, reads=20))
+        for sql in ("SELECT point, value, quality, ts FROM history WHERE point = ? AND ts > ?",
+                    "SELECT point, value, quality, ts FROM history WHERE point = ? AND ts > ? ORDER BY ts"):
+            plan = " | ".join(row[3] for row in twin.conn.execute(f"EXPLAIN QUERY PLAN {sql}", ("d0.p1", 1005.0)))
+            assert "history_rows USING INDEX history_ts (ts>?)" in plan, plan
+            assert "USING INDEX history_blocks_ts (ts>?)" in plan, plan
+            assert "SCAN b" not in plan and "SCAN history_blocks" not in plan, plan
+        rows = twin.conn.execute("SELECT ts FROM history WHERE point = 'd0.p1' AND ts > 1005 ORDER BY ts").fetchall()
+        assert rows and [r[0] for r in rows] == sorted(r[0] for r in rows)
+    finally:
+        twin.close()
+
+
+def test_a_schema_4_twin_migrates_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "twin.db"
+    old = old_twin(path)
+    before = plant_chunks(4, reads=30)
+    old_write(old, before)
+    old.close()
+    with TwinView.open(path) as view:  # a viewer of the file before the agent migrates it
+        assert view.history_count() == 30 * 8
+        assert [r["ts"] for r in view.history("d1.p1", 0.0)] == [r.ts for _, rs in before for r in rs
+                                                                  if r.point == "d1.p1"]
+    twin = Twin.open(path)
+    try:
+        assert twin.conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 5
+        tables = {row[0]: row[1] for row in twin.conn.execute("SELECT name, type FROM sqlite_master")}
+        assert tables["history"] == "view" and tables["history_rows"] == "table"
+        assert tables["history_ts"] == "index" and tables["history_blocks_ts"] == "index"
+        assert twin.conn.execute("SELECT count(*) FROM history_rows").fetchone()[0] == 30 * 8
+        after = [(ts + 100.0, [r._replace(ts=r.ts + 100.0) for r in rs]) for ts, rs in plant_chunks(4, reads=30)]
+        twin.write_batch(after)
+        assert twin.conn.execute("SELECT count(*) FROM history_rows").fetchone()[0] == 30 * 8  # new: in blocks
+        assert twin.conn.execute("SELECT count(*) FROM history_blocks").fetchone()[0] == 30 + 5  # reads 0, 7, ... split
+    finally:
+        twin.close()
+    want = [(r.ts, r.value) for _, rs in [*before, *after] for r in rs if r.point == "d1.p1"]
+    with TwinView.open(path) as view:
+        assert [(r["ts"], r["value"]) for r in view.history("d1.p1", 0.0)] == want
+        assert [(r["ts"], r["value"]) for r in view.history("d1.p1", 0.0, limit=12)] == want[:12]
+        assert view.history_count() == 2 * 30 * 8
+        count = view.db.conn.execute("SELECT count(*) FROM history WHERE point = 'd1.p1' AND ts > 1000").fetchone()
+        assert count[0] == len(want)
+
+
+def test_deadband_applies_per_reading_and_blocks_follow_the_timestamps(tmp_path: Path) -> None:
+    points = [builders.point("d.a", address=0, type="float32", deadband=1.0), builders.point("d.b", address=2)]
+    cfg = builders.load(builders.config(tmp_path, devices=[builders.modbus("d", points)]), tmp_path / "agent.toml")
+    twin = Twin.open(cfg.twin_path)
+    try:
+        twin.sync_points(cfg)
+        reads = [(10.0, 5), (10.5, 6), (11.5, 7), (11.0, 8)]  # d.a moves 0.5 (dropped), 1.5, 0.5 (dropped)
+        chunks: list[Chunk] = [(float(t), [Reading("d.a", a, "good", float(t)), Reading("d.b", b, "good", float(t))])
+                               for t, (a, b) in enumerate(reads)]
+        kept = twin.write_batch(chunks)
+        assert [(r.point, r.value) for r in kept] == [("d.a", 10.0), ("d.b", 5), ("d.b", 6), ("d.a", 11.5),
+                                                      ("d.b", 7), ("d.b", 8)]
+        assert [(r[0], r[1]) for r in twin.conn.execute("SELECT ts, json_array_length(samples) FROM history_blocks "
+                                                         "ORDER BY rowid")] == [(0.0, 2), (1.0, 1), (2.0, 2), (3.0, 1)]
+        # a chunk whose readings carry several timestamps: one block per run of equal ts
+        mixed = [Reading("d.b", i, "good", ts) for i, ts in enumerate([20.0, 20.0, 21.0, 20.0, 20.0])]
+        twin.write_batch([(22.0, mixed)])
+        runs = twin.conn.execute("SELECT ts, json_array_length(samples) FROM history_blocks WHERE ts >= 20 "
+                                 "ORDER BY rowid").fetchall()
+        assert runs == [(20.0, 2), (21.0, 1), (20.0, 2)]
+    finally:
+        twin.close()
+    with TwinView.open(cfg.twin_path) as view:
+        assert [r["value"] for r in view.history("d.a", 0.0)] == [10.0, 11.5]
+
+
+def test_prune_removes_old_blocks_and_old_rows(tmp_path: Path) -> None:
+    path = tmp_path / "twin.db"
+    old = old_twin(path)
+    old_write(old, [(0.0, [Reading(f"r.{i % 4}", float(i), "good", float(i)) for i in range(100)])])  # ts 0..99
+    old.close()
+    twin = Twin.open(path)
+    try:
+        twin.write_batch([(float(t), [Reading(f"b.{i}", float(t), "good", float(t)) for i in range(10)])
+                          for t in range(50, 150)])  # 100 blocks of 10, ts 50..149
+        assert twin.prune(before=120.0, chunk=25) == 100 + 70 * 10
+        left = twin.conn.execute("SELECT min(ts), count(*) FROM history").fetchone()
+        assert left == (120.0, 30 * 10)
+        assert twin.conn.execute("SELECT count(*) FROM history_rows").fetchone()[0] == 0
+        assert twin.conn.execute("SELECT count(*) FROM history_blocks").fetchone()[0] == 30
+        assert twin.prune(before=120.0) == 0
+        # the point ids stay: a name keeps its id, ids are not reused
+        assert twin.conn.execute("SELECT count(*) FROM history_points").fetchone()[0] == 10
+    finally:
+        twin.close()
+
+
+def test_insert_into_the_view_stores_a_row(tmp_path: Path) -> None:
+    twin = Twin.open(tmp_path / "twin.db")
+    try:
+        twin.write_batch([(5.0, [Reading("x.a", 1.0, "good", 5.0)])])
+        with twin.transaction() as conn:
+            conn.executemany("INSERT INTO history (point, value, quality, ts) VALUES (?, ?, ?, ?)",
+                             [("x.a", 2.5, "bad", 6.0), ("x.a", "text", "good", 4.0), ("x.b", None, "bad", 6.0)])
+        assert twin.conn.execute("SELECT point, value, quality, ts FROM history_rows ORDER BY ts").fetchall() == [
+            ("x.a", "text", "good", 4.0), ("x.a", 2.5, "bad", 6.0), ("x.b", None, "bad", 6.0)]
+        with pytest.raises(sqlite3.IntegrityError):  # the table's constraints hold through the view
+            twin.conn.execute("INSERT INTO history (point, value, quality, ts) VALUES ('x.a', 1, 'good', NULL)")
+    finally:
+        twin.close()
+    with TwinView.open(tmp_path / "twin.db") as view:
+        assert [(r["ts"], r["value"]) for r in view.history("x.a", 0.0)] == [(4.0, "text"), (5.0, 1.0), (6.0, 2.5)]
+        assert view.history_count() == 4
+
+
+def test_point_ids_survive_a_reopen_and_a_rolled_back_batch(tmp_path: Path) -> None:
+    path = tmp_path / "twin.db"
+    twin = Twin.open(path)
+    twin.write_batch([(1.0, [Reading("a", 1.0, "good", 1.0), Reading("b", 2.0, "good", 1.0)])])
+    ids = dict(twin.conn.execute("SELECT name, id FROM history_points"))
+    # a batch that fails after "c" got an id: rolled back, the id is forgotten with it
+    with pytest.raises(TwinError, match="cannot store readings"):
+        bad = Reading("a", b"\x00", "good", 2.0)  # type: ignore[arg-type]  # a value JSON cannot hold
+        twin.write_batch([(2.0, [Reading("c", 3.0, "good", 2.0), bad])])
+    assert twin.conn.execute("SELECT count(*) FROM history_points WHERE name = 'c'").fetchone()[0] == 0
+    other = Twin.open(path)  # another writer gives "d" an id this one does not know of
+    other.write_batch([(3.0, [Reading("d", 4.0, "good", 3.0)])])
+    other.close()
+    twin.write_batch([(4.0, [Reading("d", 5.0, "good", 4.0), Reading("c", 6.0, "good", 4.0)])])
+    twin.close()
+    twin = Twin.open(path)
+    try:
+        now = dict(twin.conn.execute("SELECT name, id FROM history_points"))
+        assert {k: now[k] for k in ids} == ids and len(set(now.values())) == 4
+        twin.write_batch([(5.0, [Reading("a", 7.0, "good", 5.0)])])
+        rows = twin.conn.execute("SELECT point, value FROM history ORDER BY ts, point").fetchall()
+        assert rows == [("a", 1.0), ("b", 2.0), ("d", 4.0), ("c", 6.0), ("d", 5.0), ("a", 7.0)]
+    finally:
+        twin.close()
