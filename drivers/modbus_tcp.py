@@ -82,19 +82,11 @@ class Answer:
         return [bool(byte >> i & 1) for byte in data for i in range(8)]
 
 
-class _Protocol(asyncio.Protocol):
-    def __init__(self, client: TcpClient) -> None:
-        self.client = client
+class TcpClient(asyncio.Protocol):
+    """One Modbus TCP connection; requests are sent one at a time (the caller holds a lock).
 
-    def data_received(self, data: bytes) -> None:
-        self.client._received(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.client._lost(exc)
-
-
-class TcpClient:
-    """One Modbus TCP connection; requests are sent one at a time (the caller holds a lock)."""
+    The client is its connection's asyncio protocol: the loop calls :meth:`data_received` and
+    :meth:`connection_lost`."""
 
     def __init__(self, host: str, port: int, timeout: float) -> None:
         self.host = host
@@ -113,7 +105,7 @@ class TcpClient:
         """Open the connection; OSError (refused, unreachable, timed out) says why not."""
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.timeout):
-            transport, _ = await loop.create_connection(lambda: _Protocol(self), self.host, self.port)
+            transport, _ = await loop.create_connection(lambda: self, self.host, self.port)
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         self._buffer.clear()
@@ -180,7 +172,7 @@ class TcpClient:
 
     # ------------------------------------------------------------------ the stream
 
-    def _received(self, data: bytes) -> None:
+    def data_received(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
         while len(buffer) >= 8:
@@ -208,7 +200,7 @@ class TcpClient:
             transport.close()
         self._fail(ConnectionError(why))
 
-    def _lost(self, exc: Exception | None) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._fail(ConnectionError(f"connection lost: {exc}" if exc else "connection closed by the device"))
 
