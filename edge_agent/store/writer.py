@@ -30,6 +30,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Protocol
 
 from drivers.base import Reading
@@ -39,6 +40,7 @@ from edge_agent.store.twin import Chunk, DesiredClaim, DesiredDocument, Twin
 from edge_agent.tasks import finish_in_thread
 
 log = logging.getLogger(__name__)
+_NAME = itemgetter(0)
 MAX_RECORDS = 10_000  # events and write records kept in memory while the twin cannot be written
 
 INTERRUPTED = "the agent stopped before this was applied; not retried (publish a new version to try again)"
@@ -129,9 +131,7 @@ class TwinWriter:
         if not readings:
             return
         self._pending.append((time.time(), readings))
-        latest = self.latest
-        for r in readings:
-            latest[r[0]] = r
+        self.latest.update(zip(map(_NAME, readings), readings))  # per reading in C
         self._pending_count += len(readings)
         self.received += len(readings)
         flush_max = self.settings.flush_max
