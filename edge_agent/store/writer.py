@@ -131,7 +131,7 @@ class TwinWriter:
         if not readings:
             return
         self._pending.append((time.time(), readings))
-        self.latest.update(zip(map(_NAME, readings), readings))  # per reading in C
+        self.latest.update(zip(map(_NAME, readings), readings, strict=True))  # per reading in C
         self._pending_count += len(readings)
         self.received += len(readings)
         flush_max = self.settings.flush_max
