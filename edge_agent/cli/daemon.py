@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from typing import Any
@@ -12,6 +13,7 @@ from edge_agent.config import AgentConfig, load
 from edge_agent.errors import ConfigError
 
 log = logging.getLogger("edge_agent")
+GC_THRESHOLDS = (20_000, 20, 20)  # the collector's generation thresholds while running (default 700, 10, 10)
 
 
 def run(config: AgentConfig) -> int:
@@ -33,6 +35,7 @@ async def _run_async(config: AgentConfig) -> int:
     loop.add_signal_handler(signal.SIGHUP, reload.set)
     agent = Agent(config)
     await agent.start()
+    _tune_gc()
     # READY once the config is loaded and the twin open; devices connect in the background,
     # so a missing device never holds up start-up.
     notifier.ready(agent.status().summary())
@@ -53,6 +56,20 @@ async def _run_async(config: AgentConfig) -> int:
         beat.cancel()
         await agent.stop()
     return EXIT_OK
+
+
+def _tune_gc() -> None:
+    """Fewer garbage-collector passes once everything long-lived exists.
+
+    Every reading is a tuple, and ten thousand a second wait in memory until the next flush, so
+    with the default thresholds the collector kept walking the whole heap (the config's points,
+    the modules, the drivers) for garbage the data path never makes: it frees its tuples and
+    lists by reference counting, without cycles. Frozen, what exists after start is never walked
+    again; the young generation is collected every 20,000 allocations instead of 700. Measured
+    with bench/bench_plant.py, 10x100@100ms: about 10 % less CPU per point (docs/benchmarks.md).
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def _reload(agent: Any) -> Any:
