@@ -18,7 +18,7 @@ import pytest
 
 from drivers.base import Reading
 from edge_agent.errors import TwinError
-from edge_agent.store import sqlite
+from edge_agent.store import floats, sqlite
 from edge_agent.store.twin import MIGRATIONS, Chunk, Twin
 from edge_agent.store.views import TwinView
 from tests import builders
@@ -312,3 +312,17 @@ def test_point_ids_survive_a_reopen_and_a_rolled_back_batch(tmp_path: Path) -> N
         assert rows == [("a", 1.0), ("b", 2.0), ("d", 4.0), ("c", 6.0), ("d", 5.0), ("a", 7.0)]
     finally:
         twin.close()
+
+
+def test_float_texts_are_made_once_bounded_and_only_for_finite_floats() -> None:
+    floats.clear()
+    run = tuple(i * 0.1 + 1e-9 for i in range(100))
+    made = floats.texts(run)
+    assert made == [repr(v) for v in run] and floats.texts(tuple(run)) is made  # found again, not made again
+    assert floats.texts((1.0, math.nan)) is None and floats.texts((1.0, -math.inf)) is None
+    assert floats.texts((1.0, True)) is None and floats.texts((1, 2.0)) is None and floats.texts(()) is None
+    for start in range(0, floats.LIMIT_VALUES + 1000, 100):  # more than the bound
+        floats.texts(tuple(float(start + i) for i in range(100)))
+    assert floats.texts(tuple(run)) is not made  # the oldest went first
+    assert sum(len(t) for t in floats._cache.values()) <= floats.LIMIT_VALUES
+    floats.clear()

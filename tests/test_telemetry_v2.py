@@ -168,8 +168,9 @@ def test_v2_schema_file_and_what_it_refuses() -> None:
 
 def config_doc(tmp_path: Path, pki: Pki, port: int, **mqtt: Any) -> builders.Doc:
     dev = builders.modbus("dev", builders.numbered("dev.p", 5), interval="100ms")
-    section = builders.mqtt(pki, port, publish_interval="100ms", twin_interval="200ms", retry_min="100ms",
-                            retry_max="500ms", **mqtt)
+    settings = {"publish_interval": "100ms", "twin_interval": "200ms", "retry_min": "100ms", "retry_max": "500ms",
+                **mqtt}
+    section = builders.mqtt(pki, port, **settings)
     return builders.config(tmp_path / "data", id=AGENT_CN, site="plant-a", twin={"flush_interval": "50ms"},
                            mqtt=section, devices=[dev])
 
@@ -250,7 +251,10 @@ async def test_agent_v2_end_to_end_mosquitto_sub_gets_every_sample(tmp_path: Pat
     def bodies() -> list[dict[str, Any]]:
         return [b for t, b in lines if t == TELEMETRY]
 
-    cfg = builders.load(config_doc(tmp_path, pki, broker.port, telemetry_version=2, max_samples=7),
+    # three reads (of 5 samples, every 100 ms) gather per publish interval: a batch of about 15
+    # samples is always split into messages of 7
+    cfg = builders.load(config_doc(tmp_path, pki, broker.port, telemetry_version=2, max_samples=7,
+                                   publish_interval="300ms"),
                         tmp_path / "agent.toml")
     agent = Agent(cfg, driver_factory=FakePlant(counting=True, accepts_writes=False).driver)
     try:

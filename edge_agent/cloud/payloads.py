@@ -31,6 +31,7 @@ from itertools import groupby
 from typing import Any
 
 from drivers.base import Reading
+from edge_agent.store import floats
 from edge_agent.store.messages import Stamp, json_safe
 
 VERSION = 1
@@ -197,8 +198,9 @@ class CompactTelemetryEncoder:
     ``{"v":2,"gateway","seq","reads":[{"ts","names":[...],"values":[...],"quality"}...]}``. A device
     read gives a run of samples with one ts and, read after read, the same names: the encoded
     ``names`` array is cached per tuple of names (at most ``names_cache`` of them, the oldest
-    forgotten first), and the message's values go through the C JSON encoder in one call (a
-    message with strings or NaN: one call per run), so the Python work is per run, not per sample.
+    forgotten first). A run of finite floats takes the texts the twin made for its history block
+    (:mod:`edge_agent.store.floats`), or makes them in one C call; any other run goes through the C
+    JSON encoder in one call. So the Python work is per run, not per sample.
     """
 
     def __init__(self, gateway: str, names_cache: int = 1024) -> None:
@@ -238,12 +240,14 @@ class CompactTelemetryEncoder:
 
     def _reads(self, samples: Sequence[Reading]) -> str:
         names, values, qualities, stamps = zip(*samples, strict=True)
-        texts = _plain_texts(values)
         entries = []
         start = 0
         for ts, length in _runs(stamps):
             end = start + length
-            shown = "[" + ",".join(texts[start:end]) + "]" if texts is not None else self._values(values[start:end])
+            run = values[start:end]
+            # a device read's floats: their texts were made for the twin's history a moment ago
+            texts = floats.texts(run)
+            shown = "[" + ",".join(texts) + "]" if texts is not None else self._values(run)
             entries.append(f'{{"ts":{ts!r}{self._names_text(names[start:end])}{shown}'
                            f'{self._quality(qualities[start:end])}')
             start = end
