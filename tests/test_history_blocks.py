@@ -314,15 +314,26 @@ def test_point_ids_survive_a_reopen_and_a_rolled_back_batch(tmp_path: Path) -> N
         twin.close()
 
 
-def test_float_texts_are_made_once_bounded_and_only_for_finite_floats() -> None:
+def test_float_texts_are_made_once_for_a_consumer_bounded_and_only_for_finite_floats() -> None:
     floats.clear()
-    run = tuple(i * 0.1 + 1e-9 for i in range(100))
-    made = floats.texts(run)
-    assert made == [repr(v) for v in run] and floats.texts(tuple(run)) is made  # found again, not made again
-    assert floats.texts((1.0, math.nan)) is None and floats.texts((1.0, -math.inf)) is None
-    assert floats.texts((1.0, True)) is None and floats.texts((1, 2.0)) is None and floats.texts(()) is None
-    for start in range(0, floats.LIMIT_VALUES + 1000, 100):  # more than the bound
-        floats.texts(tuple(float(start + i) for i in range(100)))
-    assert floats.texts(tuple(run)) is not made  # the oldest went first
-    assert sum(len(t) for t in floats._cache.values()) <= floats.LIMIT_VALUES
-    floats.clear()
+    try:
+        run = tuple(i * 0.1 + 1e-9 for i in range(100))
+        made = floats.texts(run)
+        assert made == [repr(v) for v in run] and floats.kept() == 0  # no consumer: nothing is kept
+        floats.share(True)  # the v2 telemetry runs
+        made = floats.texts(run)
+        assert floats.kept() == 100 and floats.take(tuple(run)) is made  # taken, not made again
+        assert floats.kept() == 0 and floats.take(run) == made  # taken once; then made again
+        assert floats.texts((1.0, math.nan)) is None and floats.texts((1.0, -math.inf)) is None
+        assert floats.texts((1.0, True)) is None and floats.texts((1, 2.0)) is None and floats.texts(()) is None
+        first = tuple(float(i) for i in range(100))
+        floats.texts(first)
+        for start in range(100, floats.LIMIT_VALUES + 1000, 100):  # a consumer far behind: bounded
+            floats.texts(tuple(float(start + i) for i in range(100)))
+        waiting = floats.kept()
+        assert waiting <= floats.LIMIT_VALUES
+        assert floats.take(first) == [repr(v) for v in first] and floats.kept() == waiting  # the oldest went first
+        floats.share(False)  # the consumer stopped: nothing waits
+        assert floats.kept() == 0
+    finally:
+        floats.clear()

@@ -246,7 +246,7 @@ class CompactTelemetryEncoder:
             end = start + length
             run = values[start:end]
             # a device read's floats: their texts were made for the twin's history a moment ago
-            texts = floats.texts(run)
+            texts = floats.take(run)
             shown = "[" + ",".join(texts) + "]" if texts is not None else self._values(run)
             entries.append(f'{{"ts":{ts!r}{self._names_text(names[start:end])}{shown}'
                            f'{self._quality(qualities[start:end])}')

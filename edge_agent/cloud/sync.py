@@ -37,6 +37,7 @@ from edge_agent.cloud.link import MqttLink, OnMessage
 from edge_agent.config import AgentConfig
 from edge_agent.errors import LinkError, TwinError
 from edge_agent.pacing import TokenBucket
+from edge_agent.store import floats
 from edge_agent.store.messages import Draft, Message
 from edge_agent.store.outbox import Outbox
 
@@ -90,6 +91,7 @@ class Sync:
         self._acks: list[int] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._sharing = False  # told edge_agent.store.floats that this sync takes the twin's texts
 
     # ------------------------------------------------------------------ input
 
@@ -140,6 +142,9 @@ class Sync:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        if self.cfg.telemetry_version == 2:  # the v2 encoder takes the float texts the twin makes
+            floats.share(True)
+            self._sharing = True
         for coro, name in ((self.link.run(), "mqtt-link"), (self._batcher(), "mqtt-batcher"),
                            (self._drain(), "mqtt-drain")):
             self._tasks.append(asyncio.create_task(coro, name=name))
@@ -161,6 +166,9 @@ class Sync:
             task.cancel()
         await self._settle(self._tasks)
         self._tasks.clear()
+        if self._sharing:
+            floats.share(False)
+            self._sharing = False
 
     async def _deliver_pending(self, grace: float) -> None:
         """Let the drain empty the outbox for up to ``grace`` s; returns at once when offline.
