@@ -23,9 +23,7 @@ import time
 from collections.abc import Iterable
 from itertools import repeat
 from pathlib import Path
-from typing import Any
-
-from pymodbus.pdu import ModbusPDU
+from typing import TYPE_CHECKING, Any
 
 from drivers import modbus_codec, modbus_link
 from drivers.base import BAD, GOOD, Driver, Reading, Value
@@ -34,6 +32,9 @@ from drivers.modbus_link import ModbusLink
 from drivers.modbus_tcp import Answer
 from edge_agent.config import DeviceConfig, ModbusDevice, ModbusPoint
 from edge_agent.errors import ReadError, WriteError
+
+if TYPE_CHECKING:
+    from pymodbus.pdu import ModbusPDU
 
 log = logging.getLogger(__name__)
 
