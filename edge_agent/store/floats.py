@@ -76,9 +76,8 @@ def _make(values: tuple[Any, ...]) -> list[str] | None:
 def _keep(values: tuple[float, ...], made: list[str]) -> None:
     global _kept
     with _lock:
-        if values in _cache:
+        if _cache.setdefault(values, made) is not made:  # the same run is waiting already
             return
-        _cache[values] = made
         _kept += len(values)
         while _kept > LIMIT_VALUES and _cache:
             _drop(len(_cache.pop(next(iter(_cache)))))

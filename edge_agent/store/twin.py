@@ -570,8 +570,10 @@ def _float_samples(names: tuple[str, ...], values: tuple[Any, ...], qualities: t
     would write, made once for the twin and the telemetry. No list per sample is built (measured:
     0.74 vs 1.10 us per sample on float32 values, before the texts were shared).
     """
+    if not _QUALITY.issuperset(qualities):
+        return None
     shown = floats.texts(values)
-    if shown is None or not _QUALITY.issuperset(qualities):
+    if shown is None:
         return None
     flat = chain.from_iterable(zip(map(ids.__getitem__, names), shown, qualities, strict=True))
     return _template(len(values)) % tuple(flat)
