@@ -1,6 +1,6 @@
 """Benchmark: the whole agent on real plant shapes, as a process, measured from the outside.
 
-A plant shape is ``[ua:]DxR@INTERVAL[:twin][:v2]``:
+A plant shape is ``[ua:]DxR@INTERVAL[:twin][:v2][:inflight]``:
 
 - ``DxR@INTERVAL``: D Modbus TCP devices (unit ids 1..D behind one Modbus TCP server process, one
   connection per configured device, as a TCP gateway in front of many drives would be) with R
@@ -19,6 +19,8 @@ A plant shape is ``[ua:]DxR@INTERVAL[:twin][:v2]``:
 - ``:twin`` runs without ``[mqtt]`` (samples counted in the twin's history instead);
 - ``:v2`` sets ``[mqtt] telemetry_version = 2`` (reads grouped by timestamp) for this checkout.
   A ``--baseline`` version runs telemetry v1 for it, and the table says so.
+- ``:inflight`` sets ``requests_in_flight = 4`` on this checkout's Modbus devices (a read's
+  requests sent together; the bench's server takes them). A ``--baseline`` version ignores it.
 
 In every shape the values change every 100 ms. The agent runs as its own process (``python -m
 edge_agent.cli run --config ...`` with this checkout first on PYTHONPATH, pinned to core 0;
@@ -385,12 +387,13 @@ class Shape:
     mqtt: bool = True
     v2: bool = False
     text: str = ""
+    inflight: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Shape:
-        match = re.fullmatch(r"(ua:)?(\d+)x(\d+)@(\d+(?:\.\d+)?)(ms|s)((?::twin|:v2)*)", text)
+        match = re.fullmatch(r"(ua:)?(\d+)x(\d+)@(\d+(?:\.\d+)?)(ms|s)((?::twin|:v2|:inflight)*)", text)
         if not match:
-            raise argparse.ArgumentTypeError(f"expected [ua:]DxR@INTERVAL[:twin][:v2] like 20x125@100ms or "
+            raise argparse.ArgumentTypeError(f"expected [ua:]DxR@INTERVAL[:twin][:v2][:inflight] like 20x125@100ms or "
                                              f"ua:4x2500@100ms:v2, got {text!r}")
         suffixes = match.group(6).split(":")[1:]
         if "twin" in suffixes and "v2" in suffixes:
@@ -402,8 +405,10 @@ class Shape:
             raise argparse.ArgumentTypeError(f"{text!r}: Modbus shapes take up to 247 devices (unit ids) and "
                                              "32768 float32 points (the register space)")
         interval = float(match.group(4)) * (0.001 if match.group(5) == "ms" else 1.0)
+        if match.group(1) and "inflight" in suffixes:
+            raise argparse.ArgumentTypeError(f"{text!r}: ':inflight' is for Modbus shapes")
         return cls(devices, points, interval, "opcua" if match.group(1) else "modbus", "twin" not in suffixes,
-                   "v2" in suffixes, text)
+                   "v2" in suffixes, text, "inflight" in suffixes)
 
     @property
     def offered(self) -> float:
@@ -491,13 +496,16 @@ def config_text(shape: Shape, version: Version, data_dir: Path, ports: list[int]
         if shape.protocol == "opcua":
             lines += opcua_device(d, shape.points, ports[d], interval)
         else:
-            lines += modbus_device(d, shape.points, ports[0], interval)
+            lines += modbus_device(d, shape.points, ports[0], interval, 4 if shape.inflight and version.this else 1)
     return "\n".join(lines)
 
 
-def modbus_device(d: int, points: int, port: int, interval: str) -> list[str]:
+def modbus_device(d: int, points: int, port: int, interval: str, in_flight: int = 1) -> list[str]:
     lines = ["[[devices]]", f'name = "d{d + 1:03d}"', 'protocol = "modbus"', 'host = "127.0.0.1"',
-             f"port = {port}", f"unit_id = {d + 1}", f'interval = "{interval}"', ""]
+             f"port = {port}", f"unit_id = {d + 1}", f'interval = "{interval}"']
+    if in_flight > 1:  # only this checkout: a baseline may not know the key
+        lines.append(f"requests_in_flight = {in_flight}")
+    lines.append("")
     for p in range(points):
         lines += ["  [[devices.points]]", f'  name = "d{d + 1:03d}.p{p:03d}"', f"  address = {2 * p}",
                   '  type = "float32"', ""]
@@ -721,7 +729,7 @@ def print_env(versions: list[Version]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", action="append", type=Shape.parse, help="[ua:]DxR@INTERVAL[:twin][:v2] "
+    parser.add_argument("--shape", action="append", type=Shape.parse, help="[ua:]DxR@INTERVAL[:twin][:v2][:inflight] "
                         f"(repeatable; default: {' '.join(SHAPES)}); 'ua:' for D OPC UA servers of R Doubles, "
                         "':twin' runs without [mqtt], ':v2' with telemetry_version = 2 (this checkout only)")
     parser.add_argument("--baseline", metavar="REF", help="also run a git ref of this repository, e.g. 53f8bbe")

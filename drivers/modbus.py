@@ -2,6 +2,10 @@
 
 The read plan is built once, at init (see :mod:`drivers.modbus_codec`); ``read`` sends one
 request per block, under the device's lock, so one device's reads and writes never interleave.
+With ``requests_in_flight = N`` (Modbus TCP) a read's requests go N at a time in one write
+(:meth:`drivers.modbus_tcp.TcpClient.read_blocks`); a server that answers only some of them,
+or answers "server busy", gets them again one at a time, and one at a time from then on, with a
+warning.
 The connection is a :class:`~drivers.modbus_link.ModbusLink`: the device's own TCP connection
 (``connection = "own"``, the default), or one shared with the other devices on the same serial
 port, or on the same ``host:port`` with ``connection = "shared"`` (a TCP gateway in front of an
@@ -29,7 +33,7 @@ from drivers import modbus_codec, modbus_link
 from drivers.base import BAD, GOOD, Driver, Reading, Value
 from drivers.modbus_codec import WRITABLE_TABLES, Block, build_plan, encode
 from drivers.modbus_link import ModbusLink
-from drivers.modbus_tcp import Answer
+from drivers.modbus_tcp import Answer, NoAnswer
 from edge_agent.config import DeviceConfig, ModbusDevice, ModbusPoint
 from edge_agent.errors import ReadError, WriteError
 
@@ -44,7 +48,22 @@ _READERS = {
     "coil": "read_coils",
     "discrete": "read_discrete_inputs",
 }
+_FUNCTIONS = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
+_SERVER_BUSY = 6  # Modbus exception code: "server device busy"
 _isfinite = math.isfinite
+_Group = tuple[int, tuple[tuple[int, int, int], ...], str]  # first block, (function, address, count) each, what
+
+
+def _groups(blocks: tuple[Block, ...], in_flight: int) -> tuple[_Group, ...]:
+    """The plan's blocks in groups of ``in_flight``, each sent in one go; () when that is one at a time."""
+    if in_flight < 2 or len(blocks) < 2:
+        return ()
+    groups = []
+    for first in range(0, len(blocks), in_flight):
+        chunk = blocks[first:first + in_flight]
+        spans = ", ".join(f"{b.table} {b.address}..{b.address + b.count - 1}" for b in chunk)
+        groups.append((first, tuple((_FUNCTIONS[b.table], b.address, b.count) for b in chunk), f"reading {spans}"))
+    return tuple(groups)
 
 
 def _readings(names: Iterable[str], values: Iterable[Value], quality: str, ts: float) -> list[Reading]:
@@ -81,6 +100,7 @@ class ModbusDriver(Driver):
         self._requests = tuple(
             (_READERS[b.table], f"reading {b.table} {b.address}..{b.address + b.count - 1}") for b in self.blocks)
         self._points: dict[str, ModbusPoint] = {p.name: p for p in device.points}
+        self._groups = _groups(self.blocks, device.requests_in_flight) if device.protocol == "modbus" else ()
         self._link: ModbusLink | None = None
         self._lock = asyncio.Lock()
         self._failing_blocks: set[int] = set()  # blocks whose last answer was an exception response
@@ -124,17 +144,59 @@ class ModbusDriver(Driver):
     # ----------------------------------------------------------------------- read
 
     async def read(self) -> list[Reading]:
-        """Read every point once: one request per block of the plan."""
+        """Read every point once: one request per block of the plan, or per group of blocks sent together."""
         readings: list[Reading] = []
         async with self._lock:
             ts = time.time()
-            for index, block in enumerate(self.blocks):
-                readings += await self._read_block(index, block, ts)
+            if self._groups:
+                for group in self._groups:
+                    readings += await self._read_together(group, ts)
+                return readings
+            for index in range(len(self.blocks)):
+                readings += await self._read_one(index, ts)
         return readings
 
-    async def _read_block(self, index: int, block: Block, ts: float) -> list[Reading]:
+    async def _read_one(self, index: int, ts: float) -> list[Reading]:
+        block = self.blocks[index]
         method, what = self._requests[index]
         response = await self._execute(ReadError, what, method, block.address, count=block.count)
+        return self._block_readings(index, block, response, ts)
+
+    async def _read_together(self, group: _Group, ts: float) -> list[Reading]:
+        """Send a group of the plan's read requests at once (``requests_in_flight``); their readings.
+
+        A server that answers only some of them, or answers "server busy", gets the group again
+        one request at a time, and every read after that too (for as long as this driver lives:
+        a reconnect tries again, with another warning)."""
+        first, requests, what = group
+        try:
+            answers: list[Answer] = await self._execute(ReadError, what, "read_blocks", requests)  # type: ignore[assignment]
+        except ReadError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, NoAnswer) and cause.answered):
+                raise
+            self._one_at_a_time(f"answered {cause.answered} of {len(requests)} requests sent together")
+            readings: list[Reading] = []
+            for index in range(first, first + len(requests)):
+                readings += await self._read_one(index, ts)
+            return readings
+        readings = []
+        for index, answer in enumerate(answers, start=first):
+            if answer.exception_code == _SERVER_BUSY and len(answers) > 1:
+                self._one_at_a_time("answered \"server busy\" to requests sent together")
+                readings += await self._read_one(index, ts)
+            else:
+                readings += self._block_readings(index, self.blocks[index], answer, ts)
+        return readings
+
+    def _one_at_a_time(self, why: str) -> None:
+        """The device cannot take several requests at once: one at a time from now on."""
+        if self._groups:
+            self._groups = ()
+            log.warning("modbus device %s: %s; sending one request at a time from now on (set "
+                        "requests_in_flight = 1 for this device to say so)", self.device.name, why)
+
+    def _block_readings(self, index: int, block: Block, response: ModbusPDU | Answer, ts: float) -> list[Reading]:
         if response.isError():
             self._block_failed(index, block, _why(response))
             return _readings(block.names, repeat(None), BAD, ts)

@@ -168,7 +168,10 @@ class ModbusLink:
                 response: ModbusPDU | Answer = await getattr(client, method)(*args, device_id=unit, **kwargs)
             except self._no_answer_errors as exc:
                 if client.connected:
-                    self._no_answer(unit)
+                    if getattr(exc, "answered", 0):  # some of the requests sent together were answered
+                        self._silent.clear()
+                    else:
+                        self._no_answer(unit)
                     raise error(device, f"{what}: no answer from unit {unit} at {self.where} within "
                                         f"{timeout:g} s") from exc
                 self.close(f"connection lost: {exc}")

@@ -1,4 +1,4 @@
-"""A lean Modbus TCP client: MBAP framing on an asyncio protocol, one request at a time.
+"""A lean Modbus TCP client: MBAP framing on an asyncio protocol.
 
 Why not pymodbus here
     At plant shapes (tens of devices, a hundred points each, read every 100 ms) the fixed cost of
@@ -20,6 +20,17 @@ The protocol (Modbus Messaging on TCP/IP Implementation Guide V1.0b)
     answer with the right id but the wrong function code or byte count is a malformed answer:
     it fails that request only (:class:`Answer` with a ``problem``), like a short answer did.
 
+Requests in flight
+    The implementation guide lets a client send several requests without waiting for each answer
+    (that is what the transaction id is for), and a server take as many as it can
+    (``NumberMaxOfServerTransaction``). :meth:`TcpClient.read_blocks` sends a read's requests in
+    one write and takes their answers in any order: one socket write, one wake-up and one timer
+    per read instead of per block (measured: about a sixth less agent CPU at 20 devices x 125
+    float32 points every 100 ms). Not every server copes: pymodbus's server (3.16) keeps only the
+    last request of a segment and answers that one, and some gateways answer "busy". So it is
+    the device's ``requests_in_flight`` (default 1: one at a time), and the driver goes back to
+    one at a time for a device that answers only some of them (:attr:`NoAnswer.answered`).
+
 Interface
     :class:`TcpClient` offers the few pymodbus client methods the driver uses
     (``read_holding_registers``... ``write_registers``, with ``device_id``), ``connect``,
@@ -33,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -45,7 +57,13 @@ MAX_LENGTH = 254  # unit id + the largest PDU (253 bytes)
 
 
 class NoAnswer(Exception):
-    """The unit did not answer within the timeout (the connection may still be fine)."""
+    """The unit did not answer within the timeout (the connection may still be fine).
+
+    ``answered`` counts the requests sent together that did get their answer."""
+
+    def __init__(self, message: str, answered: int = 0) -> None:
+        super().__init__(message)
+        self.answered = answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +101,7 @@ class Answer:
 
 
 class TcpClient(asyncio.Protocol):
-    """One Modbus TCP connection; requests are sent one at a time (the caller holds a lock).
+    """One Modbus TCP connection; one request, or one read's requests, at a time (the caller holds a lock).
 
     The client is its connection's asyncio protocol: the loop calls :meth:`data_received` and
     :meth:`connection_lost`."""
@@ -95,7 +113,7 @@ class TcpClient(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._tid = 0
-        self._waiting: tuple[int, asyncio.Future[bytes]] | None = None  # (transaction id, its answer)
+        self._waiting: _Batch | None = None  # the requests on the wire and their answers
 
     @property
     def connected(self) -> bool:
@@ -143,29 +161,44 @@ class TcpClient(asyncio.Protocol):
         pdu = _WRITE_MANY.pack(16, address, len(values), 2 * len(values)) + struct.pack(f">{len(values)}H", *values)
         return _echo(16, await self.request(device_id, pdu), 4)
 
+    async def read_blocks(self, requests: Sequence[tuple[int, int, int]], *, device_id: int) -> list[Answer]:
+        """Send read requests (function code, address, count) together; their answers, in order.
+
+        One write, each request with its own transaction id; the answers may come in any order.
+        NoAnswer when not all of them came within ``timeout`` (``answered`` says how many did).
+        """
+        answers = await self.request_many(device_id, [_READ.pack(*r) for r in requests])
+        return [_read_answer(function, count, pdu) for (function, _, count), pdu in zip(requests, answers, strict=True)]
+
     async def _read(self, function: int, address: int, count: int, unit: int) -> Answer:
         pdu = await self.request(unit, _READ.pack(function, address, count))
-        if pdu[0] != function:
-            return _unexpected(function, pdu)
-        size = 2 * count if function >= 3 else (count + 7) // 8
-        if len(pdu) < 2 or pdu[1] != len(pdu) - 2 or pdu[1] != size:
-            got = pdu[1] if len(pdu) > 1 else 0
-            return Answer(function, problem=f"expected {size} data bytes, got {got} (frame of {len(pdu) - 2})")
-        return Answer(function, pdu[2:])
+        return _read_answer(function, count, pdu)
 
     async def request(self, unit: int, pdu: bytes) -> bytes:
         """Send one PDU to ``unit``; the answer's PDU. NoAnswer after ``timeout``; ConnectionError."""
+        return (await self.request_many(unit, (pdu,)))[0]
+
+    async def request_many(self, unit: int, pdus: Sequence[bytes]) -> list[bytes]:
+        """Send PDUs to ``unit`` in one write; their answers' PDUs in order. NoAnswer when not all
+        came within ``timeout``; ConnectionError."""
         transport = self._transport
         if transport is None or transport.is_closing():
             raise ConnectionError(f"not connected to {self.host}:{self.port}")
-        self._tid = tid = (self._tid + 1) & 0xFFFF
-        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._waiting = (tid, answer)
-        transport.write(_MBAP.pack(tid, 0, len(pdu) + 1, unit) + pdu)
+        first = (self._tid + 1) & 0xFFFF
+        frames = []
+        for offset, pdu in enumerate(pdus):
+            frames.append(_MBAP.pack((first + offset) & 0xFFFF, 0, len(pdu) + 1, unit) + pdu)
+        self._tid = (first + len(pdus) - 1) & 0xFFFF
+        batch = self._waiting = _Batch(first, asyncio.get_running_loop().create_future(), len(pdus))
+        transport.write(b"".join(frames))
         try:
             async with asyncio.timeout(self.timeout):
-                return await answer
+                return await batch.future
         except TimeoutError:
+            answered = len(pdus) - batch.missing
+            if answered:
+                raise NoAnswer(f"{batch.missing} of {len(pdus)} requests sent together got no answer within "
+                               f"{self.timeout:g} s", answered) from None
             raise NoAnswer(f"no answer within {self.timeout:g} s") from None
         finally:
             self._waiting = None
@@ -185,10 +218,8 @@ class TcpClient(asyncio.Protocol):
                 return
             pdu = bytes(buffer[7:end])
             del buffer[:end]
-            waiting = self._waiting
-            if waiting is not None and waiting[0] == tid and not waiting[1].done():
-                waiting[1].set_result(pdu)
-            else:
+            batch = self._waiting
+            if batch is None or not batch.put(tid, pdu):
                 log.debug("modbus %s:%d: answer with transaction id %d dropped (nothing waits for it)",
                           self.host, self.port, tid)
 
@@ -205,9 +236,42 @@ class TcpClient(asyncio.Protocol):
         self._fail(ConnectionError(f"connection lost: {exc}" if exc else "connection closed by the device"))
 
     def _fail(self, error: Exception) -> None:
-        waiting = self._waiting
-        if waiting is not None and not waiting[1].done():
-            waiting[1].set_exception(error)
+        batch = self._waiting
+        if batch is not None and not batch.future.done():
+            batch.future.set_exception(error)
+
+
+class _Batch:
+    """Requests on the wire with consecutive transaction ids from ``first``, and their answers so far."""
+
+    __slots__ = ("answers", "first", "future", "missing")
+
+    def __init__(self, first: int, future: asyncio.Future[list[bytes]], count: int) -> None:
+        self.first = first
+        self.future = future
+        self.answers: list[bytes | None] = [None] * count
+        self.missing = count
+
+    def put(self, tid: int, pdu: bytes) -> bool:
+        """Take an answer; False when it is not one of ours (another id, a repeat, or too late)."""
+        index = (tid - self.first) & 0xFFFF
+        if index >= len(self.answers) or self.answers[index] is not None or self.future.done():
+            return False
+        self.answers[index] = pdu
+        self.missing -= 1
+        if not self.missing:
+            self.future.set_result(self.answers)  # type: ignore[arg-type]  # every one is bytes now
+        return True
+
+
+def _read_answer(function: int, count: int, pdu: bytes) -> Answer:
+    if pdu[0] != function:
+        return _unexpected(function, pdu)
+    size = 2 * count if function >= 3 else (count + 7) // 8
+    if len(pdu) < 2 or pdu[1] != len(pdu) - 2 or pdu[1] != size:
+        got = pdu[1] if len(pdu) > 1 else 0
+        return Answer(function, problem=f"expected {size} data bytes, got {got} (frame of {len(pdu) - 2})")
+    return Answer(function, pdu[2:])
 
 
 def _unexpected(function: int, pdu: bytes) -> Answer:

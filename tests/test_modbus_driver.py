@@ -312,6 +312,25 @@ async def test_read_every_table() -> None:
     assert len({r.ts for r in readings.values()}) == 1  # one timestamp per read
 
 
+async def test_a_server_that_drops_requests_in_flight_is_read_one_at_a_time(caplog: pytest.LogCaptureFixture) -> None:
+    """pymodbus's server (3.16) answers only the last request of those that arrive together: the
+    read gets the others again one at a time, with a warning, and later reads go one at a time."""
+    points = [point("hr", 0, "uint16"), point("ir", 2, "float32", register="input"), point("coil17", 17, "bool")]
+    async with plant() as server:
+        await server.set("holding", 0, [42])
+        await server.set("input", 2, [0x3FC0, 0x0000])
+        await server.set("coil", 17, [True])
+        async with connected(device(server.port, points, requests_in_flight=3)) as driver:
+            first = by_name(await driver.read())
+            assert "requests sent together" in caplog.text and "one request at a time" in caplog.text
+            seen = len(server.reads())
+            second = by_name(await driver.read())
+    for readings in (first, second):
+        assert {n: (r.value, r.quality) for n, r in readings.items()} == {
+            "hr": (42, GOOD), "ir": (1.5, GOOD), "coil17": (True, GOOD)}
+    assert len(server.reads()) - seen == 3  # one request per block
+
+
 async def test_neighbouring_points_share_one_request_per_table() -> None:
     points = [point(f"f{i}", 2 * i, "float32", word_order="little" if i % 2 else "big") for i in range(20)]
     points += [point(f"i{i}", i, "int16", register="input") for i in range(5)]

@@ -212,3 +212,105 @@ async def test_the_client_alone_times_out_and_refuses_when_not_connected() -> No
     refused = TcpClient("127.0.0.1", port, 0.2)  # the server is gone
     with pytest.raises(OSError):
         await refused.connect()
+
+
+class Gathering(asyncio.Protocol):
+    """A server that waits until ``expect`` requests are on the wire, then answers them in reverse
+    order in one write (answer ``busy`` numbers of them with "server busy"): only a client that sends
+    a read's requests together is ever answered."""
+
+    def __init__(self, expect: int, busy: frozenset[int] = frozenset()) -> None:
+        self.expect = expect
+        self.busy = busy  # indexes (0-based, in request order) answered with exception code 6
+        self.buffer = b""
+        self.pending: list[tuple[int, int, bytes]] = []
+        self.received: list[bytes] = []  # request PDUs, in arrival order
+        self.transport: asyncio.Transport | None = None
+        self.busy_then_one_by_one = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= 7:
+            tid, _, length, unit = struct.unpack(">HHHB", self.buffer[:7])
+            if len(self.buffer) < 6 + length:
+                return
+            pdu, self.buffer = self.buffer[7:6 + length], self.buffer[6 + length:]
+            self.received.append(pdu)
+            self.pending.append((tid, unit, pdu))
+        if len(self.pending) >= self.expect:
+            out = []
+            if self.busy_then_one_by_one:
+                self.expect = 1  # after these answers, each request is answered as it comes
+            for index, (tid, unit, pdu) in reversed(list(enumerate(self.pending))):
+                _, address, count = struct.unpack(">BHH", pdu)
+                body = bytes([0x83, 6]) if index in self.busy else registers_answer(
+                    [address + i for i in range(count)])
+                out.append(frame(tid, unit, body))
+            self.pending.clear()
+            assert self.transport is not None
+            self.transport.write(b"".join(out))
+
+
+def grouped_device(port: int, in_flight: int) -> ModbusDevice:
+    """Six registers read two at a time: three blocks, 0..1, 2..3, 4..5."""
+    points = [ModbusPoint(name=f"d.r{i}", address=i, type="uint16") for i in range(6)]
+    return ModbusDevice(name="d", protocol="modbus", host="127.0.0.1", port=port, unit_id=7, timeout=0.5,
+                        max_registers=2, requests_in_flight=in_flight, points=tuple(points))
+
+
+async def test_a_reads_requests_in_flight_go_together_and_their_answers_come_in_any_order() -> None:
+    server = Gathering(expect=3)
+    listener = await asyncio.get_running_loop().create_server(lambda: server, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    driver = ModbusDriver(grouped_device(port, in_flight=4), Path("."))
+    await driver.connect()
+    try:
+        for _ in range(3):
+            readings = await driver.read()
+            assert [(r.point, r.value, r.quality) for r in readings] == [(f"d.r{i}", i, GOOD) for i in range(6)]
+            assert len({r.ts for r in readings}) == 1
+    finally:
+        await driver.close()
+        listener.close()
+        await listener.wait_closed()
+    assert server.received[:3] == [struct.pack(">BHH", 3, a, 2) for a in (0, 2, 4)]
+    assert len(server.received) == 9
+
+
+async def test_groups_are_requests_in_flight_long() -> None:
+    server = Gathering(expect=2)  # answers once two requests are there: the third goes alone and waits...
+    listener = await asyncio.get_running_loop().create_server(lambda: server, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    driver = ModbusDriver(grouped_device(port, in_flight=2), Path("."))
+    await driver.connect()
+    try:
+        with pytest.raises(ReadError, match="no answer"):  # ...for a second request that never comes
+            await driver.read()
+    finally:
+        await driver.close()
+        listener.close()
+        await listener.wait_closed()
+    assert server.received == [struct.pack(">BHH", 3, a, 2) for a in (0, 2, 4)]
+
+
+async def test_a_server_busy_with_requests_in_flight_gets_them_again_one_at_a_time(
+        caplog: pytest.LogCaptureFixture) -> None:
+    answered_busy = Gathering(expect=3, busy=frozenset({1}))
+    listener = await asyncio.get_running_loop().create_server(lambda: answered_busy, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    driver = ModbusDriver(grouped_device(port, in_flight=3), Path("."))
+    await driver.connect()
+    try:
+        answered_busy.busy_then_one_by_one = True
+        assert [(r.value, r.quality) for r in await driver.read()] == [(i, GOOD) for i in range(6)]
+        assert "server busy" in caplog.text and "one request at a time" in caplog.text
+        assert [r.value for r in await driver.read()] == [0, 1, 2, 3, 4, 5]
+    finally:
+        await driver.close()
+        listener.close()
+        await listener.wait_closed()
+    assert len(answered_busy.received) == 3 + 1 + 3  # together, the busy one again, then one at a time

@@ -162,6 +162,9 @@ def _opcua_device(t: Table, device: dict[str, Any], base: Path | None = None) ->
     return OpcUaDevice(endpoint=endpoint, points=tuple(points), **extra, **device)  # type: ignore[arg-type]
 
 
+MAX_IN_FLIGHT = 16  # requests of one read on the wire at once (Modbus TCP)
+
+
 def _modbus_device(t: Table, device: dict[str, Any]) -> ModbusDevice | None:
     rtu = device["protocol"] == "modbus-rtu"
     extra: dict[str, Any] = {
@@ -177,9 +180,14 @@ def _modbus_device(t: Table, device: dict[str, Any]) -> ModbusDevice | None:
             "stopbits": t.integer("stopbits", 1, low=1, high=2),
             "bytesize": t.integer("bytesize", 8, low=7, high=8),
         }
+        if t.has("requests_in_flight"):
+            t.seen.add("requests_in_flight")
+            t.problem("requests_in_flight", "Modbus TCP only (protocol = \"modbus\"): a serial line carries one "
+                                            "request at a time")
     else:
         extra |= {"host": t.string("host", _REQUIRED), "port": t.integer("port", 502, low=1, high=65535),
-                  "connection": t.choice("connection", MODBUS_CONNECTIONS, "own")}
+                  "connection": t.choice("connection", MODBUS_CONNECTIONS, "own"),
+                  "requests_in_flight": t.integer("requests_in_flight", 1, low=1, high=MAX_IN_FLIGHT)}
     points = [_modbus_point(p) for p in t.tables("points")]
     t.finish()
     if None in extra.values() or None in device.values() or None in points:

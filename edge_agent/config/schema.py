@@ -112,6 +112,7 @@ class ModbusDevice(DeviceConfig):
     max_registers: int = 125
     max_gap: int = 0
     connection: str = "own"  # TCP: "shared" with the other "shared" devices on host:port; RTU always shares the port
+    requests_in_flight: int = 1  # TCP: a read's requests sent together (without waiting for each answer)
     points: tuple[ModbusPoint, ...] = ()
 
 
