@@ -295,13 +295,14 @@ def test_point_ids_survive_a_reopen_and_a_rolled_back_batch(tmp_path: Path) -> N
     ids = dict(twin.conn.execute("SELECT name, id FROM history_points"))
     # a batch that fails after "c" got an id: rolled back, the id is forgotten with it
     with pytest.raises(TwinError, match="cannot store readings"):
-        bad = Reading("a", b"\x00", "good", 2.0)  # type: ignore[arg-type]  # a value JSON cannot hold
-        twin.write_batch([(2.0, [Reading("c", 3.0, "good", 2.0), bad])])
+        bad = Reading("a", b"\x00", "good", 2.5)  # type: ignore[arg-type]  # a value JSON cannot hold
+        twin.write_batch([(2.0, [Reading("c", 3.0, "good", 2.0), bad])])  # "c" alone: its block template is made
     assert twin.conn.execute("SELECT count(*) FROM history_points WHERE name = 'c'").fetchone()[0] == 0
     other = Twin.open(path)  # another writer gives "d" an id this one does not know of
     other.write_batch([(3.0, [Reading("d", 4.0, "good", 3.0)])])
     other.close()
-    twin.write_batch([(4.0, [Reading("d", 5.0, "good", 4.0), Reading("c", 6.0, "good", 4.0)])])
+    # "c" gets an id again (the one forgotten is "d"'s now): a template kept from the rolled-back batch would be wrong
+    twin.write_batch([(4.0, [Reading("d", 5.0, "good", 4.0), Reading("c", 6.0, "good", 4.5)])])
     twin.close()
     twin = Twin.open(path)
     try:
@@ -309,7 +310,7 @@ def test_point_ids_survive_a_reopen_and_a_rolled_back_batch(tmp_path: Path) -> N
         assert {k: now[k] for k in ids} == ids and len(set(now.values())) == 4
         twin.write_batch([(5.0, [Reading("a", 7.0, "good", 5.0)])])
         rows = twin.conn.execute("SELECT point, value FROM history ORDER BY ts, point").fetchall()
-        assert rows == [("a", 1.0), ("b", 2.0), ("d", 4.0), ("c", 6.0), ("d", 5.0), ("a", 7.0)]
+        assert rows == [("a", 1.0), ("b", 2.0), ("d", 4.0), ("d", 5.0), ("c", 6.0), ("a", 7.0)]
     finally:
         twin.close()
 
