@@ -621,9 +621,12 @@ class _Forwards:
     def __init__(self, targets: list[Any]) -> None:
         self.targets = targets
 
-    def add(self, readings: Sequence[Reading]) -> None:
-        for target in self.targets:
-            target.add(readings)
+    def prepare(self, readings: Sequence[Reading]) -> list[Any]:
+        return [target.prepare(readings) for target in self.targets]
+
+    def add(self, readings: Sequence[Reading], prepared: list[Any] | None = None) -> None:
+        for index, target in enumerate(self.targets):
+            target.add(readings, prepared[index] if prepared is not None else None)
 
     async def append_event(self, kind: str, fields: dict[str, Any]) -> None:
         for target in self.targets:

@@ -67,6 +67,19 @@ def test_runs_of_one_ts_become_one_entry_each_in_order() -> None:
     assert telemetry_samples(body) == [(r.point, r.ts, r.value, r.quality) for r in samples]
 
 
+def test_entries_keep_a_read_whole_up_to_the_limit_and_split_it_beyond() -> None:
+    encoder = payloads.CompactTelemetryEncoder("gw-01")
+    reads = [Reading(f"d{d}.p{p}", d + p / 10, "good", 100.0 + d) for d in range(2) for p in range(5)]
+    assert [count for _, count in encoder.entries(reads, 7)] == [5, 5]
+    split = encoder.entries(reads, 3)
+    assert [count for _, count in split] == [3, 2, 3, 2]
+    body = json.loads(encoder.encode_entries([text for text, _ in split], Stamp(3)))
+    assert [r["ts"] for r in body["reads"]] == [100.0, 100.0, 101.0, 101.0]
+    assert telemetry_samples(body) == [(r.point, r.ts, r.value, r.quality) for r in reads]
+    assert encoder.encode(reads, Stamp(3)) == encoder.encode_entries([t for t, _ in encoder.entries(reads, 10)],
+                                                                       Stamp(3))
+
+
 def test_mixed_qualities_are_an_array_and_agreeing_ones_a_string() -> None:
     samples = [Reading("a", 1.0, "good", 5.0), Reading("b", 2.0, "bad", 5.0), Reading("c", 3.0, "stale", 5.0),
                Reading("d", 4.0, "uncertain", 6.0), Reading("e", 5.0, "uncertain", 6.0)]
@@ -228,7 +241,7 @@ def history(data_dir: Path) -> list[tuple[Any, ...]]:
 
 
 async def test_agent_v2_end_to_end_mosquitto_sub_gets_every_sample(tmp_path: Path, broker: Broker, pki: Pki) -> None:
-    """The agent with telemetry_version = 2 and max_samples = 7 (reads of 5 samples are split across
+    """The agent with telemetry_version = 2 and max_samples = 3 (reads of 5 samples are split across
     messages) against mosquitto; mosquitto_sub, a subscriber this project did not write, receives it."""
     binary = shutil.which("mosquitto_sub")
     if binary is None:
@@ -251,9 +264,9 @@ async def test_agent_v2_end_to_end_mosquitto_sub_gets_every_sample(tmp_path: Pat
     def bodies() -> list[dict[str, Any]]:
         return [b for t, b in lines if t == TELEMETRY]
 
-    # three reads (of 5 samples, every 100 ms) gather per publish interval: a batch of about 15
-    # samples is always split into messages of 7
-    cfg = builders.load(config_doc(tmp_path, pki, broker.port, telemetry_version=2, max_samples=7,
+    # three reads (of 5 samples, every 100 ms) gather per publish interval; each read is longer
+    # than a message may be, so it is split: 3 samples in one message, 2 in the next
+    cfg = builders.load(config_doc(tmp_path, pki, broker.port, telemetry_version=2, max_samples=3,
                                    publish_interval="300ms"),
                         tmp_path / "agent.toml")
     agent = Agent(cfg, driver_factory=FakePlant(counting=True, accepts_writes=False).driver)
@@ -262,7 +275,7 @@ async def test_agent_v2_end_to_end_mosquitto_sub_gets_every_sample(tmp_path: Pat
         assert lines[0][0] == f"{PREFIX}/probe"
         await agent.start()
         try:
-            while len(bodies()) < 12:
+            while sum(len(telemetry_samples(b)) for b in bodies()) < 60:
                 await read_line()
         finally:
             await agent.stop()
@@ -279,7 +292,7 @@ async def test_agent_v2_end_to_end_mosquitto_sub_gets_every_sample(tmp_path: Pat
         assert validate(body, load_schema("telemetry.v2")) == [], body
         assert (body["v"], body["gateway"]) == (2, AGENT_CN)
     counts = [len(telemetry_samples(received[seq])) for seq in sorted(received)]
-    assert max(counts) == 7 and all(0 < c <= 7 for c in counts)
+    assert max(counts) == 3 and all(0 < c <= 3 for c in counts)
     # a read split across two messages: the same ts ends one message and starts the next
     assert any(received[s]["reads"][-1]["ts"] == received[s + 1]["reads"][0]["ts"] for s in sorted(received)[:-1])
     got = [s for seq in sorted(received) for s in telemetry_samples(received[seq])]

@@ -117,7 +117,10 @@ class EdgeNode:
 
     # ------------------------------------------------------------------ input (the twin writer's forward)
 
-    def add(self, readings: Sequence[Reading]) -> None:
+    def prepare(self, readings: Sequence[Reading]) -> None:
+        """Nothing to make ahead: DDATA is encoded at the publish interval."""
+
+    def add(self, readings: Sequence[Reading], prepared: object = None) -> None:
         """Readings the twin kept; the changed ones go out as DDATA at the next publish interval."""
         self._samples.extend(r for r in readings if r[0] in self.owner)
 

@@ -234,24 +234,37 @@ class CompactTelemetryEncoder:
 
     def encode(self, samples: Sequence[Reading], stamp: Stamp) -> bytes:
         """The payload for one telemetry message carrying ``samples``."""
-        reads = self._reads(samples) if samples else ""
-        gap = "" if stamp.gap is None else ',"gap":' + json.dumps(stamp.gap.record()["gap"])
-        return f'{self._head}{stamp.seq}{gap},"reads":[{reads}]}}'.encode()
+        entries = self.entries(samples, len(samples)) if samples else []
+        return self.encode_entries([text for text, _ in entries], stamp)
 
-    def _reads(self, samples: Sequence[Reading]) -> str:
+    def encode_entries(self, entries: Sequence[str], stamp: Stamp) -> bytes:
+        """The payload for one telemetry message of ``reads`` entries made by :meth:`entries`."""
+        gap = "" if stamp.gap is None else ',"gap":' + json.dumps(stamp.gap.record()["gap"])
+        return f'{self._head}{stamp.seq}{gap},"reads":[{",".join(entries)}]}}'.encode()
+
+    def entries(self, samples: Sequence[Reading], limit: int) -> list[tuple[str, int]]:
+        """The encoded ``reads`` entries of ``samples``, each with its number of samples; a run of more
+        than ``limit`` samples is split into entries of at most ``limit``.
+
+        The cloud sync makes them right after the twin stored the samples (in the twin writer's
+        worker thread), and keeps only these texts until the next publish: about 30 bytes a
+        sample instead of the readings (about 160 bytes with their float texts)."""
+        if not samples:
+            return []
         names, values, qualities, stamps = zip(*samples, strict=True)
         entries = []
         start = 0
         for ts, length in _runs(stamps):
-            end = start + length
-            run = values[start:end]
-            # a device read's floats: their texts were made for the twin's history a moment ago
-            texts = floats.take(run)
-            shown = "[" + ",".join(texts) + "]" if texts is not None else self._values(run)
-            entries.append(f'{{"ts":{ts!r}{self._names_text(names[start:end])}{shown}'
-                           f'{self._quality(qualities[start:end])}')
-            start = end
-        return ",".join(entries)
+            for first in range(start, start + length, limit):
+                end = min(first + limit, start + length)
+                run = values[first:end]
+                # a device read's floats: their texts were made for the twin's history a moment ago
+                texts = floats.take(run)
+                shown = "[" + ",".join(texts) + "]" if texts is not None else self._values(run)
+                entries.append((f'{{"ts":{ts!r}{self._names_text(names[first:end])}{shown}'
+                                f'{self._quality(qualities[first:end])}', end - first))
+            start += length
+        return entries
 
     @staticmethod
     def _values(run: Sequence[Any]) -> str:

@@ -4,7 +4,9 @@ Data path. The agent hands every reading the twin kept to :meth:`Sync.add`. Ever
 ``mqtt.publish_interval`` the batcher turns what has gathered into telemetry messages of at
 most ``mqtt.max_samples`` samples and appends them to the outbox in one transaction, online or
 not. So a reading waits in memory for at most one publish interval (and is flushed on a clean
-stop); once in the outbox it survives ``kill -9`` and is deleted only after its PUBACK.
+stop); once in the outbox it survives ``kill -9`` and is deleted only after its PUBACK. With
+telemetry v2 what waits is not the readings but their encoded ``reads`` entries, made by
+:meth:`Sync.prepare` in the twin writer's worker thread right after the twin stored them.
 
 Draining. When the link comes up, everything already in the outbox is the *backlog*; it is
 replayed in order, paced by a token bucket of ``mqtt.replay_rate`` samples per second so a long
@@ -82,7 +84,11 @@ class Sync:
         self.acked = 0
         self.unqueued = 0  # samples let go because the outbox could not be written (they are in the twin)
         self._append_failing = False
-        self._samples: list[Reading] = []
+        self._samples: list[Reading] = []  # telemetry v1: the readings until the next publish
+        # telemetry v2: the encoded entries of the readings (and how many samples they hold)
+        self._compact = self.encoder if isinstance(self.encoder, payloads.CompactTelemetryEncoder) else None
+        self._entries: list[tuple[str, int]] = []
+        self._held = 0
         self._twin_dirty = True
         self._twin_urgent = False  # a desired state changed: the snapshot goes out at the next batch
         self._twin_sent = 0.0
@@ -95,11 +101,25 @@ class Sync:
 
     # ------------------------------------------------------------------ input
 
-    def add(self, readings: Sequence[Reading]) -> None:
-        """Readings the twin kept; they become telemetry at the next publish interval."""
-        if readings:
+    def prepare(self, readings: Sequence[Reading]) -> list[tuple[str, int]] | None:
+        """With telemetry v2, the encoded ``reads`` entries of ``readings`` (called by the twin writer in
+        its worker thread, right after storing them; one call at a time); None with v1."""
+        if self._compact is None:
+            return None
+        return self._compact.entries(readings, self.cfg.max_samples)
+
+    def add(self, readings: Sequence[Reading], prepared: list[tuple[str, int]] | None = None) -> None:
+        """Readings the twin kept (and, with v2, what :meth:`prepare` made of them); they become
+        telemetry at the next publish interval."""
+        if not readings:
+            return
+        self._twin_dirty = True
+        if self._compact is None:
             self._samples.extend(readings)
-            self._twin_dirty = True
+            return
+        entries = prepared if prepared is not None else self._compact.entries(readings, self.cfg.max_samples)
+        self._entries.extend(entries)
+        self._held += len(readings)
 
     def twin_changed(self) -> None:
         """A desired state changed: republish the twin snapshot at the next publish interval."""
@@ -196,10 +216,7 @@ class Sync:
             try:
                 await self._batch()
             except TwinError as exc:
-                excess = len(self._samples) - HELD_SAMPLES
-                if excess > 0:  # bounded: the oldest go (the twin keeps them; a later resync can find them)
-                    del self._samples[:excess]
-                    self.unqueued += excess
+                self._shed()
                 if not self._append_failing:
                     log.error("%s; up to %d samples kept in memory for the next attempt", exc, HELD_SAMPLES)
                 else:
@@ -210,9 +227,25 @@ class Sync:
                     log.info("outbox: writing again; %d samples could not be queued meanwhile", self.unqueued)
                 self._append_failing = False
 
+    def _shed(self) -> None:
+        """Bounded while the outbox cannot be written: the oldest samples go (the twin keeps them; a
+        later resync can find them)."""
+        excess = len(self._samples) - HELD_SAMPLES
+        if excess > 0:
+            del self._samples[:excess]
+            self.unqueued += excess
+        cut = 0
+        while self._held > HELD_SAMPLES and cut < len(self._entries):
+            count = self._entries[cut][1]
+            self._held -= count
+            self.unqueued += count
+            cut += 1
+        del self._entries[:cut]
+
     async def _batch(self) -> None:
         samples, self._samples = self._samples, []
-        drafts = self._telemetry_drafts(samples)
+        entries, held, self._entries, self._held = self._entries, self._held, [], 0
+        drafts = self._telemetry_drafts(samples) + self._entry_drafts(entries)
         now = time.monotonic()
         if self._twin_dirty and (self._twin_urgent or now - self._twin_sent >= self.cfg.twin_interval):
             drafts.append(await self._twin_draft())
@@ -221,6 +254,8 @@ class Sync:
             await self.append(drafts)
         except TwinError:
             self._samples[:0] = samples
+            self._entries[:0] = entries
+            self._held += held
             raise
 
     def _telemetry_drafts(self, samples: list[Reading]) -> list[Draft]:
@@ -231,6 +266,27 @@ class Sync:
             drafts.append(Draft(kind="telemetry", topic=self.topics.telemetry, samples=len(chunk),
                                 payload=lambda stamp, chunk=chunk: self.encoder.encode(chunk, stamp)))  # type: ignore[misc]
         return drafts
+
+    def _entry_drafts(self, entries: list[tuple[str, int]]) -> list[Draft]:
+        """v2: telemetry messages of whole entries, each of at most ``max_samples`` samples."""
+        compact, size = self._compact, self.cfg.max_samples
+        drafts: list[Draft] = []
+        if compact is None or not entries:
+            return drafts
+        texts: list[str] = []
+        count = 0
+        for text, samples in entries:
+            if count + samples > size and texts:
+                drafts.append(self._entry_draft(compact, texts, count))
+                texts, count = [], 0
+            texts.append(text)
+            count += samples
+        drafts.append(self._entry_draft(compact, texts, count))
+        return drafts
+
+    def _entry_draft(self, compact: payloads.CompactTelemetryEncoder, texts: list[str], count: int) -> Draft:
+        return Draft(kind="telemetry", topic=self.topics.telemetry, samples=count,
+                     payload=lambda stamp: compact.encode_entries(texts, stamp))
 
     async def _twin_draft(self) -> Draft:
         points = self.snapshot()

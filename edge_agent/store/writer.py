@@ -64,9 +64,14 @@ class TwinState:
 
 
 class Forward(Protocol):
-    """Where stored readings and records go next (the cloud sync)."""
+    """Where stored readings and records go next (the cloud sync).
 
-    def add(self, readings: Sequence[Reading]) -> None: ...
+    ``prepare`` runs in the writer's worker thread right after the twin stored ``readings`` (one
+    call at a time); what it returns is handed to ``add`` on the event loop with them."""
+
+    def prepare(self, readings: Sequence[Reading]) -> Any: ...
+
+    def add(self, readings: Sequence[Reading], prepared: Any = None) -> None: ...
 
     async def append_event(self, kind: str, fields: dict[str, Any]) -> None: ...
 
@@ -232,7 +237,8 @@ class TwinWriter:
                 if self._points_config is not None:
                     await asyncio.to_thread(self.twin.sync_points, self._points_config)
                     self._points_config = None
-                kept = await asyncio.to_thread(self.twin.write_batch, chunks, update_points=update)
+                forward = self.forward
+                kept, prepared = await asyncio.to_thread(self._store, chunks, update, forward)
                 if update:
                     self._points_synced = now
                 self.last_flush_seconds = time.perf_counter() - began
@@ -249,9 +255,14 @@ class TwinWriter:
             self._recovered()
             self.stored += len(kept)
             self.flushes += 1
-            if self.forward is not None:
-                self.forward.add(kept)
+            if self.forward is not None:  # a reload may have changed it meanwhile: then it prepares nothing
+                self.forward.add(kept, prepared if self.forward is forward else None)
             return len(kept)
+
+    def _store(self, chunks: list[Chunk], update: bool, forward: Forward | None) -> tuple[list[Reading], Any]:
+        """Store the chunks and let the forward prepare what it sends of them (worker thread)."""
+        kept = self.twin.write_batch(chunks, update_points=update)
+        return kept, forward.prepare(kept) if forward is not None and kept else None
 
     async def store_records(self) -> None:
         """Store pending events and write records in the twin, then hand them to the cloud."""
