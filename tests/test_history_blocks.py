@@ -7,10 +7,12 @@ a twin of today's schema (``Twin.write_batch``, blocks), then asks both the same
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import sqlite3
-from collections.abc import Sequence
+import struct
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -315,12 +317,37 @@ def test_point_ids_survive_a_reopen_and_a_rolled_back_batch(tmp_path: Path) -> N
         twin.close()
 
 
+def bits(values: Iterable[float]) -> list[bytes]:
+    return [struct.pack(">d", v) for v in values]
+
+
+def test_float_texts_read_back_bit_for_bit() -> None:
+    """The texts (orjson's shortest digits) are JSON numbers that read back to the very same float,
+    through Python's json and through SQLite's json_extract, as repr's did."""
+    rng = random.Random(13)
+    tricky = [0.0, -0.0, 5e-324, -5e-324, 2.2250738585072014e-308, 1.7976931348623157e308, 1e-05, 1.5e-07, 1e16,
+              1e22, 123456789012345680.0, 0.1, 1 / 3, 2.0**53, 2.0**53 + 2, -1e-300]
+    words = [rng.getrandbits(32) & 0xFF7FFFFF for _ in range(500)]  # any sign; never the all-ones exponent
+    float32 = list(struct.unpack(">500f", struct.pack(">500I", *words)))
+    doubles = [rng.uniform(-1e6, 1e6) for _ in range(500)] + [math.ldexp(rng.random(), rng.randint(-1000, 1000))
+                                                              for _ in range(500)]
+    values = tuple(tricky + float32 + doubles)
+    texts = floats.make(values)
+    assert texts is not None and len(texts) == len(values)
+    assert bits(map(json.loads, texts)) == bits(values)
+    assert [floats.one(v) for v in values] == texts
+    with sqlite3.connect(":memory:") as conn:
+        back = [conn.execute("SELECT json_extract(?, '$[0]')", (f"[{t}]",)).fetchone()[0] for t in texts]
+    assert bits(back) == bits(values)
+
+
 def test_float_texts_are_made_once_for_a_consumer_bounded_and_only_for_finite_floats() -> None:
     floats.clear()
     try:
         run = tuple(i * 0.1 + 1e-9 for i in range(100))
         made = floats.texts(run)
-        assert made == [repr(v) for v in run] and floats.kept() == 0  # no consumer: nothing is kept
+        assert made is not None and bits(map(json.loads, made)) == bits(run)  # JSON numbers, read back exactly
+        assert floats.kept() == 0  # no consumer: nothing is kept
         floats.share(True)  # the v2 telemetry runs
         made = floats.texts(run)
         assert floats.kept() == 100 and floats.take(tuple(run)) is made  # taken, not made again
@@ -333,7 +360,7 @@ def test_float_texts_are_made_once_for_a_consumer_bounded_and_only_for_finite_fl
             floats.texts(tuple(float(start + i) for i in range(100)))
         waiting = floats.kept()
         assert waiting <= floats.LIMIT_VALUES
-        assert floats.take(first) == [repr(v) for v in first] and floats.kept() == waiting  # the oldest went first
+        assert floats.take(first) == floats.make(first) and floats.kept() == waiting  # the oldest went first
         floats.share(False)  # the consumer stopped: nothing waits
         assert floats.kept() == 0
     finally:

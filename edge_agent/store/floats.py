@@ -1,8 +1,11 @@
 """The JSON text of a device read's float values, made once for the twin and the cloud.
 
-Turning a float into its shortest text (``repr``, what the JSON encoder writes) is the costliest
-step a sample takes on its way through the agent: about 0.7 us on a float32 register's value,
-most of what a history block or a telemetry payload costs. The twin's history block
+Turning a float into its shortest text (the digits ``repr`` writes: the shortest that read back
+to the same float) was the costliest step a sample took on its way through the agent: about
+0.8 us on a float32 register's value with ``repr``. orjson makes the same digits in Rust, about
+0.1 us a value with the splitting (measured: bench/bench_history.py, bench/bench_plant.py), so
+the texts come from it. Some small numbers are written another way (``0.00001`` and ``1.5e-7``
+where ``repr`` writes ``1e-05`` and ``1.5e-07``): the same JSON numbers. The twin's history block
 (:mod:`edge_agent.store.twin`) and the compact telemetry payload
 (:mod:`edge_agent.cloud.payloads`) write the same values of the same device reads, a moment
 apart. While a consumer is there (:func:`share`: the v2 telemetry is running), :func:`texts`
@@ -17,9 +20,11 @@ are made under a lock.
 
 from __future__ import annotations
 
-import functools
 import threading
+from collections.abc import Sequence
 from typing import Any
+
+import orjson
 
 LIMIT_VALUES = 100_000  # values whose texts are kept (the newest runs)
 
@@ -39,15 +44,10 @@ def share(on: bool) -> None:
             _forget()
 
 
-@functools.lru_cache(maxsize=256)
-def _template(count: int) -> str:
-    return ",".join(("%r",) * count)
-
-
 def texts(values: tuple[Any, ...]) -> list[str] | None:
     """The JSON text of each value, when every one is a finite float; None otherwise (the caller
     encodes such runs its own way). Kept for :func:`take` while a consumer shares them."""
-    made = _make(values)
+    made = make(values)
     if made is not None and _consumers:
         _keep(values, made)
     return made
@@ -61,16 +61,23 @@ def take(values: tuple[Any, ...]) -> list[str] | None:
             if found is not None:
                 _drop(len(found))
                 return found
-    return _make(values)
+    return make(values)
 
 
-def _make(values: tuple[Any, ...]) -> list[str] | None:
+def make(values: Sequence[Any]) -> list[str] | None:
+    """The JSON text of each value when every one is a finite float, else None; nothing is kept."""
     if not values or not _FLOAT.issuperset(map(type, values)):
         return None
-    joined = _template(len(values)) % values  # one C call for the run
-    if "n" in joined:  # nan, inf: not JSON (a finite float's repr has digits, ".", "e", "-", "+" only)
+    joined = orjson.dumps(values)  # a list or a tuple of floats: one call for the run
+    if b"null" in joined:  # NaN or an infinity: orjson writes null, the caller writes them its own way
         return None
-    return joined.split(",")
+    return joined[1:-1].decode().split(",")
+
+
+def one(value: float) -> str:
+    """The JSON text of one finite float, as :func:`make` writes it."""
+    return orjson.dumps(value).decode()
+
 
 
 def _keep(values: tuple[float, ...], made: list[str]) -> None:
