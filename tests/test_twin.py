@@ -41,6 +41,27 @@ def test_schema_wal_and_current_values(tmp_path: Path) -> None:
     twin.close()
 
 
+def test_current_values_land_on_their_own_rows_when_another_tool_renumbered_the_points_table(tmp_path: Path) -> None:
+    """Current values are updated by rowid; rowids that changed under the agent (a VACUUM, a
+    tool rewriting the table) never put a value on another point's row."""
+    cfg = _config(tmp_path)
+    twin = Twin.open(cfg.twin_path)
+    twin.sync_points(cfg)
+    twin.write_batch([(1.5, [Reading("pump1.flow", 1.0, "good", 1.0), Reading("pump1.speed", 10, "good", 1.0)])])
+    with sqlite3.connect(cfg.twin_path) as other:  # swap the two rows' rowids
+        ids = dict(other.execute("SELECT name, rowid FROM points"))
+        other.execute("UPDATE points SET rowid = -1 WHERE name = 'pump1.flow'")
+        other.execute("UPDATE points SET rowid = ? WHERE name = 'pump1.speed'", (ids["pump1.flow"],))
+        other.execute("UPDATE points SET rowid = ? WHERE name = 'pump1.flow'", (ids["pump1.speed"],))
+    other.close()
+    twin.write_batch([(2.5, [Reading("pump1.flow", 2.0, "good", 2.0), Reading("pump1.speed", 20, "good", 2.0)])])
+    assert {r["name"]: (r["value"], r["ts"]) for r in twin.current()} == {"pump1.flow": (2.0, 2.0),
+                                                                          "pump1.speed": (20, 2.0)}
+    twin.write_batch([(3.5, [Reading("pump1.flow", 3.0, "good", 3.0), Reading("pump1.speed", 30, "good", 3.0)])])
+    assert {r["name"]: r["value"] for r in twin.current()} == {"pump1.flow": 3.0, "pump1.speed": 30}
+    twin.close()
+
+
 def test_deadband_keeps_only_moves_beyond_it_and_quality_changes(tmp_path: Path) -> None:
     cfg = _config(tmp_path, deadband=0.5)
     twin = Twin.open(cfg.twin_path)
