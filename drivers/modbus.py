@@ -150,7 +150,11 @@ class ModbusDriver(Driver):
             ts = time.time()
             if self._groups:
                 for group in self._groups:
-                    readings += await self._read_together(group, ts)
+                    if self._groups:
+                        readings += await self._read_together(group, ts)
+                    else:  # an earlier group of this read found the device cannot take them together
+                        for index in range(group[0], group[0] + len(group[1])):
+                            readings += await self._read_one(index, ts)
                 return readings
             for index in range(len(self.blocks)):
                 readings += await self._read_one(index, ts)

@@ -6,6 +6,7 @@ records every request it receives, so coalescing is asserted on the wire.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -315,20 +316,26 @@ async def test_read_every_table() -> None:
 async def test_a_server_that_drops_requests_in_flight_is_read_one_at_a_time(caplog: pytest.LogCaptureFixture) -> None:
     """pymodbus's server (3.16) answers only the last request of those that arrive together: the
     read gets the others again one at a time, with a warning, and later reads go one at a time."""
-    points = [point("hr", 0, "uint16"), point("ir", 2, "float32", register="input"), point("coil17", 17, "bool")]
+    points = [point("hr", 0, "uint16"), point("ir", 2, "float32", register="input"), point("coil17", 17, "bool"),
+              point("di5", 5, "bool", register="discrete")]
     async with plant() as server:
         await server.set("holding", 0, [42])
         await server.set("input", 2, [0x3FC0, 0x0000])
         await server.set("coil", 17, [True])
-        async with connected(device(server.port, points, requests_in_flight=3)) as driver:
+        await server.set("discrete", 5, [True])
+        # two groups of two: the first finds out (one timeout), the second goes one at a time at once
+        async with connected(device(server.port, points, requests_in_flight=2)) as driver:
+            began = asyncio.get_running_loop().time()
             first = by_name(await driver.read())
+            took = asyncio.get_running_loop().time() - began
             assert "requests sent together" in caplog.text and "one request at a time" in caplog.text
             seen = len(server.reads())
             second = by_name(await driver.read())
+    assert 1.0 <= took < 1.8  # one timeout (1 s), not one per group
     for readings in (first, second):
         assert {n: (r.value, r.quality) for n, r in readings.items()} == {
-            "hr": (42, GOOD), "ir": (1.5, GOOD), "coil17": (True, GOOD)}
-    assert len(server.reads()) - seen == 3  # one request per block
+            "hr": (42, GOOD), "ir": (1.5, GOOD), "coil17": (True, GOOD), "di5": (True, GOOD)}
+    assert len(server.reads()) - seen == 4  # one request per block
 
 
 async def test_neighbouring_points_share_one_request_per_table() -> None:
