@@ -54,6 +54,11 @@ _isfinite = math.isfinite
 _Group = tuple[int, tuple[tuple[int, int, int], ...], str]  # first block, (function, address, count) each, what
 
 
+def _span(block: Block) -> str:
+    """A block's registers for messages: ``holding 0..123``."""
+    return f"{block.table} {block.address}..{block.address + block.count - 1}"
+
+
 def _groups(blocks: tuple[Block, ...], in_flight: int) -> tuple[_Group, ...]:
     """The plan's blocks in groups of ``in_flight``, each sent in one go; () when that is one at a time."""
     if in_flight < 2 or len(blocks) < 2:
@@ -61,8 +66,8 @@ def _groups(blocks: tuple[Block, ...], in_flight: int) -> tuple[_Group, ...]:
     groups = []
     for first in range(0, len(blocks), in_flight):
         chunk = blocks[first:first + in_flight]
-        spans = ", ".join(f"{b.table} {b.address}..{b.address + b.count - 1}" for b in chunk)
-        groups.append((first, tuple((_FUNCTIONS[b.table], b.address, b.count) for b in chunk), f"reading {spans}"))
+        requests = tuple((_FUNCTIONS[b.table], b.address, b.count) for b in chunk)
+        groups.append((first, requests, f"reading {', '.join(map(_span, chunk))}"))
     return tuple(groups)
 
 
@@ -97,8 +102,7 @@ class ModbusDriver(Driver):
         self.modbus: ModbusDevice = device
         self.blocks: tuple[Block, ...] = build_plan(device.points, device.max_registers, device.max_gap)
         # (pymodbus method, what for messages) per block, made once: read() allocates no strings.
-        self._requests = tuple(
-            (_READERS[b.table], f"reading {b.table} {b.address}..{b.address + b.count - 1}") for b in self.blocks)
+        self._requests = tuple((_READERS[b.table], f"reading {_span(b)}") for b in self.blocks)
         self._points: dict[str, ModbusPoint] = {p.name: p for p in device.points}
         self._groups = _groups(self.blocks, device.requests_in_flight) if device.protocol == "modbus" else ()
         self._link: ModbusLink | None = None
@@ -148,16 +152,13 @@ class ModbusDriver(Driver):
         readings: list[Reading] = []
         async with self._lock:
             ts = time.time()
-            if self._groups:
-                for group in self._groups:
-                    if self._groups:
-                        readings += await self._read_together(group, ts)
-                    else:  # an earlier group of this read found the device cannot take them together
-                        for index in range(group[0], group[0] + len(group[1])):
-                            readings += await self._read_one(index, ts)
-                return readings
-            for index in range(len(self.blocks)):
-                readings += await self._read_one(index, ts)
+            if not self._groups:
+                return await self._read_each(0, len(self.blocks), ts)
+            for group in self._groups:
+                if self._groups:
+                    readings += await self._read_together(group, ts)
+                else:  # an earlier group of this read found the device cannot take them together
+                    readings += await self._read_each(group[0], len(group[1]), ts)
         return readings
 
     async def _read_one(self, index: int, ts: float) -> list[Reading]:
@@ -165,6 +166,13 @@ class ModbusDriver(Driver):
         method, what = self._requests[index]
         response = await self._execute(ReadError, what, method, block.address, count=block.count)
         return self._block_readings(index, block, response, ts)
+
+    async def _read_each(self, first: int, count: int, ts: float) -> list[Reading]:
+        """Blocks ``first`` .. ``first + count - 1``, one request at a time."""
+        readings: list[Reading] = []
+        for index in range(first, first + count):
+            readings += await self._read_one(index, ts)
+        return readings
 
     async def _read_together(self, group: _Group, ts: float) -> list[Reading]:
         """Send a group of the plan's read requests at once (``requests_in_flight``); their readings.
@@ -180,11 +188,8 @@ class ModbusDriver(Driver):
             if not (isinstance(cause, NoAnswer) and cause.answered):
                 raise
             self._one_at_a_time(f"answered {cause.answered} of {len(requests)} requests sent together")
-            readings: list[Reading] = []
-            for index in range(first, first + len(requests)):
-                readings += await self._read_one(index, ts)
-            return readings
-        readings = []
+            return await self._read_each(first, len(requests), ts)
+        readings: list[Reading] = []
         for index, answer in enumerate(answers, start=first):
             if answer.exception_code == _SERVER_BUSY and len(answers) > 1:
                 self._one_at_a_time("answered \"server busy\" to requests sent together")

@@ -255,62 +255,49 @@ class Gathering(asyncio.Protocol):
             self.transport.write(b"".join(out))
 
 
-def grouped_device(port: int, in_flight: int) -> ModbusDevice:
-    """Six registers read two at a time: three blocks, 0..1, 2..3, 4..5."""
-    points = [ModbusPoint(name=f"d.r{i}", address=i, type="uint16") for i in range(6)]
-    return ModbusDevice(name="d", protocol="modbus", host="127.0.0.1", port=port, unit_id=7, timeout=0.5,
-                        max_registers=2, requests_in_flight=in_flight, points=tuple(points))
-
-
-async def test_a_reads_requests_in_flight_go_together_and_their_answers_come_in_any_order() -> None:
-    server = Gathering(expect=3)
+@asynccontextmanager
+async def gathered(server: Gathering, in_flight: int) -> AsyncIterator[ModbusDriver]:
+    """A driver connected to ``server`` for six registers read two at a time: three blocks, 0..1,
+    2..3, 4..5, sent ``in_flight`` at a time."""
     listener = await asyncio.get_running_loop().create_server(lambda: server, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    driver = ModbusDriver(grouped_device(port, in_flight=4), Path("."))
+    points = [ModbusPoint(name=f"d.r{i}", address=i, type="uint16") for i in range(6)]
+    device = ModbusDevice(name="d", protocol="modbus", host="127.0.0.1", port=listener.sockets[0].getsockname()[1],
+                          unit_id=7, timeout=0.5, max_registers=2, requests_in_flight=in_flight, points=tuple(points))
+    driver = ModbusDriver(device, Path("."))
     await driver.connect()
     try:
-        for _ in range(3):
-            readings = await driver.read()
-            assert [(r.point, r.value, r.quality) for r in readings] == [(f"d.r{i}", i, GOOD) for i in range(6)]
-            assert len({r.ts for r in readings}) == 1
+        yield driver
     finally:
         await driver.close()
         listener.close()
         await listener.wait_closed()
+
+
+async def test_a_reads_requests_in_flight_go_together_and_their_answers_come_in_any_order() -> None:
+    server = Gathering(expect=3)
+    async with gathered(server, in_flight=4) as driver:
+        for _ in range(3):
+            readings = await driver.read()
+            assert [(r.point, r.value, r.quality) for r in readings] == [(f"d.r{i}", i, GOOD) for i in range(6)]
+            assert len({r.ts for r in readings}) == 1
     assert server.received[:3] == [struct.pack(">BHH", 3, a, 2) for a in (0, 2, 4)]
     assert len(server.received) == 9
 
 
 async def test_groups_are_requests_in_flight_long() -> None:
     server = Gathering(expect=2)  # answers once two requests are there: the third goes alone and waits...
-    listener = await asyncio.get_running_loop().create_server(lambda: server, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    driver = ModbusDriver(grouped_device(port, in_flight=2), Path("."))
-    await driver.connect()
-    try:
+    async with gathered(server, in_flight=2) as driver:
         with pytest.raises(ReadError, match="no answer"):  # ...for a second request that never comes
             await driver.read()
-    finally:
-        await driver.close()
-        listener.close()
-        await listener.wait_closed()
     assert server.received == [struct.pack(">BHH", 3, a, 2) for a in (0, 2, 4)]
 
 
 async def test_a_server_busy_with_requests_in_flight_gets_them_again_one_at_a_time(
         caplog: pytest.LogCaptureFixture) -> None:
     answered_busy = Gathering(expect=3, busy=frozenset({1}))
-    listener = await asyncio.get_running_loop().create_server(lambda: answered_busy, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    driver = ModbusDriver(grouped_device(port, in_flight=3), Path("."))
-    await driver.connect()
-    try:
-        answered_busy.busy_then_one_by_one = True
+    answered_busy.busy_then_one_by_one = True
+    async with gathered(answered_busy, in_flight=3) as driver:
         assert [(r.value, r.quality) for r in await driver.read()] == [(i, GOOD) for i in range(6)]
         assert "server busy" in caplog.text and "one request at a time" in caplog.text
         assert [r.value for r in await driver.read()] == [0, 1, 2, 3, 4, 5]
-    finally:
-        await driver.close()
-        listener.close()
-        await listener.wait_closed()
     assert len(answered_busy.received) == 3 + 1 + 3  # together, the busy one again, then one at a time

@@ -202,8 +202,8 @@ class CompactTelemetryEncoder:
     read gives a run of samples with one ts and, read after read, the same names: the encoded
     ``names`` array is cached per tuple of names (at most ``names_cache`` of them, the oldest
     forgotten first). A run of finite floats takes the texts the twin made for its history block
-    (:mod:`edge_agent.store.floats`), or makes them in one C call; any other run goes through the C
-    JSON encoder in one call. So the Python work is per run, not per sample.
+    (:mod:`edge_agent.store.floats`), or makes them in one orjson call; any other run goes through
+    the C JSON encoder in one call. So the Python work is per run, not per sample.
     """
 
     def __init__(self, gateway: str, names_cache: int = 1024) -> None:

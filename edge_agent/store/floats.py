@@ -79,7 +79,6 @@ def one(value: float) -> str:
     return orjson.dumps(value).decode()
 
 
-
 def _keep(values: tuple[float, ...], made: list[str]) -> None:
     global _kept
     with _lock:
