@@ -20,8 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from edge_agent.store.views import TwinView
 from tests import builders
 from tests.commanding import (
@@ -41,6 +39,7 @@ from tests.commanding import (
 from tests.helpers import wait_for
 from tests.mqtt_broker import Broker, Message, Pki, Recorder, publish_properties
 from tests.onnx_models import zscore_model
+from tests.unavailable import unavailable
 
 # ----------------------------------------------------------------------------------- rejections
 
@@ -342,7 +341,7 @@ def openssl_signed(openssl: str, directory: Path) -> tuple[Path, dict[str, Any]]
 async def test_command_signed_by_openssl_is_accepted(tmp_path: Path, broker: Broker, pki: Pki, keys: Keys) -> None:
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("openssl is not installed")
+        unavailable("openssl is not installed; ./dev.sh test installs it (apt-get install openssl)")
     pub, body = openssl_signed(openssl, tmp_path)
     text = config_text(tmp_path, broker, pki, keys, operator=("dave", "viewer", pub))
     with Recorder(broker, f"{PREFIX}/#") as recorder:

@@ -30,6 +30,7 @@ from tests.fakes import FakePlant
 from tests.helpers import free_port, reader, wait_for, wait_for_sync
 from tests.mqtt_broker import Broker, Message, Pki, Recorder
 from tests.tahu import Tahu
+from tests.unavailable import unavailable
 
 GROUP, NODE = "plant-a", "gw-01"
 NS = f"spBv1.0/{GROUP}"
@@ -124,7 +125,7 @@ def test_the_vendored_code_is_generated_from_the_vendored_proto(tmp_path: Path) 
 
     protoc = shutil.which("protoc")
     if protoc is None:
-        pytest.skip("protoc is not installed (Debian: protobuf-compiler; ./dev.sh test installs it)")
+        unavailable("protoc is not installed (Debian: protobuf-compiler; ./dev.sh test installs it)")
     proto = Path(spb.__file__).with_name("sparkplug_b.proto")
     subprocess.run([protoc, f"--proto_path={proto.parent}", f"--descriptor_set_out={tmp_path / 'set.pb'}",
                     proto.name], check=True, timeout=60)
