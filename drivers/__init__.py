@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib
 
+from drivers import asyncua_package
 from drivers.base import Driver
+
+asyncua_package.install()  # asyncua without its server, when an OPC UA device imports it
 
 # protocol name -> "module:Class"; imported on first use so a gateway with only Modbus
 # devices never imports asyncua, and the other way round.

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from drivers.base import Driver, Reading
-from edge_agent.cloud.sync import Sync
 from edge_agent.config import AgentConfig, DeviceConfig, ModelConfig
 from edge_agent.control.gate import SafetyGate, WriteResult
 from edge_agent.device import DeviceRunner
@@ -39,6 +38,7 @@ from edge_agent.tasks import cancel_all
 
 if TYPE_CHECKING:
     from edge_agent.cloud.edge_node import EdgeNode
+    from edge_agent.cloud.sync import Sync
     from edge_agent.control.inference import ModelRunner
     from edge_agent.control.optimizer import Optimizer
     from edge_agent.remote.desired import DesiredState
@@ -375,6 +375,8 @@ class Agent:
             self.commands.attach()
             on_message = self.commands.on_message
             on_desired = self._attach_desired()
+        from edge_agent.cloud.sync import Sync  # with its MQTT client (paho): not loaded by an offline gateway
+
         self.sync = Sync(self._config, self.outbox, self.twin_points, on_message=on_message, on_desired=on_desired)
         self._forward()
         self.sync.start()

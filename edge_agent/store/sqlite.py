@@ -131,7 +131,7 @@ def migrate(conn: sqlite3.Connection, path: Path, steps: Sequence[Step], what: s
                         conn.execute(statement)
             else:
                 if db is None:
-                    db = sqlite_utils_module().Database(conn)
+                    db = sqlite_utils_module().Database(conn, execute_plugins=False)
                 step(db)
             conn.execute(f"PRAGMA user_version = {number}")
         log.info("%s %s migrated to schema version %d", what, path, number)

@@ -64,7 +64,7 @@ class TwinView:
         if not path.exists():
             raise TwinError(f"{path}: no twin database yet (has the agent run with this config?)")
         conn = sqlite.connect(path, "the twin database", readonly=readonly, wal=False)
-        return cls(sqlite.sqlite_utils_module().Database(conn), path)
+        return cls(sqlite.sqlite_utils_module().Database(conn, execute_plugins=False), path)
 
     def close(self) -> None:
         try:
