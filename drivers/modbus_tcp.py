@@ -189,11 +189,14 @@ class TcpClient(asyncio.Protocol):
         for offset, pdu in enumerate(pdus):
             frames.append(_MBAP.pack((first + offset) & 0xFFFF, 0, len(pdu) + 1, unit) + pdu)
         self._tid = (first + len(pdus) - 1) & 0xFFFF
-        batch = self._waiting = _Batch(first, asyncio.get_running_loop().create_future(), len(pdus))
+        loop = asyncio.get_running_loop()
+        batch = self._waiting = _Batch(first, loop.create_future(), len(pdus))
         transport.write(b"".join(frames))
+        # A timer that fails the future, not asyncio.timeout (which cancels the task): one handle
+        # per request instead of a context manager, and no cancellation for a library to swallow.
+        timer = loop.call_at(loop.time() + self.timeout, _expire, batch.future)
         try:
-            async with asyncio.timeout(self.timeout):
-                return await batch.future
+            return await batch.future
         except TimeoutError:
             answered = len(pdus) - batch.missing
             if answered:
@@ -201,6 +204,7 @@ class TcpClient(asyncio.Protocol):
                                f"{self.timeout:g} s", answered) from None
             raise NoAnswer(f"no answer within {self.timeout:g} s") from None
         finally:
+            timer.cancel()
             self._waiting = None
 
     # ------------------------------------------------------------------ the stream
@@ -239,6 +243,11 @@ class TcpClient(asyncio.Protocol):
         batch = self._waiting
         if batch is not None and not batch.future.done():
             batch.future.set_exception(error)
+
+
+def _expire(future: asyncio.Future[list[bytes]]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 class _Batch:
