@@ -1,4 +1,5 @@
-"""Task helpers for the agent: blocking calls that must finish, and cancellation that must land."""
+"""Task helpers for the agent: blocking calls that must finish, cancellation that must land, and waits for
+an event that a timer ends."""
 
 from __future__ import annotations
 
@@ -24,6 +25,25 @@ async def finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
     except asyncio.CancelledError:
         await asyncio.wait([future])
         raise
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Return once ``event`` is set or ``timeout`` seconds have passed; the event is left set either way.
+
+    For loops that wake on an event or at the end of a period (the twin writer, the cloud drains):
+    the period ends by a timer that sets the event, not by ``asyncio.timeout`` cancelling the task,
+    so a routine expiry (the writer's, four times a second) costs one callback instead of a
+    CancelledError raised through the task and caught. A cancel of the caller lands as usual
+    (``wait_for`` is avoided for the same reason as elsewhere: on 3.11 it can swallow one, gh-86296).
+    The caller clears the event before it waits again.
+    """
+    if event.is_set():
+        return
+    timer = asyncio.get_running_loop().call_later(timeout, event.set)
+    try:
+        await event.wait()
+    finally:
+        timer.cancel()
 
 
 async def cancel_all(tasks: list[asyncio.Task[None]], grace: float = 2.0) -> None:

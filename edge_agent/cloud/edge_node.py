@@ -54,6 +54,7 @@ from edge_agent.errors import LinkError, TwinError
 from edge_agent.pacing import TokenBucket
 from edge_agent.store.messages import Draft, Message
 from edge_agent.store.outbox import Outbox
+from edge_agent.tasks import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -346,9 +347,7 @@ class EdgeNode:
             delay = 1.0
             if self._backlog and self._live >= self._births_upto:
                 delay = await self._replay()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
+            await wait_event(self._wake, delay)
 
     async def _end_session(self, why: str) -> None:
         """Publish NDEATH and disconnect (the spec's intentional disconnect); the link connects again."""

@@ -42,6 +42,7 @@ from edge_agent.pacing import TokenBucket
 from edge_agent.store import floats
 from edge_agent.store.messages import Draft, Message
 from edge_agent.store.outbox import Outbox
+from edge_agent.tasks import wait_event
 
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
@@ -355,12 +356,10 @@ class Sync:
                 backlog_cursor, delay = await self._replay(backlog_cursor, boundary)
                 if backlog_cursor >= boundary:
                     log.info("mqtt: backlog replayed")
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that arrives
-            # while the awaited event has just been set (https://github.com/python/cpython/issues/86296),
-            # and stop() sets _wake right before cancelling this task, so the drain never ended.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
+            # not wait_for: on Python 3.11 it swallows a cancel that arrives while the awaited event
+            # has just been set (https://github.com/python/cpython/issues/86296), and stop() sets
+            # _wake right before cancelling this task, so the drain never ended.
+            await wait_event(self._wake, delay)
 
     async def _replay(self, cursor: int, boundary: int) -> tuple[int, float]:
         """Send backlog messages the token bucket allows; return the new cursor and how long to wait."""

@@ -46,6 +46,7 @@ from edge_agent.config import AgentConfig, PointConfig
 from edge_agent.control.overrides import AUTOMATIC_SOURCES, Hold, OverrideWatch
 from edge_agent.control.values import band, kind_problem, number, shown_pair, tolerance
 from edge_agent.errors import DriverError
+from edge_agent.tasks import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class SafetyGate:
         self.watches: dict[str, _Watch] = {}
         self.overrides = OverrideWatch(config.gate.override_hold, on_event, self._resolution)
         self._queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=100)
+        self._arrived = asyncio.Event()  # set by request() after it queued one
 
     def update(self, config: AgentConfig) -> None:
         """Take a reloaded config (new limits apply to the next request)."""
@@ -159,15 +161,19 @@ class SafetyGate:
         """Ask for ``point`` = ``value``; returns once the write is applied, refused or failed."""
         done: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Request(point, value, source, actor, tuple(inputs), watch, done))
+        self._arrived.set()
         return await done
 
     async def run(self) -> None:
         """The reconciler: applies queued requests one at a time; notices overrides; watches automatic writes."""
         while True:
+            if self._queue.empty():
+                # a timer ends the wait, not a cancellation: the gate ticks four times a second
+                await wait_event(self._arrived, TICK)
+                self._arrived.clear()
             try:
-                async with asyncio.timeout(TICK):
-                    req = await self._queue.get()
-            except TimeoutError:
+                req = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
                 await self._tick()
                 continue
             self._notice_overrides()  # an HMI change just before this request must hold it

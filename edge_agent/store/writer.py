@@ -24,7 +24,6 @@ resumes by itself when space returns.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -37,7 +36,7 @@ from drivers.base import Reading
 from edge_agent.config import AgentConfig, TwinSection
 from edge_agent.errors import TwinError
 from edge_agent.store.twin import Chunk, DesiredClaim, DesiredDocument, Twin
-from edge_agent.tasks import finish_in_thread
+from edge_agent.tasks import finish_in_thread, wait_event
 
 log = logging.getLogger(__name__)
 _NAME = itemgetter(0)
@@ -199,10 +198,7 @@ class TwinWriter:
     async def run(self) -> None:
         """Flush every ``flush_interval``, or as soon as ``flush_max`` readings or a record are waiting."""
         while True:
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel (gh-86296)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.flush_interval):
-                    await self._wake.wait()
+            await wait_event(self._wake, self.settings.flush_interval)
             self._wake.clear()
             await self.flush()
             await self.store_records()
