@@ -149,3 +149,26 @@ async def test_a_device_side_change_while_the_agent_polls_the_plant_is_one_overr
             assert len(overrides(twin)) == 1 and [o.point for o in agent.status().overrides] == ["pump1.speed_setpoint"]
             twin.close()
     assert writes.calls == []
+
+
+async def test_a_gate_with_nothing_to_watch_starts_watching_after_a_reload(tmp_path: Path) -> None:
+    """Without writable points the gate does not tick at all; a reload that adds one wakes it."""
+    writes = WriteLog()
+    async with Registers(free_port()) as device:
+        await device.set_holding(20, [1450])
+        writable = pump_config(tmp_path, device.port)
+        point = builders.point(SP, address=20, type="uint16", deadband=50.0)  # read-only at first
+        doc = builders.config(tmp_path, id="override-test", gate={"readback_timeout": "1.5s"},
+                              devices=[builders.modbus("pump", [point], port=device.port, interval="0.2s")])
+        read_only = builders.load(doc, tmp_path / "agent.toml")
+        async with running(read_only, writes, ready=(SP,)) as agent:
+            twin = reader(read_only)
+            await wait_for(lambda: agent.runners["pump"].status.reads >= 3, timeout=5, what="three polls")
+            assert agent.gate.overrides.known == {}  # no ticks: nothing looked at the point
+            await agent.reload(writable)
+            await gate_watching(agent, SP)
+            await hmi_write_registers(device.port, 20, [1200])
+            [event] = await wait_for(lambda: overrides(twin), timeout=5, what="the override event")
+            assert (event["detail"]["old"], event["detail"]["new"]) == (1450, 1200)
+            twin.close()
+    assert writes.calls == []

@@ -130,6 +130,7 @@ class SafetyGate:
         self.config = config
         self.points = {p.name: (d.name, p) for d, p in config.points()}
         self._writable = {name: entry for name, entry in self.points.items() if entry[1].writable}
+        self._arrived.set()  # a waiting reconciler looks again (it may have writable points to watch now)
         self.overrides.hold = config.gate.override_hold
 
     def remember(self, last_writes: Mapping[str, float], override_events: Iterable[Mapping[str, Any]],
@@ -168,8 +169,11 @@ class SafetyGate:
         """The reconciler: applies queued requests one at a time; notices overrides; watches automatic writes."""
         while True:
             if self._queue.empty():
-                # a timer ends the wait, not a cancellation: the gate ticks four times a second
-                await wait_event(self._arrived, TICK)
+                if self._writable or self.watches or self.overrides.holds:
+                    # a timer ends the wait, not a cancellation: the gate ticks four times a second
+                    await wait_event(self._arrived, TICK)
+                else:  # nothing to watch: no wake-ups until a request (or a reload) comes
+                    await self._arrived.wait()
                 self._arrived.clear()
             try:
                 req = self._queue.get_nowait()
