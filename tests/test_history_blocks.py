@@ -365,3 +365,51 @@ def test_float_texts_are_made_once_for_a_consumer_bounded_and_only_for_finite_fl
         assert floats.kept() == 0
     finally:
         floats.clear()
+
+
+class _Telemetry:
+    """A forward that prepares v2 entries the way the cloud sync does (and keeps what it made)."""
+
+    def __init__(self) -> None:
+        from edge_agent.cloud.payloads import CompactTelemetryEncoder
+
+        self.encoder = CompactTelemetryEncoder("gw")
+        self.entries: list[tuple[str, int]] = []
+
+    def prepare(self, readings: Sequence[Reading]) -> list[tuple[str, int]]:
+        self.entries = self.encoder.entries(readings, 1000)
+        return self.entries
+
+    def add(self, readings: Sequence[Reading], prepared: Any = None) -> None:
+        pass
+
+
+async def test_texts_the_telemetry_does_not_take_are_forgotten_after_each_flush(tmp_path: Path) -> None:
+    """Two devices' reads with the same source timestamp: two runs for the twin, one for the telemetry,
+    so the twin's texts are never taken; they must not stay in memory until the bound pushes them out."""
+    from edge_agent.store.writer import TwinWriter
+
+    names = [f"a.p{i}" for i in range(50)] + [f"b.p{i}" for i in range(50)]
+    cfg = builders.load(builders.config(tmp_path, devices=[
+        builders.modbus("a", [builders.point(n, address=2 * i, type="float32") for i, n in enumerate(names[:50])]),
+        builders.modbus("b", [builders.point(n, address=2 * i, type="float32") for i, n in enumerate(names[50:])],
+                        port=1503)]), tmp_path / "agent.toml")
+    twin = Twin.open(cfg.twin_path)
+    twin.sync_points(cfg)
+    writer = TwinWriter(twin, cfg.twin)
+    telemetry = _Telemetry()
+    writer.forward = telemetry
+    floats.clear()
+    floats.share(True)
+    try:
+        for flush in range(3):
+            ts = 1000.0 + flush
+            writer.submit([Reading(n, i * 0.5 + flush + 0.1, "good", ts) for i, n in enumerate(names[:50])])
+            writer.submit([Reading(n, i * 0.25 + flush + 0.3, "good", ts) for i, n in enumerate(names[50:])])
+            assert await writer.flush() == 100
+            assert floats.kept() == 0  # without the forgetting: 100 more values' texts every flush
+            [(entry, count)] = telemetry.entries  # one run of 100 for the telemetry, its texts made again
+            assert count == 100 and json.loads(entry)["values"][:2] == [flush + 0.1, flush + 0.6]
+    finally:
+        floats.clear()
+        twin.close()

@@ -13,9 +13,9 @@ keeps the texts the twin made and :func:`take` hands each run's texts to the tel
 forgetting them. A run is found by its values (a tuple: hashed and compared in C), so a hit is
 always the right text; a miss only costs the formatting again.
 
-Bounded: at most ``LIMIT_VALUES`` values wait (about 10 MB of texts; only while the telemetry
-lags that far behind the twin). The twin and the telemetry run in worker threads, so changes
-are made under a lock.
+Bounded: the texts of one twin flush wait, until the telemetry prepared that flush (:func:`taken`),
+and never more than ``LIMIT_VALUES`` values (about 10 MB of texts). The twin and the telemetry
+run in worker threads, so changes are made under a lock.
 """
 
 from __future__ import annotations
@@ -98,6 +98,18 @@ def _forget() -> None:
     global _kept
     _cache.clear()
     _kept = 0
+
+
+def taken() -> None:
+    """The consumer has taken what it will of the texts kept so far: forget the rest.
+
+    The twin writer calls this right after the telemetry prepared a flush. A run the telemetry
+    grouped another way (two devices' reads with the same source timestamp are one run for it,
+    two for the twin; a run split at ``max_samples``) is never taken; without this it would
+    wait until ``LIMIT_VALUES`` pushed it out, and the texts of 100,000 values (about 9 MB) would
+    stay in memory for good (measured: OPC UA, 20 x 500 @ 1 s, v2)."""
+    with _lock:
+        _forget()
 
 
 def kept() -> int:

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from drivers.base import Reading
 from edge_agent.config import AgentConfig, TwinSection
 from edge_agent.errors import TwinError
+from edge_agent.store import floats
 from edge_agent.store.twin import Chunk, DesiredClaim, DesiredDocument, Twin
 from edge_agent.tasks import finish_in_thread, wait_event
 
@@ -258,7 +259,10 @@ class TwinWriter:
     def _store(self, chunks: list[Chunk], update: bool, forward: Forward | None) -> tuple[list[Reading], Any]:
         """Store the chunks and let the forward prepare what it sends of them (worker thread)."""
         kept = self.twin.write_batch(chunks, update_points=update)
-        return kept, forward.prepare(kept) if forward is not None and kept else None
+        try:
+            return kept, forward.prepare(kept) if forward is not None and kept else None
+        finally:
+            floats.taken()  # what the telemetry did not take of this flush's texts, it never will
 
     async def store_records(self) -> None:
         """Store pending events and write records in the twin, then hand them to the cloud."""
