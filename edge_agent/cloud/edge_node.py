@@ -358,9 +358,7 @@ class EdgeNode:
         deadline = time.monotonic() + STOP_GRACE
         while self._mids and self.link.connected.is_set() and time.monotonic() < deadline:
             self._wake.clear()  # an acknowledgement sets it
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.1):
-                    await self._wake.wait()
+            await wait_event(self._wake, 0.1)
         await self._ack_pending()
         self.born = False
         await self.link.close()
