@@ -17,6 +17,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from itertools import repeat
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, NamedTuple
@@ -43,6 +44,52 @@ class Reading(NamedTuple):
     value: Value
     quality: str
     ts: float  # source timestamp, unix seconds (device time when the protocol has one)
+
+
+class DeviceRead(list[Reading]):
+    """One device read whose readings share one quality and one source timestamp (a whole good
+    Modbus read): a list of :class:`Reading` like any other, that also keeps the read's points and
+    values as columns.
+
+    The twin's history block and the v2 telemetry entry of a read are made from the columns, so
+    nothing downstream takes the readings apart again (``zip(*readings)`` and grouping by timestamp
+    cost about as much per sample as making the readings did). Whoever only wants readings
+    ignores the columns; a copy or a slice is a plain list.
+
+    ``texts`` is set by the twin when it made the values' JSON texts (finite floats), for the
+    telemetry to reuse (:mod:`edge_agent.store.floats`).
+    """
+
+    __slots__ = ("names", "quality", "texts", "ts", "values")
+
+    def __init__(self, names: tuple[str, ...], values: tuple[Value, ...], quality: str, ts: float) -> None:
+        if len(names) != len(values):
+            raise ValueError(f"a read of {len(names)} points with {len(values)} values")
+        # tuple.__new__ straight from zip's tuples builds each Reading in C; Reading(...) would run
+        # the NamedTuple's Python-level __new__ for every point (measured: 81 vs 166 ns per point).
+        super().__init__(map(tuple.__new__, repeat(Reading), zip(names, values, repeat(quality), repeat(ts))))
+        self.names = names
+        self.values = values
+        self.quality = quality
+        self.ts = ts
+        self.texts: list[str] | None = None
+
+
+class Batch(list[Reading]):
+    """Readings of several reads, flat, with the reads they came in (``reads``, in order: each a
+    :class:`DeviceRead` or a plain list of readings). The twin hands what it stored on this way, so
+    the telemetry makes one entry per device read from its columns."""
+
+    __slots__ = ("reads",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[Sequence[Reading]] = []
+
+    def add(self, readings: Sequence[Reading]) -> None:
+        """Append one read's readings."""
+        self.extend(readings)
+        self.reads.append(readings)
 
 
 ReadingSink = Callable[[Sequence[Reading]], None]

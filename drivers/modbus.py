@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from drivers import modbus_codec, modbus_link
-from drivers.base import BAD, GOOD, Driver, Reading, Value
+from drivers.base import BAD, GOOD, DeviceRead, Driver, Reading, Value
 from drivers.modbus_codec import WRITABLE_TABLES, Block, build_plan, encode
 from drivers.modbus_link import ModbusLink
 from drivers.modbus_tcp import Answer, NoAnswer
@@ -84,6 +84,15 @@ def _why(response: ModbusPDU | Answer) -> str:
     return f"exception code {response.exception_code}"
 
 
+def _decode(block: Block, response: ModbusPDU | Answer) -> list[Value]:
+    """A block's values from its answer; ValueError when the answer is malformed (short or long)."""
+    if block.bits:
+        return block.decode(response.bits)
+    if isinstance(response, Answer):  # TCP: the register bytes as they came
+        return block.decode_wire(response.wire)
+    return block.decode(response.registers)
+
+
 def _checked_readings(names: Iterable[str], values: Iterable[Value], ts: float) -> list[Reading]:
     """Readings with quality "bad" for the values that are NaN or infinite, "good" for the rest."""
     return [Reading(name, value, GOOD if value is None or _isfinite(value) else BAD, ts)  # type: ignore[arg-type]
@@ -103,6 +112,7 @@ class ModbusDriver(Driver):
         self.blocks: tuple[Block, ...] = build_plan(device.points, device.max_registers, device.max_gap)
         # (pymodbus method, what for messages) per block, made once: read() allocates no strings.
         self._requests = tuple((_READERS[b.table], f"reading {_span(b)}") for b in self.blocks)
+        self._names: tuple[str, ...] = tuple(name for b in self.blocks for name in b.names)
         self._points: dict[str, ModbusPoint] = {p.name: p for p in device.points}
         self._groups = _groups(self.blocks, device.requests_in_flight) if device.protocol == "modbus" else ()
         self._link: ModbusLink | None = None
@@ -148,34 +158,34 @@ class ModbusDriver(Driver):
     # ----------------------------------------------------------------------- read
 
     async def read(self) -> list[Reading]:
-        """Read every point once: one request per block of the plan, or per group of blocks sent together."""
-        readings: list[Reading] = []
+        """Read every point once: one request per block of the plan, or per group of blocks sent together.
+
+        A read whose every block came back good is a :class:`~drivers.base.DeviceRead` (its values
+        also as columns); one with a bad block or a value that is not a number, a plain list."""
         async with self._lock:
             ts = time.time()
             if not self._groups:
-                return await self._read_each(0, len(self.blocks), ts)
-            for group in self._groups:
-                if self._groups:
-                    readings += await self._read_together(group, ts)
-                else:  # an earlier group of this read found the device cannot take them together
-                    readings += await self._read_each(group[0], len(group[1]), ts)
-        return readings
+                responses = await self._request_each(0, len(self.blocks))
+            else:
+                responses = []
+                for group in self._groups:
+                    if self._groups:
+                        responses += await self._request_together(group)
+                    else:  # an earlier group of this read found the device cannot take them together
+                        responses += await self._request_each(group[0], len(group[1]))
+        return self._readings(responses, ts)
 
-    async def _read_one(self, index: int, ts: float) -> list[Reading]:
+    async def _request(self, index: int) -> ModbusPDU | Answer:
         block = self.blocks[index]
         method, what = self._requests[index]
-        response = await self._execute(ReadError, what, method, block.address, count=block.count)
-        return self._block_readings(index, block, response, ts)
+        return await self._execute(ReadError, what, method, block.address, count=block.count)
 
-    async def _read_each(self, first: int, count: int, ts: float) -> list[Reading]:
-        """Blocks ``first`` .. ``first + count - 1``, one request at a time."""
-        readings: list[Reading] = []
-        for index in range(first, first + count):
-            readings += await self._read_one(index, ts)
-        return readings
+    async def _request_each(self, first: int, count: int) -> list[ModbusPDU | Answer]:
+        """The answers for blocks ``first`` .. ``first + count - 1``, one request at a time."""
+        return [await self._request(index) for index in range(first, first + count)]
 
-    async def _read_together(self, group: _Group, ts: float) -> list[Reading]:
-        """Send a group of the plan's read requests at once (``requests_in_flight``); their readings.
+    async def _request_together(self, group: _Group) -> list[ModbusPDU | Answer]:
+        """Send a group of the plan's read requests at once (``requests_in_flight``); their answers.
 
         A server that answers only some of them, or answers "server busy", gets the group again
         one request at a time, and every read after that too (for as long as this driver lives:
@@ -188,15 +198,15 @@ class ModbusDriver(Driver):
             if not (isinstance(cause, NoAnswer) and cause.answered):
                 raise
             self._one_at_a_time(f"answered {cause.answered} of {len(requests)} requests sent together")
-            return await self._read_each(first, len(requests), ts)
-        readings: list[Reading] = []
+            return await self._request_each(first, len(requests))
+        responses: list[ModbusPDU | Answer] = []
         for index, answer in enumerate(answers, start=first):
             if answer.exception_code == _SERVER_BUSY and len(answers) > 1:
                 self._one_at_a_time("answered \"server busy\" to requests sent together")
-                readings += await self._read_one(index, ts)
+                responses.append(await self._request(index))
             else:
-                readings += self._block_readings(index, self.blocks[index], answer, ts)
-        return readings
+                responses.append(answer)
+        return responses
 
     def _one_at_a_time(self, why: str) -> None:
         """The device cannot take several requests at once: one at a time from now on."""
@@ -205,17 +215,44 @@ class ModbusDriver(Driver):
             log.warning("modbus device %s: %s; sending one request at a time from now on (set "
                         "requests_in_flight = 1 for this device to say so)", self.device.name, why)
 
+    def _readings(self, responses: list[ModbusPDU | Answer], ts: float) -> list[Reading]:
+        """The readings of one answer per block: a DeviceRead when every block is good."""
+        values: list[Value] = []
+        for index, response in enumerate(responses):
+            good = self._good_values(index, self.blocks[index], response)
+            if good is None:
+                break
+            values += good
+        else:
+            return DeviceRead(self._names, tuple(values), GOOD, ts)
+        readings: list[Reading] = []
+        for index, response in enumerate(responses):
+            readings += self._block_readings(index, self.blocks[index], response, ts)
+        return readings
+
+    def _good_values(self, index: int, block: Block, response: ModbusPDU | Answer) -> list[Value] | None:
+        """A block's values when its answer is good and every value a number; None otherwise
+        (:meth:`_block_readings` then says what is wrong)."""
+        if response.isError():
+            return None
+        try:
+            values = _decode(block, response)
+        except ValueError:
+            return None
+        if block.may_be_nonfinite and not all(map(_isfinite, values)):  # type: ignore[arg-type]
+            return None
+        if self._failing_blocks:
+            self._block_recovered(index, block)
+        if self._nonfinite:
+            self._nonfinite.discard(index)
+        return values
+
     def _block_readings(self, index: int, block: Block, response: ModbusPDU | Answer, ts: float) -> list[Reading]:
         if response.isError():
             self._block_failed(index, block, _why(response))
             return _readings(block.names, repeat(None), BAD, ts)
         try:
-            if block.bits:
-                values = block.decode(response.bits)
-            elif isinstance(response, Answer):  # TCP: the register bytes as they came
-                values = block.decode_wire(response.wire)
-            else:
-                values = block.decode(response.registers)
+            values = _decode(block, response)
         except ValueError as exc:  # a malformed answer: short or long
             self._block_failed(index, block, str(exc))
             return _readings(block.names, repeat(None), BAD, ts)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from drivers.base import Reading
+from drivers.base import DeviceRead, Reading
 from edge_agent.errors import TwinError
 from edge_agent.store import floats, sqlite
 from edge_agent.store.twin import MIGRATIONS, Chunk, Twin
@@ -370,14 +370,15 @@ def test_float_texts_are_made_once_for_a_consumer_bounded_and_only_for_finite_fl
 class _Telemetry:
     """A forward that prepares v2 entries the way the cloud sync does (and keeps what it made)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 1000) -> None:
         from edge_agent.cloud.payloads import CompactTelemetryEncoder
 
         self.encoder = CompactTelemetryEncoder("gw")
         self.entries: list[tuple[str, int]] = []
+        self.limit = limit  # mqtt.max_samples: longer runs are split into entries of at most this
 
     def prepare(self, readings: Sequence[Reading]) -> list[tuple[str, int]]:
-        self.entries = self.encoder.entries(readings, 1000)
+        self.entries = self.encoder.entries(readings, self.limit)
         return self.entries
 
     def add(self, readings: Sequence[Reading], prepared: Any = None) -> None:
@@ -385,8 +386,10 @@ class _Telemetry:
 
 
 async def test_texts_the_telemetry_does_not_take_are_forgotten_after_each_flush(tmp_path: Path) -> None:
-    """Two devices' reads with the same source timestamp: two runs for the twin, one for the telemetry,
-    so the twin's texts are never taken; they must not stay in memory until the bound pushes them out."""
+    """A run longer than mqtt.max_samples: one run for the twin, entries of at most max_samples for the
+    telemetry, so the twin's texts are never taken; they must not stay in memory until the bound pushes
+    them out. (Two devices' reads with the same timestamp did the same before the telemetry made one
+    entry per read.)"""
     from edge_agent.store.writer import TwinWriter
 
     names = [f"a.p{i}" for i in range(50)] + [f"b.p{i}" for i in range(50)]
@@ -397,19 +400,66 @@ async def test_texts_the_telemetry_does_not_take_are_forgotten_after_each_flush(
     twin = Twin.open(cfg.twin_path)
     twin.sync_points(cfg)
     writer = TwinWriter(twin, cfg.twin)
-    telemetry = _Telemetry()
+    telemetry = _Telemetry(limit=30)
     writer.forward = telemetry
     floats.clear()
     floats.share(True)
     try:
         for flush in range(3):
             ts = 1000.0 + flush
-            writer.submit([Reading(n, i * 0.5 + flush + 0.1, "good", ts) for i, n in enumerate(names[:50])])
-            writer.submit([Reading(n, i * 0.25 + flush + 0.3, "good", ts) for i, n in enumerate(names[50:])])
+            writer.submit([Reading(n, i * 0.5 + flush + 0.1, "good", ts) for i, n in enumerate(names)])
             assert await writer.flush() == 100
             assert floats.kept() == 0  # without the forgetting: 100 more values' texts every flush
-            [(entry, count)] = telemetry.entries  # one run of 100 for the telemetry, its texts made again
-            assert count == 100 and json.loads(entry)["values"][:2] == [flush + 0.1, flush + 0.6]
+            assert [count for _, count in telemetry.entries] == [30, 30, 30, 10]
+            assert json.loads(telemetry.entries[1][0])["values"][:2] == [flush + 15.1, flush + 15.6]
     finally:
         floats.clear()
+        twin.close()
+
+
+def test_device_reads_with_columns_store_and_send_what_the_same_readings_do(tmp_path: Path) -> None:
+    """A Modbus read comes as a DeviceRead (its values also as columns), which the twin and the v2
+    telemetry take a shorter way. Two twins get the same readings, one as DeviceReads and one as
+    plain lists, with single readings of the same points in between (a device marked bad, a model):
+    history, the points table (the newest reading of each point wins, whichever kind) and the
+    telemetry entries must come out the same."""
+    from edge_agent.cloud.payloads import CompactTelemetryEncoder
+
+    rng = random.Random(7)
+    devices = {f"d{d}": tuple(f"d{d}.p{i}" for i in range(6)) for d in range(3)}
+    kinds: list[Any] = [lambda: rng.uniform(-50, 50), lambda: rng.randint(-9, 9), lambda: rng.random() < 0.5,
+                        lambda: rng.choice((math.nan, 1.5, None, "on"))]
+    cfg = builders.load(builders.config(tmp_path, devices=[
+        builders.modbus(device, [builders.point(n, address=2 * i, type="float32") for i, n in enumerate(names)],
+                        port=1502 + d) for d, (device, names) in enumerate(devices.items())]), tmp_path / "agent.toml")
+    twins = [Twin.open(tmp_path / f"{kind}.db") for kind in ("columns", "plain")]
+    for twin in twins:
+        twin.sync_points(cfg)
+    encoder = CompactTelemetryEncoder("gw")
+    entries: list[list[tuple[str, int]]] = [[], []]
+    ts = 1000.0
+    for flush in range(40):
+        reads: list[DeviceRead | list[Reading]] = []
+        for _ in range(rng.randint(1, 6)):
+            ts += rng.choice((0.0, 0.25))
+            names = devices[rng.choice(list(devices))]
+            if rng.random() < 0.2:  # a single reading of a point some device read also has
+                reads.append([Reading(rng.choice(names), rng.uniform(0, 9), rng.choice(("bad", "stale")), ts)])
+                continue
+            make = rng.choice(kinds)
+            reads.append(DeviceRead(names, tuple(make() for _ in names), rng.choice(("good", "uncertain")), ts))
+        chunks = [[(ts + 0.01, read) for read in reads], [(ts + 0.01, list(read)) for read in reads]]
+        update = flush % 3 == 2
+        for index, twin in enumerate(twins):
+            kept = twin.write_batch(chunks[index], update_points=update)
+            assert list(kept) == [r for read in reads for r in read]
+            entries[index] += encoder.entries(kept, 1000)
+    assert entries[0] == entries[1] and len(entries[0]) > 60
+    queries = ("SELECT point, value, quality, ts FROM history ORDER BY ts, point",
+               "SELECT name, value, quality, source_ts, received_ts FROM points ORDER BY name",
+               "SELECT ts, samples FROM history_blocks ORDER BY rowid")
+    for query in queries:
+        rows = [twin.conn.execute(query).fetchall() for twin in twins]
+        assert same(rows[0], rows[1]) and rows[0], query
+    for twin in twins:
         twin.close()

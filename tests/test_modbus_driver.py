@@ -22,7 +22,7 @@ from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from drivers import driver_class
-from drivers.base import BAD, GOOD, Reading
+from drivers.base import BAD, GOOD, DeviceRead, Reading
 from drivers.modbus import ModbusDriver
 from drivers.modbus_codec import INTEGER_RANGES, MAX_BITS, build_plan, encode, exact, resolution
 from edge_agent.config import TYPES, ModbusDevice, ModbusPoint
@@ -376,6 +376,29 @@ async def test_exception_response_marks_only_that_block_bad() -> None:
     assert (first["missing"].value, first["missing"].quality) == (None, BAD)
     assert (first["after"].value, first["after"].quality) == (-1, GOOD)
     assert (second["missing"].quality, second["after"].value) == (BAD, -1)
+
+
+async def test_a_good_read_carries_its_columns_and_a_bad_one_does_not() -> None:
+    """Every block good: a DeviceRead whose columns are its readings (what the twin and the v2
+    telemetry use); one block bad, or a float that is not a number: a plain list of readings."""
+    points = [point("a", 0, "uint16"), point("b", 1, "float32"), point("c", 600, "int16"),
+              point("d", 700, "float32")]
+    async with plant() as server:
+        await server.set("holding", 0, [7, 0x3FC0, 0x0000])  # 7, 1.5
+        await server.set("holding", 600, [0xFFFF])
+        await server.set("holding", 700, [0x4120, 0x0000])  # 10.0
+        async with connected(device(server.port, points)) as driver:
+            good = await driver.read()
+            await server.set("holding", 700, [0x7FC0, 0x0000])  # NaN
+            nan = await driver.read()
+            await server.set("holding", 700, [0x4120, 0x0000])
+            again = await driver.read()
+    assert isinstance(good, DeviceRead)
+    assert list(good) == [Reading(n, v, GOOD, good.ts) for n, v in zip("abcd", (7, 1.5, -1, 10.0), strict=True)]
+    assert (good.names, good.values, good.quality) == (tuple("abcd"), (7, 1.5, -1, 10.0), GOOD)
+    assert not isinstance(nan, DeviceRead)
+    assert [(r.value, r.quality) for r in nan][2:] == [(-1, GOOD), (nan[3].value, BAD)] and math.isnan(nan[3].value)
+    assert isinstance(again, DeviceRead) and again.values == (7, 1.5, -1, 10.0)
 
 
 async def test_server_gone_read_raises_and_connect_fails() -> None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
 
-from drivers.base import Reading
+from drivers.base import Batch, DeviceRead, Reading
 from edge_agent.store import floats
 from edge_agent.store.messages import Stamp, json_safe
 
@@ -251,9 +251,22 @@ class CompactTelemetryEncoder:
 
         The cloud sync makes them right after the twin stored the samples (in the twin writer's
         worker thread), and keeps only these texts until the next publish: about 30 bytes a
-        sample instead of the readings (about 160 bytes with their float texts)."""
-        if not samples:
-            return []
+        sample instead of the readings (about 160 bytes with their float texts). What the twin
+        stored comes as a :class:`~drivers.base.Batch`: a whole device read (a DeviceRead) is
+        one entry made from its columns, with the float texts the twin made for its history."""
+        entries: list[tuple[str, int]] = []
+        for read in samples.reads if isinstance(samples, Batch) else (samples,):
+            if isinstance(read, DeviceRead) and 0 < len(read) <= limit:
+                texts = read.texts if read.texts is not None else floats.make(read.values)
+                shown = "[" + ",".join(texts) + "]" if texts is not None else self._values(read.values)
+                entries.append((f'{{"ts":{read.ts!r}{self._names_text(read.names)}{shown}'
+                                f'{self._quality((read.quality,))}', len(read)))
+            elif read:
+                entries += self._run_entries(read, limit)
+        return entries
+
+    def _run_entries(self, samples: Sequence[Reading], limit: int) -> list[tuple[str, int]]:
+        """The entries of readings in runs of one timestamp (see :meth:`entries`)."""
         names, values, qualities, stamps = zip(*samples, strict=True)
         entries = []
         start = 0
