@@ -26,7 +26,7 @@ import drivers
 from drivers.base import BAD, STALE, Driver, Reading
 from edge_agent.config import DeviceConfig
 from edge_agent.errors import DriverError
-from edge_agent.pacing import backoff
+from edge_agent.pacing import backoff, next_tick
 
 log = logging.getLogger(__name__)
 
@@ -104,23 +104,25 @@ class DeviceRunner:
             self._attempt += 1
 
     async def _poll(self, driver: Driver) -> None:
+        """Read at once, then at every tick of the device's interval (shared with the other devices of
+        that interval: :func:`edge_agent.pacing.next_tick`). A read that takes longer than the
+        interval is followed by the next at once, skipping the ticks it missed instead of bursting."""
         interval = self.device.interval
-        next_at = time.monotonic()
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             if self.room is not None:
                 await self.room()  # the twin is behind: wait rather than pile readings up in memory
+            started = loop.time()
             readings = await driver.read()
             if self.status.state != "up":
                 self._up()
             self._ok()
             self.status.reads += 1
             self.submit(readings)
-            next_at += interval
-            delay = next_at - time.monotonic()
-            if delay < 0:  # fell behind (slow device): skip missed ticks instead of bursting
-                next_at = time.monotonic()
-                delay = 0
-            await asyncio.sleep(delay)
+            if loop.time() - started < interval:
+                await next_tick(interval)
+            else:
+                await asyncio.sleep(0)
 
     async def _follow(self, driver: Driver) -> None:
         await driver.subscribe(self._on_change)

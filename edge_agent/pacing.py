@@ -1,9 +1,13 @@
-"""Pacing: a token bucket (backlog replay, rejected-command noise) and the reconnect backoff."""
+"""Pacing: a token bucket (backlog replay, rejected-command noise), the reconnect backoff, and the
+poll ticks every device of one interval shares."""
 
 from __future__ import annotations
 
+import asyncio
+import math
 import random
 import time
+import weakref
 from collections.abc import Callable
 
 
@@ -59,3 +63,36 @@ def backoff(attempt: int, low: float, high: float, rng: random.Random) -> float:
     """Capped exponential backoff with full jitter in [delay/2, delay]."""
     delay = min(high, low * (2 ** min(attempt, 30)))
     return rng.uniform(delay / 2, delay)
+
+
+# The futures waiting for the next tick of each interval, per event loop (tests run several loops).
+_TICKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, list[asyncio.Future[None]]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def next_tick(interval: float) -> asyncio.Future[None]:
+    """A future that is done at the next multiple of ``interval`` seconds on the running loop's clock.
+
+    Every device polled at the same interval waits for the same tick, and one timer wakes them
+    all: their requests go out in one turn of the event loop and their answers come back close
+    together, so a tick costs one timer and a few loop turns instead of a timer, a wake-up and
+    loop turns per device (measured: about a fifth of the read path's CPU at 10 devices every
+    100 ms). Each caller gets a future of its own, so cancelling one waiter leaves the others be.
+    """
+    loop = asyncio.get_running_loop()
+    pending = _TICKS.get(loop)
+    if pending is None:
+        pending = _TICKS[loop] = {}
+    waiters = pending.get(interval)
+    if waiters is None:
+        waiters = pending[interval] = []
+        loop.call_at((math.floor(loop.time() / interval) + 1) * interval, _tick, pending, interval)
+    future: asyncio.Future[None] = loop.create_future()
+    waiters.append(future)
+    return future
+
+
+def _tick(pending: dict[float, list[asyncio.Future[None]]], interval: float) -> None:
+    for future in pending.pop(interval, ()):
+        if not future.done():
+            future.set_result(None)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import time
 from pathlib import Path
 from typing import Any
 
-from drivers.base import Reading
+from drivers.base import Driver, Reading
 from edge_agent import config
 from edge_agent.agent import Agent
-from edge_agent.pacing import backoff
+from edge_agent.config import DeviceConfig
+from edge_agent.pacing import backoff, next_tick
 from edge_agent.store.views import TwinView
 from tests import builders
 from tests.fakes import FakePlant
@@ -159,6 +162,84 @@ def test_backoff_is_capped_and_jittered() -> None:
     assert all(d <= 60.0 for d in delays)
     assert max(delays) >= 30.0  # it does grow to the cap
     assert len({round(d, 6) for d in delays}) == len(delays)  # jitter: no two alike
+
+
+class _Timed(Driver):
+    """A driver whose reads take ``busy`` seconds and are logged with the loop time they began."""
+
+    protocol = "timed"
+
+    def __init__(self, device: DeviceConfig, data_dir: Path, starts: list[float], busy: float) -> None:
+        super().__init__(device, data_dir)
+        self.starts, self.busy = starts, busy
+
+    async def connect(self) -> None:
+        if self.device.name == "late":  # connected 30 ms after the others
+            await asyncio.sleep(0.03)
+
+    async def read(self) -> list[Reading]:
+        self.starts.append(asyncio.get_running_loop().time())
+        if self.busy:
+            await asyncio.sleep(self.busy)
+        return []
+
+    async def write(self, point: str, value: Any) -> None:
+        raise NotImplementedError
+
+    async def exact(self, point: str, value: Any) -> float:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+async def _poll_starts(busy: dict[str, float], interval: float, reads: int) -> dict[str, list[float]]:
+    """Run a DeviceRunner per device name (``busy``: how long its reads take) until each read ``reads`` times."""
+    from edge_agent.device import DeviceRunner
+
+    starts: dict[str, list[float]] = {name: [] for name in busy}
+    runners = [DeviceRunner(config.ModbusDevice(name=name, protocol="modbus", host="127.0.0.1", port=502,
+                                                interval=interval, points=()),
+                            Path("."), lambda readings: None, lambda point: None,
+                            driver_factory=lambda d, folder: _Timed(d, folder, starts[d.name], busy[d.name]))
+               for name in busy]
+    tasks = [asyncio.create_task(runner.run()) for runner in runners]
+    try:
+        await wait_for(lambda: all(len(s) >= reads for s in starts.values()), timeout=20, what="the reads")
+    finally:
+        for runner, task in zip(runners, tasks, strict=True):
+            runner.stop()
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return starts
+
+
+async def test_devices_of_one_interval_are_read_on_the_same_ticks() -> None:
+    """After its first read, every device of an interval waits for the same shared tick: their reads
+    start in the same turn of the loop (even for a device that connected later), a tick apart."""
+    interval = 0.05
+    starts = await _poll_starts({"a": 0.0, "late": 0.0}, interval, 8)
+    ticks = {name: {int(t // interval): t for t in times[1:]} for name, times in starts.items()}
+    assert len(ticks["a"]) == len(starts["a"]) - 1  # a tick apart: never two reads in one tick
+    common = sorted(ticks["a"].keys() & ticks["late"].keys())
+    assert len(common) >= 6 and set(ticks["late"]) <= set(ticks["a"])
+    together = [abs(ticks["a"][tick] - ticks["late"][tick]) for tick in common]
+    assert max(together) < 0.01  # one timer wakes both: the same turn of the loop
+
+
+async def test_a_device_slower_than_its_interval_is_read_again_at_once() -> None:
+    """A read that takes longer than the interval is followed by the next at once (the ticks it
+    missed are skipped), not by a wait for the next tick: 60 ms reads every 50 ms come 60 ms apart."""
+    starts = (await _poll_starts({"slow": 0.06}, 0.05, 8))["slow"]
+    gaps = sorted(later - earlier for earlier, later in itertools.pairwise(starts))
+    assert gaps[len(gaps) // 2] < 0.09  # waiting for the next tick would make them 100 ms apart
+
+
+async def test_a_cancelled_wait_for_a_tick_leaves_the_other_waiters_be() -> None:
+    first, second = next_tick(0.05), next_tick(0.05)
+    first.cancel()
+    await asyncio.wait_for(second, 2)
+    assert first.cancelled() and second.result() is None
 
 
 async def test_metrics_endpoint_serves_prometheus_text(tmp_path: Path) -> None:
