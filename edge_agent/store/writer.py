@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, Protocol
 
-from drivers.base import Reading
+from drivers.base import DeviceRead, Reading
 from edge_agent.config import AgentConfig, TwinSection
 from edge_agent.errors import TwinError
 from edge_agent.store import floats
@@ -136,7 +136,10 @@ class TwinWriter:
         if not readings:
             return
         self._pending.append((time.time(), readings))
-        self.latest.update(zip(map(_NAME, readings), readings, strict=True))  # per reading in C
+        if isinstance(readings, DeviceRead):  # its names are a tuple already
+            self.latest.update(zip(readings.names, readings, strict=True))
+        else:
+            self.latest.update(zip(map(_NAME, readings), readings, strict=True))  # per reading in C
         self._pending_count += len(readings)
         self.received += len(readings)
         flush_max = self.settings.flush_max
