@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_plant as bp
+from common import process_cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,10 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def cpu_seconds(pid: int) -> float:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(agent: subprocess.Popen[bytes]) -> float:
+    return process_cpu_seconds(agent.pid) or 0.0
 
 
 def one_order(
@@ -57,6 +56,7 @@ def one_order(
     """Both agents at once; (us per offered point of trees[0], of trees[1]) per window."""
     agents: list[subprocess.Popen[bytes]] = []
     servers = []
+    logs = []
     try:
         for index, tree in enumerate(trees):
             data = work / f"data-{time.monotonic_ns()}-{index}"
@@ -69,7 +69,8 @@ def one_order(
             (data / "agent.toml").write_text(text.replace(f'id = "{bp.GATEWAY}"', f'id = "{bp.GATEWAY}-{index}"'))
             env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
             env["PYTHONPATH"] = str(tree)
-            log = open(data / "agent.log", "w")  # noqa: SIM115 - the agent writes it until it ends
+            log = open(data / "agent.log", "w")  # noqa: SIM115 - closed after the agent exits
+            logs.append(log)
             agents.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(data / "agent.toml")],
@@ -85,9 +86,9 @@ def one_order(
                 raise SystemExit(f"the agent of {tree} exited with {agent.returncode}")
         figures = []
         for _ in range(args.windows):
-            before, began = [cpu_seconds(a.pid) for a in agents], time.monotonic()
+            before, began = [cpu_seconds(a) for a in agents], time.monotonic()
             time.sleep(args.seconds)
-            after, ended = [cpu_seconds(a.pid) for a in agents], time.monotonic()
+            after, ended = [cpu_seconds(a) for a in agents], time.monotonic()
             points = shape.offered * (ended - began)
             us = [(b - a) / points * 1e6 for a, b in zip(before, after, strict=True)]
             print(f"  {trees[0].name}: {us[0]:.2f}  {trees[1].name}: {us[1]:.2f} us per offered point", flush=True)
@@ -102,6 +103,8 @@ def one_order(
             except subprocess.TimeoutExpired:
                 agent.kill()
                 agent.wait()
+        for log in logs:
+            log.close()
         for server in servers:
             server.stop()
 
