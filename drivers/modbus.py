@@ -24,7 +24,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,7 +157,7 @@ class ModbusDriver(Driver):
 
     # ----------------------------------------------------------------------- read
 
-    async def read(self) -> list[Reading]:
+    async def read(self) -> Sequence[Reading]:
         """Read every point once: one request per block of the plan, or per group of blocks sent together.
 
         A read whose every block came back good is a :class:`~drivers.base.DeviceRead` (its values
@@ -215,7 +215,7 @@ class ModbusDriver(Driver):
             log.warning("modbus device %s: %s; sending one request at a time from now on (set "
                         "requests_in_flight = 1 for this device to say so)", self.device.name, why)
 
-    def _readings(self, responses: list[ModbusPDU | Answer], ts: float) -> list[Reading]:
+    def _readings(self, responses: list[ModbusPDU | Answer], ts: float) -> Sequence[Reading]:
         """The readings of one answer per block: a DeviceRead when every block is good."""
         values: list[Value] = []
         for index, response in enumerate(responses):

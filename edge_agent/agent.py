@@ -16,7 +16,7 @@ import copy
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -88,7 +88,7 @@ class Agent:
     # ------------------------------------------------------------------ the data path (see TwinWriter)
 
     @property
-    def latest(self) -> dict[str, Reading]:
+    def latest(self) -> Mapping[str, Reading]:
         """The latest reading of every point (empty before start)."""
         return self.writer.latest if self.writer is not None else {}
 

@@ -74,6 +74,17 @@ def make(values: Sequence[Any]) -> list[str] | None:
     return joined[1:-1].decode().split(",")
 
 
+def array(values: Sequence[Any]) -> str | None:
+    """The JSON array of a device read's values (numbers and booleans) in one orjson call; None when
+    one is not finite or not a number (orjson would write ``null``: the caller writes them its own
+    way; a string with ``null`` in it only sends the caller there too)."""
+    try:
+        joined = orjson.dumps(values)
+    except TypeError:  # orjson.JSONEncodeError is one: an integer past 64 bits
+        return None
+    return None if b"null" in joined else joined.decode()
+
+
 def one(value: float) -> str:
     """The JSON text of one finite float, as :func:`make` writes it."""
     return orjson.dumps(value).decode()

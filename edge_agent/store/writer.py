@@ -5,9 +5,9 @@ Data path: drivers and models -> :meth:`TwinWriter.submit` (an in-memory list of
 readings are waiting) stores everything pending in one SQLite transaction off the event loop,
 then hands what history kept to the cloud (:class:`Forward`). Events and write records take the
 same road. The writer also keeps the latest Reading of every point in memory for the parts that
-need current values fast (models, the safety gate), and every point's desired state (the twin's
-``desired`` table, refreshed as write records and desired documents are stored) for the retained
-``twin`` snapshot; ``on_desired`` is called when it changes.
+need current values fast (models, the safety gate: :class:`~edge_agent.store.latest.Latest`), and
+every point's desired state (the twin's ``desired`` table, refreshed as write records and desired
+documents are stored) for the retained ``twin`` snapshot; ``on_desired`` is called when it changes.
 
 Back-pressure: once four ``flush_max`` are waiting, :meth:`room` blocks the pollers until a
 flush catches up, so memory stays bounded however slow the disk is.
@@ -29,18 +29,17 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Any, Protocol
 
-from drivers.base import DeviceRead, Reading
+from drivers.base import Reading
 from edge_agent.config import AgentConfig, TwinSection
 from edge_agent.errors import TwinError
 from edge_agent.store import floats
+from edge_agent.store.latest import Latest
 from edge_agent.store.twin import Chunk, DesiredClaim, DesiredDocument, Twin
 from edge_agent.tasks import finish_in_thread, wait_event
 
 log = logging.getLogger(__name__)
-_NAME = itemgetter(0)
 MAX_RECORDS = 10_000  # events and write records kept in memory while the twin cannot be written
 
 INTERRUPTED = "the agent stopped before this was applied; not retried (publish a new version to try again)"
@@ -83,7 +82,7 @@ class TwinWriter:
         self.twin = twin
         self.settings = settings
         self.forward: Forward | None = None  # set while the cloud sync runs
-        self.latest: dict[str, Reading] = {}
+        self.latest = Latest()
         self.desired: dict[str, dict[str, Any]] = {}  # point -> its desired state (DESIRED_FIELDS)
         self.on_desired: Callable[[], None] | None = None  # called when a desired state changed
         self.stored = 0  # history rows written since start
@@ -136,10 +135,7 @@ class TwinWriter:
         if not readings:
             return
         self._pending.append((time.time(), readings))
-        if isinstance(readings, DeviceRead):  # its names are a tuple already
-            self.latest.update(zip(readings.names, readings, strict=True))
-        else:
-            self.latest.update(zip(map(_NAME, readings), readings, strict=True))  # per reading in C
+        self.latest.take(readings)
         self._pending_count += len(readings)
         self.received += len(readings)
         flush_max = self.settings.flush_max
@@ -259,7 +255,7 @@ class TwinWriter:
                 self.forward.add(kept, prepared if self.forward is forward else None)
             return len(kept)
 
-    def _store(self, chunks: list[Chunk], update: bool, forward: Forward | None) -> tuple[list[Reading], Any]:
+    def _store(self, chunks: list[Chunk], update: bool, forward: Forward | None) -> tuple[Sequence[Reading], Any]:
         """Store the chunks and let the forward prepare what it sends of them (worker thread)."""
         kept = self.twin.write_batch(chunks, update_points=update)
         try:
