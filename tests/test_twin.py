@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from drivers.base import Reading
+import pytest
+
+from drivers.base import DeviceRead, Reading
 from edge_agent import config
 from edge_agent.store.twin import MIGRATIONS, Twin
 from edge_agent.store.views import TwinView
@@ -41,24 +43,38 @@ def test_schema_wal_and_current_values(tmp_path: Path) -> None:
     twin.close()
 
 
-def test_current_values_land_on_their_own_rows_when_another_tool_renumbered_the_points_table(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["readings", "device read"])
+def test_current_values_land_on_their_own_rows_when_another_tool_renumbered_the_points_table(
+        tmp_path: Path, kind: str) -> None:
     """Current values are updated by rowid; rowids that changed under the agent (a VACUUM, a
-    tool rewriting the table) never put a value on another point's row."""
+    tool rewriting the table) never put a value on another point's row. A device read's rowids
+    are kept per read's points, and read again with the rest."""
     cfg = _config(tmp_path)
     twin = Twin.open(cfg.twin_path)
     twin.sync_points(cfg)
-    twin.write_batch([(1.5, [Reading("pump1.flow", 1.0, "good", 1.0), Reading("pump1.speed", 10, "good", 1.0)])])
+
+    def read(value: float, ts: float) -> list[Reading] | DeviceRead:
+        if kind == "device read":
+            return DeviceRead(("pump1.flow", "pump1.speed"), (value, int(value * 10)), "good", ts)
+        return [Reading("pump1.flow", value, "good", ts), Reading("pump1.speed", int(value * 10), "good", ts)]
+
+    twin.write_batch([(1.5, read(1.0, 1.0))])
     with sqlite3.connect(cfg.twin_path) as other:  # swap the two rows' rowids
         ids = dict(other.execute("SELECT name, rowid FROM points"))
         other.execute("UPDATE points SET rowid = -1 WHERE name = 'pump1.flow'")
         other.execute("UPDATE points SET rowid = ? WHERE name = 'pump1.speed'", (ids["pump1.flow"],))
         other.execute("UPDATE points SET rowid = ? WHERE name = 'pump1.flow'", (ids["pump1.speed"],))
     other.close()
-    twin.write_batch([(2.5, [Reading("pump1.flow", 2.0, "good", 2.0), Reading("pump1.speed", 20, "good", 2.0)])])
+    twin.write_batch([(2.5, read(2.0, 2.0))])
     assert {r["name"]: (r["value"], r["ts"]) for r in twin.current()} == {"pump1.flow": (2.0, 2.0),
                                                                           "pump1.speed": (20, 2.0)}
-    twin.write_batch([(3.5, [Reading("pump1.flow", 3.0, "good", 3.0), Reading("pump1.speed", 30, "good", 3.0)])])
+    twin.write_batch([(3.5, read(3.0, 3.0))])
     assert {r["name"]: r["value"] for r in twin.current()} == {"pump1.flow": 3.0, "pump1.speed": 30}
+    # and the rowids kept for the read's points are the new ones (not a slow update by name each time)
+    assert twin._rowids_of(("pump1.flow", "pump1.speed")) == (ids["pump1.speed"], ids["pump1.flow"])
+    # a read with a point the table does not hold: the others are updated, nothing else is added
+    twin.write_batch([(4.5, DeviceRead(("pump1.flow", "gone.point"), (4.0, 1.0), "good", 4.0))])
+    assert {r["name"]: r["value"] for r in twin.current()} == {"pump1.flow": 4.0, "pump1.speed": 30}
     twin.close()
 
 
@@ -110,7 +126,7 @@ def test_readonly_open_of_missing_twin_names_the_file(tmp_path: Path) -> None:
 
 WRITER = """
 import sys, time
-from drivers.base import Reading
+from drivers.base import DeviceRead, Reading
 from edge_agent import config
 from edge_agent.store.twin import Twin
 cfg = config.load(sys.argv[1])
