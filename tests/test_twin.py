@@ -78,6 +78,27 @@ def test_current_values_land_on_their_own_rows_when_another_tool_renumbered_the_
     twin.close()
 
 
+@pytest.mark.parametrize("kind", ["readings", "device read"])
+def test_an_integer_past_64_bits_is_stored_as_a_real_and_writing_goes_on(tmp_path: Path, kind: str) -> None:
+    """A uint64 register past 2**63 (a device's reply SQLite cannot hold as an INTEGER) used to
+    fail every flush with OverflowError; now points and history both keep it as a REAL."""
+    points = [builders.point("meter.total", address=0, type="uint64"), builders.point("meter.flow", address=4)]
+    cfg = builders.load(builders.config(tmp_path, devices=[builders.modbus("meter", points)]), tmp_path / "agent.toml")
+    twin = Twin.open(cfg.twin_path)
+    twin.sync_points(cfg)
+    for ts, total in ((1.0, 2**64 - 1), (2.0, 2**63), (3.0, 7)):
+        values = (total, int(ts))
+        read: list[Reading] | DeviceRead = (
+            DeviceRead(("meter.total", "meter.flow"), values, "good", ts) if kind == "device read"
+            else [Reading(n, v, "good", ts) for n, v in zip(("meter.total", "meter.flow"), values, strict=True)])
+        twin.write_batch([(ts + 0.5, read)])
+        current = {r["name"]: r["value"] for r in twin.current()}
+        assert current == {"meter.total": total if total < 2**63 else float(total), "meter.flow": int(ts)}
+    history = twin.conn.execute("SELECT value FROM history WHERE point = 'meter.total' ORDER BY ts").fetchall()
+    assert history == [(float(2**64 - 1),), (float(2**63),), (7,)]
+    twin.close()
+
+
 def test_deadband_keeps_only_moves_beyond_it_and_quality_changes(tmp_path: Path) -> None:
     cfg = _config(tmp_path, deadband=0.5)
     twin = Twin.open(cfg.twin_path)
