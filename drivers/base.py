@@ -14,6 +14,7 @@ Every method raises only the project's own errors (:mod:`edge_agent.errors`):
 from __future__ import annotations
 
 import math
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -218,6 +219,21 @@ class Driver(ABC):
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.close()
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(value: str) -> str:
+    """``value`` with U+FFFD for each surrogate in it.
+
+    A Python str holds code points, so a surrogate in one is never half of a pair: it is what
+    asyncua makes of the bytes of an OPC UA String that are not UTF-8 (``surrogateescape``; an old
+    PLC's Latin-1 "\u00b0C", say). SQLite refuses such a str, and JSON and protobuf would pass on
+    text that other tools cannot read back."""
+    if value.isascii():
+        return value
+    return _SURROGATES.sub("\ufffd", value)
 
 
 def now() -> float:

@@ -75,7 +75,7 @@ from asyncua.crypto.uacrypto import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from drivers import opcua_pki
-from drivers.base import BAD, GOOD, UNCERTAIN, Driver, Reading, ReadingSink, Value, float32_spacing
+from drivers.base import BAD, GOOD, UNCERTAIN, Driver, Reading, ReadingSink, Value, float32_spacing, valid_text
 from drivers.opcua_limits import OperationLimits, batched, read_limits
 from drivers.opcua_monitor import MonitoredItems
 from edge_agent.config import OpcUaDevice, OpcUaPoint
@@ -115,22 +115,24 @@ def quality(status: ua.StatusCode | None) -> str:
 def plain(value: Any) -> Value:
     """A Reading value from whatever a Variant holds (enums, texts, times, arrays, ...)."""
     if value.__class__ in _PLAIN:
-        return value
-    for kind in (bool, int, float, str):
+        return valid_text(value) if value.__class__ is str else value
+    for kind in (bool, int, float):
         if isinstance(value, kind):
             return kind(value)
+    if isinstance(value, str):
+        return valid_text(str(value))
     if isinstance(value, dt.datetime):
         return value.timestamp()
     if isinstance(value, ua.LocalizedText):
-        return value.Text
-    return str(value)
+        return None if value.Text is None else valid_text(value.Text)
+    return valid_text(str(value))
 
 
 def reading(name: str, data: ua.DataValue, clock: Any = time.time) -> Reading:
     """One Reading from a DataValue: source time, else server time, else now."""
     variant = data.Value
     value = None if variant is None else variant.Value
-    if value.__class__ not in _PLAIN:
+    if value.__class__ not in _PLAIN or value.__class__ is str:
         value = plain(value)
     stamp = data.SourceTimestamp or data.ServerTimestamp
     status = data.StatusCode

@@ -168,6 +168,22 @@ async def test_poll_read_values_qualities_and_nsu_node_ids(tmp_path: Path) -> No
     assert list(got) == [p.name for p in driver.device.points]  # config order, one per point
 
 
+async def test_a_string_that_is_not_utf8_on_the_wire_reads_with_replacement_characters(tmp_path: Path) -> None:
+    """An old PLC's Latin-1 "\u00b0C" in an OPC UA String: asyncua decodes the bytes that are not
+    UTF-8 as lone surrogates, which SQLite refuses (it stopped the twin writer); the driver hands
+    on U+FFFD instead, the rest of the text as it came."""
+    latin1 = b"\xb0C 20\xb5m".decode("utf-8", "surrogateescape")  # asyncua's server sends these bytes as they are
+    async with plant() as p:
+        line = p.server.get_node(ua.NodeId("Line1", p.ns))
+        await line.add_variable(ua.NodeId("Line1.Label", p.ns), "Label", ua.Variant(latin1, ua.VariantType.String))
+        driver = OpcUaDriver(device(p.endpoint, [point("label", p.node_id("Label")), point("temp", p.node_id("Temp"))],
+                                    mode="poll"), tmp_path)
+        async with driver:
+            got = by_point(await driver.read())
+    assert got["label"].value == "\ufffdC 20\ufffdm" and got["label"].quality == GOOD
+    assert got["temp"].value == 21.5
+
+
 def test_registry_maps_opcua_to_this_driver() -> None:
     assert driver_class("opcua") is OpcUaDriver
     assert OpcUaDriver.supports_subscribe

@@ -99,6 +99,22 @@ def test_an_integer_past_64_bits_is_stored_as_a_real_and_writing_goes_on(tmp_pat
     twin.close()
 
 
+def test_a_text_with_lone_surrogates_is_stored_readable_and_writing_goes_on(tmp_path: Path) -> None:
+    """A str with lone surrogates (bytes that were not UTF-8, decoded with surrogateescape) from
+    any source: SQLite refuses it as a parameter (the points update failed every flush) and its
+    JSON escape would give history a TEXT no reader can decode. Both now hold U+FFFD."""
+    cfg = _config(tmp_path)
+    twin = Twin.open(cfg.twin_path)
+    twin.sync_points(cfg)
+    text = b"\xb0C".decode("utf-8", "surrogateescape")
+    twin.write_batch([(1.5, [Reading("pump1.speed", text, "good", 1.0)])])
+    twin.write_batch([(2.5, [Reading("pump1.speed", 5, "good", 2.0)])])
+    assert [r["value"] for r in _history(cfg.twin_path, "pump1.speed")] == ["\ufffdC", 5]
+    twin.write_batch([(3.5, [Reading("pump1.speed", text, "good", 3.0)])])
+    assert {r["name"]: r["value"] for r in twin.current()}["pump1.speed"] == "\ufffdC"
+    twin.close()
+
+
 def test_deadband_keeps_only_moves_beyond_it_and_quality_changes(tmp_path: Path) -> None:
     cfg = _config(tmp_path, deadband=0.5)
     twin = Twin.open(cfg.twin_path)

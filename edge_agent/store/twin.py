@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from drivers.base import QUALITIES, Batch, DeviceRead, Reading
+from drivers.base import QUALITIES, Batch, DeviceRead, Reading, valid_text
 from edge_agent.config import AgentConfig
 from edge_agent.errors import TwinError
 from edge_agent.store import floats, sqlite
@@ -655,7 +655,7 @@ def _blocks(readings: Sequence[Reading], ids: PointIds) -> Iterator[tuple[float,
         names, values, qualities, _ = zip(*run, strict=True)
         text = _float_samples(names, values, qualities, ids)
         if text is None:
-            samples = [[ids[point], value, quality]
+            samples = [[ids[point], valid_text(value) if value.__class__ is str else value, quality]
                        for point, value, quality in zip(names, values, qualities, strict=True)]
             try:
                 text = _encode(samples)
@@ -665,13 +665,23 @@ def _blocks(readings: Sequence[Reading], ids: PointIds) -> Iterator[tuple[float,
 
 
 def _executemany(conn: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> int:
-    """``executemany`` of points rows; an integer SQLite cannot hold (a uint64 register past 2**63)
-    is stored as a REAL, as the history's JSON gives it back. Returns the rows changed."""
+    """``executemany`` of points rows; returns the rows changed. A value SQLite cannot take as it
+    is goes in the nearest way it can (:func:`_storable`), as the history's JSON gives it back."""
     try:
         return conn.executemany(sql, rows).rowcount
-    except OverflowError:
-        return conn.executemany(sql, [tuple(float(v) if type(v) is int and v not in _INT64 else v for v in row)
-                                      for row in rows]).rowcount
+    except (OverflowError, UnicodeEncodeError):
+        return conn.executemany(sql, [tuple(map(_storable, row)) for row in rows]).rowcount
+
+
+def _storable(value: Any) -> Any:
+    """An integer past 64 bits (a uint64 register past 2**63) as a REAL; a string with lone
+    surrogates with U+FFFD for each (:func:`drivers.base.valid_text`; the drivers clean their texts
+    already, this is for any other source); anything else as it is."""
+    if type(value) is int and value not in _INT64:
+        return float(value)
+    if isinstance(value, str):
+        return valid_text(value)
+    return value
 
 
 def _read_block(read: DeviceRead, ids: PointIds) -> str:
