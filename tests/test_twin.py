@@ -14,6 +14,7 @@ import pytest
 
 from drivers.base import DeviceRead, Reading
 from edge_agent import config
+from edge_agent.errors import TwinError
 from edge_agent.store.twin import MIGRATIONS, Twin
 from edge_agent.store.views import TwinView
 from tests import builders
@@ -113,6 +114,34 @@ def test_a_text_with_lone_surrogates_is_stored_readable_and_writing_goes_on(tmp_
     twin.write_batch([(3.5, [Reading("pump1.speed", text, "good", 3.0)])])
     assert {r["name"]: r["value"] for r in twin.current()}["pump1.speed"] == "\ufffdC"
     twin.close()
+
+
+def test_an_unforeseen_error_while_storing_is_a_twin_error_and_nothing_half_stored(tmp_path: Path) -> None:
+    """Whatever goes wrong inside a batch (here the points update raising what no known input
+    raises now) rolls the batch back and comes out as a TwinError, which the writer survives:
+    it keeps the readings and stores them, once, at the next flush."""
+
+    class Flaky(Twin):
+        fail = True
+
+        def _update_points(self, conn: sqlite3.Connection, rows: list[tuple[object, ...]]) -> None:
+            if self.fail:
+                self.fail = False
+                raise ValueError("no such value")
+            super()._update_points(conn, rows)
+
+    cfg = _config(tmp_path)
+    plain = Twin.open(cfg.twin_path)
+    plain.sync_points(cfg)
+    twin = Flaky(plain.conn, plain.path)
+    chunk = [(1.5, DeviceRead(("pump1.flow", "pump1.speed"), (1.0, 10), "good", 1.0))]
+    with pytest.raises(TwinError, match=r"cannot store readings: ValueError: no such value"):
+        twin.write_batch(chunk)
+    assert _history(cfg.twin_path, "pump1.flow") == []  # rolled back
+    assert len(twin.write_batch(chunk)) == 2
+    assert [r["value"] for r in _history(cfg.twin_path, "pump1.flow")] == [1.0]
+    assert {r["name"]: r["value"] for r in twin.current()} == {"pump1.flow": 1.0, "pump1.speed": 10}
+    plain.close()
 
 
 def test_deadband_keeps_only_moves_beyond_it_and_quality_changes(tmp_path: Path) -> None:

@@ -347,9 +347,14 @@ class Twin:
                     else:
                         blocks.extend(_blocks(readings, ids))
                 conn.executemany(_INSERT_BLOCK, blocks)
-        except (sqlite3.Error, TypeError) as exc:  # TypeError: a value JSON cannot hold (never a Reading's)
+        except Exception as exc:
+            # sqlite3.Error (disk full, I/O), TypeError (a value JSON cannot hold: never a Reading's)
+            # or a value nobody foresaw (a uint64 past 2**63 and a text that was not UTF-8 were two):
+            # rolled back, and the writer keeps the readings and tries again (letting the oldest go
+            # past its bound) instead of its task dying with them.
             ids.forget_added()
-            raise TwinError(f"{self.path}: cannot store readings: {exc}") from exc
+            cause = str(exc) if isinstance(exc, sqlite3.Error | TypeError) else f"{type(exc).__name__}: {exc}"
+            raise TwinError(f"{self.path}: cannot store readings: {cause}") from exc
         finally:
             ids.conn = None
         ids.added.clear()
