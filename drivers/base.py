@@ -47,7 +47,23 @@ class Reading(NamedTuple):
     ts: float  # source timestamp, unix seconds (device time when the protocol has one)
 
 
-class DeviceRead(Sequence[Reading]):
+class _Readings(Sequence[Reading]):
+    """A sequence of readings that stands for a list of them: equal to any sequence of the same
+    readings, unhashable like a list."""
+
+    __slots__ = ()
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _Readings | list | tuple):
+            return list(self) == list(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({list(self)!r})"
+
+
+class DeviceRead(_Readings):
     """One device read whose readings share one quality and one source timestamp (a whole good
     Modbus read), kept as columns: its points (``names``, the same tuple every read) and ``values``.
 
@@ -62,7 +78,6 @@ class DeviceRead(Sequence[Reading]):
     """
 
     __slots__ = ("_readings", "names", "quality", "ts", "values")
-    __hash__ = None  # type: ignore[assignment]  # compared by content, like the list it stands for
 
     def __init__(self, names: tuple[str, ...], values: tuple[Value, ...], quality: str, ts: float) -> None:
         if len(names) != len(values):
@@ -99,23 +114,14 @@ class DeviceRead(Sequence[Reading]):
     def __iter__(self) -> Iterator[Reading]:
         return iter(self.readings)
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, DeviceRead | Batch | list | tuple):
-            return self.readings == list(other)
-        return NotImplemented
 
-    def __repr__(self) -> str:
-        return f"DeviceRead({self.readings!r})"
-
-
-class Batch(Sequence[Reading]):
+class Batch(_Readings):
     """Readings of several reads, with the reads they came in (``reads``, in order: each a
     :class:`DeviceRead` or a plain list of readings). The twin hands what it stored on this way,
     so the telemetry makes one entry per device read from its columns; iterating it gives the
     readings of every read in turn (a DeviceRead's are made then)."""
 
     __slots__ = ("_count", "reads")
-    __hash__ = None  # type: ignore[assignment]
 
     def __init__(self) -> None:
         self.reads: list[Sequence[Reading]] = []
@@ -140,14 +146,6 @@ class Batch(Sequence[Reading]):
 
     def __getitem__(self, index: int | slice) -> Reading | list[Reading]:
         return list(self)[index]
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, DeviceRead | Batch | list | tuple):
-            return list(self) == list(other)
-        return NotImplemented
-
-    def __repr__(self) -> str:
-        return f"Batch({list(self)!r})"
 
 
 ReadingSink = Callable[[Sequence[Reading]], None]

@@ -68,19 +68,18 @@ def make(values: Sequence[Any]) -> list[str] | None:
     """The JSON text of each value when every one is a finite float, else None; nothing is kept."""
     if not values or not _FLOAT.issuperset(map(type, values)):
         return None
-    joined = orjson.dumps(values)  # a list or a tuple of floats: one call for the run
-    if b"null" in joined:  # NaN or an infinity: orjson writes null, the caller writes them its own way
-        return None
-    return joined[1:-1].decode().split(",")
+    joined = array(values)  # a list or a tuple of floats: one call for the run
+    return None if joined is None else joined[1:-1].split(",")
 
 
-def array(values: Sequence[Any]) -> str | None:
-    """The JSON array of a device read's values (numbers and booleans) in one orjson call; None when
-    one is not finite or not a number (orjson would write ``null``: the caller writes them its own
-    way; a string with ``null`` in it only sends the caller there too)."""
+def array(items: Sequence[Any]) -> str | None:
+    """The JSON array of ``items`` (numbers, booleans, strings, or lists of them) in one orjson call;
+    None when orjson would write ``null`` (NaN, an infinity, None: the caller writes them its own
+    way; a string with ``null`` in it only sends the caller there too) or refuses an item (an
+    integer past 64 bits, a string that is not UTF-8)."""
     try:
-        joined = orjson.dumps(values)
-    except TypeError:  # orjson.JSONEncodeError is one: an integer past 64 bits
+        joined = orjson.dumps(items)
+    except TypeError:  # orjson.JSONEncodeError is one
         return None
     return None if b"null" in joined else joined.decode()
 

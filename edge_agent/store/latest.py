@@ -41,50 +41,37 @@ class Latest(MutableMapping[str, Reading]):
             reads.pop(readings.names, None)
             reads[readings.names] = readings
             return
-        if self._reads:
-            self._fold()
-        self._readings.update(zip(map(_NAME, readings), readings, strict=True))  # per reading in C
+        self._current().update(zip(map(_NAME, readings), readings, strict=True))  # per reading in C
 
-    def _fold(self) -> None:
-        reads, self._reads = self._reads, {}
-        readings = self._readings
-        for read in reads.values():
-            readings.update(zip(read.names, read.readings, strict=True))
+    def _current(self) -> dict[str, Reading]:
+        """The latest readings, with the reads waiting folded in first."""
+        if self._reads:
+            reads, self._reads = self._reads, {}
+            readings = self._readings
+            for read in reads.values():
+                readings.update(zip(read.names, read.readings, strict=True))
+        return self._readings
 
     def __getitem__(self, name: str) -> Reading:
-        if self._reads:
-            self._fold()
-        return self._readings[name]
+        return self._current()[name]
 
     def get(self, name: str, default: Reading | None = None) -> Reading | None:  # type: ignore[override]
-        if self._reads:
-            self._fold()
-        return self._readings.get(name, default)
+        return self._current().get(name, default)
 
     def __setitem__(self, name: str, reading: Reading) -> None:
-        if self._reads:
-            self._fold()
-        self._readings[name] = reading
+        self._current()[name] = reading
 
     def __delitem__(self, name: str) -> None:
-        if self._reads:
-            self._fold()
-        del self._readings[name]
+        del self._current()[name]
 
     def __iter__(self) -> Iterator[str]:
-        if self._reads:
-            self._fold()
-        return iter(self._readings)
+        return iter(self._current())
 
     def __len__(self) -> int:
-        if self._reads:
-            self._fold()
-        return len(self._readings)
+        return len(self._current())
 
     def __contains__(self, name: object) -> bool:
-        if self._reads:
-            self._fold()
-        return name in self._readings
+        return name in self._current()
 
     def __repr__(self) -> str:
         return f"Latest({dict(self)!r})"

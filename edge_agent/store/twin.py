@@ -34,8 +34,6 @@ from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from drivers.base import QUALITIES, Batch, DeviceRead, Reading, valid_text
 from edge_agent.config import AgentConfig
 from edge_agent.errors import TwinError
@@ -698,12 +696,9 @@ def _read_block(read: DeviceRead, ids: PointIds) -> str:
     :func:`_samples_text`): a block with ``null`` in it, or one orjson refuses (an integer past
     64 bits), goes the general way. A ``null`` inside a string only sends it there too."""
     if read.quality in _QUALITY:
-        try:
-            made = orjson.dumps(list(zip(ids.of(read.names), read.values, repeat(read.quality))))
-        except TypeError:  # orjson.JSONEncodeError is one
-            made = b"null"
-        if b"null" not in made:
-            return made.decode()
+        made = floats.array(list(zip(ids.of(read.names), read.values, repeat(read.quality))))
+        if made is not None:
+            return made
     _, text = next(_blocks(read, ids))
     return text
 
